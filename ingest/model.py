@@ -1,0 +1,56 @@
+"""Values that flow through the pipeline (see DESIGN.md §1).
+
+They are plain tuples on purpose: a ``Reading`` is handed to asyncpg's binary COPY as it is,
+and millions of them are built per minute.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import NamedTuple
+
+from ingest.errors import DecodeError
+
+
+class Reading(NamedTuple):
+    """One value of one metric of one device at one device timestamp (UTC-aware)."""
+
+    device_id: str
+    metric: str
+    ts: datetime
+    value: float
+
+
+class Decoded(NamedTuple):
+    """What a well-formed message decodes to.
+
+    ``skipped`` counts the fields that are not readings (strings, nulls, lists, non-finite
+    numbers, integers too large for a double): counted, never stored, never an error.
+    """
+
+    readings: list[Reading]
+    skipped: int
+
+
+class DeadLetter(NamedTuple):
+    """A message (or the rows of one) that could not be stored as readings."""
+
+    received_at: datetime
+    topic: str
+    payload: bytes
+    error: str
+    reason: str
+
+
+class Envelope(NamedTuple):
+    """One MQTT message after decoding, on its way to the database.
+
+    ``result`` is the decoded readings or the reason the message is a dead letter. The writer
+    stores a message whole or not at all: its readings, or one dead letter with its raw bytes.
+    """
+
+    topic: str
+    payload: bytes
+    received_at: datetime
+    result: Decoded | DecodeError
+
