@@ -1,0 +1,169 @@
+"""Lifecycle of ``ingest run``: start-up, signals, stats lines, shutdown, exit status.
+
+* Start-up waits for the database (and the broker, in the source) with backoff: a server that
+  is not up yet is never a reason to exit.
+* The first SIGTERM/SIGINT drains: stop reading, flush, commit, acknowledge, disconnect keeping
+  the session, bounded by ``shutdown_timeout`` (exit 0; 1 if the timeout ran out: whatever was
+  not acknowledged is redelivered next time). A second signal forces (exit 1), like uvicorn.
+* A fatal error (``FatalError``) stops the daemon with one clear line (exit 1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+
+import anyio
+from anyio.abc import CancelScope
+
+from ingest.errors import FatalError, IngestError
+from ingest.migrate import migrate_dsn
+from ingest.pipeline import Pipeline
+from ingest.settings import Settings, redact_url
+from ingest.writer import Writer
+
+__all__ = ["Daemon", "run_daemon"]
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+
+
+class Daemon:
+    def __init__(self, settings: Settings, *, log: logging.Logger | None = None) -> None:
+        self.settings = settings
+        self.log = log or logging.getLogger("ingest")
+        self.pipeline: Pipeline | None = None
+        self.writer: Writer | None = None
+        self.exit_code = EXIT_OK
+        self._signals = 0
+        self._stopping = False
+
+    async def run(self) -> int:
+        if os.environ.get("INGEST_ASYNCIO_DEBUG") == "1":
+            loop = asyncio.get_running_loop()
+            loop.set_debug(True)
+            loop.slow_callback_duration = 0.1
+        try:
+            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(
+                        self._watch_signals, signals, tg.cancel_scope, name="ingest[signals]"
+                    )
+                    await self._main()
+                    tg.cancel_scope.cancel()
+        except* FatalError as group:
+            for exc in group.exceptions:
+                self.log.error("fatal: %s", exc)
+            self.exit_code = EXIT_FAILURE
+        return self.exit_code
+
+    async def _watch_signals(self, signals: object, outer: CancelScope) -> None:
+        async for signum in signals:  # type: ignore[attr-defined]
+            self._signals += 1
+            name = signal.Signals(signum).name
+            if self._signals > 1:
+                self.log.warning("%s again: forcing exit without draining", name)
+                self.exit_code = EXIT_FAILURE
+                outer.cancel()
+                return
+            if self.pipeline is None:
+                self.log.info("%s while starting: exiting", name)
+                outer.cancel()
+                return
+            self.log.info(
+                "%s: draining (stop reading, flush, commit, acknowledge) within %.0fs",
+                name,
+                self.settings.shutdown_timeout,
+            )
+            self._stopping = True
+            self.pipeline.stop_reading()
+            await anyio.sleep(self.settings.shutdown_timeout)
+            stats = self.pipeline.statistics()
+            self.log.error(
+                "shutdown timeout after %.0fs: %d messages not acknowledged; the broker "
+                "redelivers them on the next start",
+                self.settings.shutdown_timeout,
+                stats.outstanding,
+            )
+            self.exit_code = EXIT_FAILURE
+            outer.cancel()
+            return
+
+    async def _main(self) -> None:
+        s = self.settings
+        self.log.info(
+            "starting: database %s, broker %s, topic %s, client id %s",
+            redact_url(s.database_url) if s.database_url else "(libpq defaults)",
+            redact_url(s.mqtt_url),
+            s.topic,
+            s.client_id,
+        )
+        async with Writer(
+            dsn=s.database_url,
+            pool_size=s.db_pool_size,
+            connect_timeout=s.db_connect_timeout,
+            write_timeout=s.db_write_timeout,
+            backoff_max=s.retry_max_delay,
+            logger=logging.getLogger("ingest.writer"),
+        ) as writer:
+            self.writer = writer
+            if s.migrate:
+                try:
+                    applied = await migrate_dsn(s.database_url)
+                except IngestError as exc:
+                    raise FatalError(str(exc)) from exc
+                if applied:
+                    self.log.info("migrations applied: %s", ", ".join(applied))
+            pipeline = Pipeline(s, writer, log=logging.getLogger("ingest.pipeline"))
+            self.pipeline = pipeline
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._stats_loop, pipeline, name="ingest[stats]")
+                await pipeline.run()
+                tg.cancel_scope.cancel()
+            st = pipeline.statistics()
+            self.log.info(
+                "drained: %d received, %d acknowledged, %d rows written, %d duplicates, "
+                "%d dead letters",
+                st.received,
+                st.acknowledged,
+                st.rows_inserted,
+                st.duplicates,
+                st.dead_letters,
+            )
+
+    async def _stats_loop(self, pipeline: Pipeline) -> None:
+        last_received, last_t = 0, time.monotonic()
+        while True:
+            await anyio.sleep(self.settings.stats_interval)
+            st = pipeline.statistics()
+            now = time.monotonic()
+            rate = (st.received - last_received) / max(now - last_t, 1e-9)
+            last_received, last_t = st.received, now
+            self.log.info(
+                "stats",
+                extra={
+                    "received": st.received,
+                    "rows": st.rows_inserted,
+                    "duplicates": st.duplicates,
+                    "dead_letters": st.dead_letters,
+                    "channel_depth": st.channel_depth,
+                    "unacked": st.outstanding,
+                    "msgs_per_s": round(rate, 1),
+                },
+            )
+
+
+def run_daemon(settings: Settings) -> int:
+    """Run the daemon to completion on asyncio (uvloop when installed); returns the exit code."""
+    options: dict[str, object] = {}
+    try:
+        import uvloop  # noqa: F401
+
+        options["use_uvloop"] = os.environ.get("INGEST_UVLOOP", "1") != "0"
+    except ImportError:
+        pass
+    daemon = Daemon(settings)
+    return anyio.run(daemon.run, backend="asyncio", backend_options=options)

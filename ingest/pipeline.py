@@ -1,0 +1,115 @@
+"""Wires the stages of DESIGN.md §1: source -> channel -> batcher -> writer -> acker.
+
+The channel is a bounded anyio memory object stream; its capacity is the only buffer the
+pipeline owns (the broker's in-flight window bounds what the MQTT client holds). Draining is
+done by closing the channel's send side, never with flags: the batcher sees ``EndOfStream``,
+the last batch is written and acknowledged, then ``drained`` is set for the source to
+disconnect.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import anyio
+
+from ingest.acker import Acker, Delivery
+from ingest.batcher import Batcher
+from ingest.settings import Settings
+from ingest.source import Source
+from ingest.writer import Writer
+
+__all__ = ["Pipeline", "PipelineStatistics"]
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineStatistics:
+    received: int
+    acknowledged: int
+    outstanding: int
+    rows_inserted: int
+    duplicates: int
+    dead_letters: int
+    dead_reasons: dict[str, int]
+    fields_skipped: int
+    batches: int
+    channel_depth: int
+    channel_capacity: int
+    window: int
+    last_commit_lag: float | None
+    subscribed: bool
+
+
+class Pipeline:
+    def __init__(self, settings: Settings, writer: Writer, *, log: logging.Logger) -> None:
+        self._settings = settings
+        self._writer = writer
+        self._log = log
+        self.acker = Acker()
+        self.drained = anyio.Event()
+        self.source = Source(settings, acker=self.acker, drained=self.drained, log=log)
+        self._send, self._receive = anyio.create_memory_object_stream[Delivery](
+            settings.channel_capacity
+        )
+        self.batcher = Batcher(
+            self._receive,
+            max_rows=settings.batch_max_rows,
+            max_delay=settings.batch_max_delay,
+            window=settings.mqtt_inflight,
+            outstanding=lambda: self.acker.outstanding,
+            log=log,
+        )
+        self.rows_inserted = 0
+        self.duplicates = 0
+        self.dead_letters = 0
+        self.dead_reasons: Counter[str] = Counter()
+        self.last_commit_lag: float | None = None
+        self.last_commit_at: float | None = None
+
+    def stop_reading(self) -> None:
+        self.source.stop_reading()
+
+    async def run(self) -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self.source.run, self._send, name="ingest[source]")
+            tg.start_soon(self._write_loop, name="ingest[writer]")
+
+    async def _write_loop(self) -> None:
+        seq = 0
+        async with self._receive:
+            while (batch := await self.batcher.next_batch()) is not None:
+                result = await self._writer.write([d.envelope for d in batch])
+                self.acker.release(seq, batch)
+                seq += 1
+                self.rows_inserted += result.inserted
+                self.duplicates += result.duplicates
+                self.dead_letters += result.dead_letters
+                self.dead_reasons.update(result.dead_reasons)
+                now = time.time()
+                self.last_commit_at = now
+                self.last_commit_lag = now - batch[0].envelope.received_at.timestamp()
+        self.drained.set()
+
+    def statistics(self) -> PipelineStatistics:
+        src = self.source.statistics()
+        ack = self.acker.statistics()
+        ch = self._send.statistics()
+        return PipelineStatistics(
+            received=src.received,
+            acknowledged=ack.acknowledged,
+            outstanding=ack.outstanding,
+            rows_inserted=self.rows_inserted,
+            duplicates=self.duplicates,
+            dead_letters=self.dead_letters,
+            dead_reasons=dict(self.dead_reasons),
+            fields_skipped=src.fields_skipped,
+            batches=self.batcher.batches,
+            channel_depth=ch.current_buffer_used,
+            channel_capacity=self._settings.channel_capacity,
+            window=self.batcher.window,
+            last_commit_lag=self.last_commit_lag,
+            subscribed=src.subscribed,
+        )

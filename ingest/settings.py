@@ -1,0 +1,244 @@
+"""Settings: frozen, keyword-only, validated at construction.
+
+Precedence (DESIGN.md §2): command-line flags > ``INGEST_*`` environment variables > the
+optional TOML file given with ``--config``. Every field has one documented default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
+
+from ingest.errors import ConfigError
+
+__all__ = ["MqttEndpoint", "Settings", "load_settings", "redact_url"]
+
+_PROTOCOLS = ("3.1.1", "5")
+_LOG_FORMATS = ("auto", "json", "text")
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def _default_client_id() -> str:
+    return f"ingest-{socket.gethostname()}"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Settings:
+    """Everything the daemon can be told. ``env`` metadata names the environment variable."""
+
+    database_url: str | None = field(default=None, metadata={"env": "INGEST_DATABASE_URL"})
+    mqtt_url: str = field(default="mqtt://localhost:1883", metadata={"env": "INGEST_MQTT_URL"})
+    mqtt_protocol: str = field(default="3.1.1", metadata={"env": "INGEST_MQTT_PROTOCOL"})
+    topic: str = field(default="devices/{device_id}/telemetry", metadata={"env": "INGEST_TOPIC"})
+    client_id: str = field(default_factory=_default_client_id, metadata={"env": "INGEST_CLIENT_ID"})
+    share_group: str | None = field(default=None, metadata={"env": "INGEST_SHARE_GROUP"})
+    mqtt_keepalive: int = field(default=15, metadata={"env": "INGEST_MQTT_KEEPALIVE"})
+    # The most unacknowledged messages the broker may have in flight to us (v5: our Receive
+    # Maximum; 3.1.1: what the broker's max_inflight_messages is expected to be). Batches never
+    # wait for more messages than this; a smaller broker window is detected and warned about.
+    mqtt_inflight: int = field(default=1000, metadata={"env": "INGEST_MQTT_INFLIGHT"})
+    # v5 only: how long the broker keeps our session (and its queue) while we are away.
+    mqtt_session_expiry: int = field(
+        default=7 * 24 * 3600, metadata={"env": "INGEST_MQTT_SESSION_EXPIRY"}
+    )
+    channel_capacity: int = field(default=2000, metadata={"env": "INGEST_CHANNEL_CAPACITY"})
+    batch_max_rows: int = field(default=5000, metadata={"env": "INGEST_BATCH_MAX_ROWS"})
+    batch_max_delay: float = field(default=0.02, metadata={"env": "INGEST_BATCH_MAX_DELAY"})
+    db_pool_size: int = field(default=2, metadata={"env": "INGEST_DB_POOL_SIZE"})
+    db_connect_timeout: float = field(default=10.0, metadata={"env": "INGEST_DB_CONNECT_TIMEOUT"})
+    db_write_timeout: float = field(default=30.0, metadata={"env": "INGEST_DB_WRITE_TIMEOUT"})
+    retry_max_delay: float = field(default=10.0, metadata={"env": "INGEST_RETRY_MAX_DELAY"})
+    shutdown_timeout: float = field(default=30.0, metadata={"env": "INGEST_SHUTDOWN_TIMEOUT"})
+    stats_interval: float = field(default=30.0, metadata={"env": "INGEST_STATS_INTERVAL"})
+    metrics_port: int = field(default=9600, metadata={"env": "INGEST_METRICS_PORT"})
+    metrics_host: str = field(default="0.0.0.0", metadata={"env": "INGEST_METRICS_HOST"})
+    ready_max_lag: float = field(default=30.0, metadata={"env": "INGEST_READY_MAX_LAG"})
+    log_level: str = field(default="INFO", metadata={"env": "INGEST_LOG_LEVEL"})
+    log_format: str = field(default="auto", metadata={"env": "INGEST_LOG_FORMAT"})
+    migrate: bool = field(default=True, metadata={"env": "INGEST_MIGRATE"})
+    workers: int = field(default=1, metadata={"env": "INGEST_WORKERS"})
+
+    def __post_init__(self) -> None:
+        def positive(name: str) -> None:
+            if getattr(self, name) <= 0:
+                raise ConfigError(_env(name), f"must be > 0, got {getattr(self, name)!r}")
+
+        for name in (
+            "mqtt_keepalive", "mqtt_inflight", "channel_capacity", "batch_max_rows",
+            "db_pool_size", "db_connect_timeout", "db_write_timeout", "retry_max_delay",
+            "shutdown_timeout", "stats_interval", "ready_max_lag", "workers",
+        ):  # fmt: skip
+            positive(name)
+        if self.batch_max_delay < 0:
+            raise ConfigError(_env("batch_max_delay"), "must be >= 0")
+        if self.mqtt_session_expiry < 0:
+            raise ConfigError(_env("mqtt_session_expiry"), "must be >= 0")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(_env("metrics_port"), "must be a port number (0 disables)")
+        if self.mqtt_protocol not in _PROTOCOLS:
+            raise ConfigError(_env("mqtt_protocol"), f"must be one of {', '.join(_PROTOCOLS)}")
+        if self.log_format not in _LOG_FORMATS:
+            raise ConfigError(_env("log_format"), f"must be one of {', '.join(_LOG_FORMATS)}")
+        if self.log_level.upper() not in _LOG_LEVELS:
+            raise ConfigError(_env("log_level"), f"must be one of {', '.join(_LOG_LEVELS)}")
+        if not self.client_id or len(self.client_id) > 200:
+            raise ConfigError(_env("client_id"), "must be 1 to 200 characters")
+        if self.share_group is not None and (
+            not self.share_group or any(c in self.share_group for c in "/+#")
+        ):
+            raise ConfigError(_env("share_group"), "must be a non-empty name without / + #")
+        if self.database_url is not None:
+            parts = urlsplit(self.database_url)
+            if parts.scheme not in ("postgresql", "postgres"):
+                raise ConfigError(
+                    _env("database_url"), "must look like postgresql://user:pass@host:port/db"
+                )
+        self.mqtt_endpoint()  # validates the URL
+        # Imported here: decode imports settings' error type, not the other way round.
+        from ingest.decode import TopicTemplate
+
+        TopicTemplate(self.topic)
+
+    def mqtt_endpoint(self) -> MqttEndpoint:
+        return MqttEndpoint.parse(self.mqtt_url)
+
+    def redacted(self) -> dict[str, Any]:
+        """The settings as a dict with passwords masked, for logs."""
+        out = dataclasses.asdict(self)
+        for key in ("database_url", "mqtt_url"):
+            if out[key]:
+                out[key] = redact_url(out[key])
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class MqttEndpoint:
+    host: str
+    port: int
+    tls: bool
+    username: str | None
+    password: str | None
+
+    @classmethod
+    def parse(cls, url: str) -> MqttEndpoint:
+        parts = urlsplit(url)
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+            raise ConfigError(
+                "INGEST_MQTT_URL", "must look like mqtt://[user:pass@]host[:port] or mqtts://..."
+            )
+        try:
+            port = parts.port
+        except ValueError:
+            raise ConfigError("INGEST_MQTT_URL", "has an invalid port") from None
+        tls = parts.scheme == "mqtts"
+        return cls(
+            host=parts.hostname,
+            port=port or (8883 if tls else 1883),
+            tls=tls,
+            username=unquote(parts.username) if parts.username else None,
+            password=unquote(parts.password) if parts.password else None,
+        )
+
+
+def redact_url(url: str) -> str:
+    """``scheme://user:***@host/...``: never log a password."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    if parts.password is None:
+        return url
+    user = quote(unquote(parts.username or ""), safe="")
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, f"{user}:***@{host}", parts.path, parts.query, parts.fragment))
+
+
+def _env(name: str) -> str:
+    for f in fields(Settings):
+        if f.name == name:
+            return str(f.metadata["env"])
+    raise KeyError(name)
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _convert(name: str, raw: Any, kind: Any, source: str) -> Any:
+    """Convert a value from the environment (str) or TOML (typed) to the field's type."""
+    what = source
+    kind_s = str(kind)
+    if raw is None:
+        return None
+    try:
+        if kind_s.startswith("bool"):
+            if isinstance(raw, bool):
+                return raw
+            low = str(raw).strip().lower()
+            if low in _TRUE:
+                return True
+            if low in _FALSE:
+                return False
+            raise ValueError
+        if kind_s.startswith("int"):
+            if isinstance(raw, bool):
+                raise ValueError
+            return int(raw)
+        if kind_s.startswith("float"):
+            if isinstance(raw, bool):
+                raise ValueError
+            return float(raw)
+        value = str(raw)
+        if "None" in kind_s and value == "":
+            return None
+        return value
+    except (TypeError, ValueError):
+        expected = kind_s.split(" ")[0]
+        raise ConfigError(what, f"expected {expected}, got {raw!r}") from None
+
+
+def load_settings(
+    *,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    config_file: str | Path | None = None,
+) -> Settings:
+    """Merge TOML file < environment < ``overrides`` (flags; None values ignored)."""
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    by_name = {f.name: f for f in fields(Settings)}
+    if config_file is not None:
+        path = Path(config_file)
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError("--config", f"file not found: {path}") from None
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError("--config", f"cannot read {path}: {exc}") from None
+        table = data.get("ingest", data)
+        for key, raw in table.items():
+            name = key.replace("-", "_")
+            if name not in by_name:
+                raise ConfigError(f"{path}: {key}", "unknown setting")
+            values[name] = _convert(name, raw, by_name[name].type, f"{path}: {key}")
+    for name, f in by_name.items():
+        var = str(f.metadata["env"])
+        if var in env:
+            values[name] = _convert(name, env[var], f.type, var)
+    for name, raw in (overrides or {}).items():
+        if raw is None:
+            continue
+        if name not in by_name:
+            raise KeyError(name)
+        flag = "--" + name.replace("_", "-")
+        values[name] = _convert(name, raw, by_name[name].type, flag)
+    return Settings(**values)
