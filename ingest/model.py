@@ -53,4 +53,3 @@ class Envelope(NamedTuple):
     payload: bytes
     received_at: datetime
     result: Decoded | DecodeError
-

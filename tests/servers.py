@@ -1,0 +1,563 @@
+"""Throwaway PostgreSQL and Mosquitto servers for the integration tests.
+
+Local binaries first (`Mosquitto`, `PostgresCluster`): each server lives in its own directory
+under one process-wide temp dir, listens on a free 127.0.0.1 port and keeps that port across
+restarts. Docker (`DockerPostgres`, `DockerMosquitto`) only when the binaries are missing and a
+daemon answers. Whatever is still running at interpreter exit is stopped by an atexit hook, so a
+failing or interrupted session leaves nothing behind; nothing is written outside the temp dir.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import concurrent.futures
+import contextlib
+import functools
+import glob
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Literal, Protocol, Self
+
+import asyncpg
+
+__all__ = [
+    "PROJECT_MOSQUITTO_CONF",
+    "DockerMosquitto",
+    "DockerPostgres",
+    "Mosquitto",
+    "MosquittoFactory",
+    "PostgresCluster",
+    "PostgresFactory",
+    "ServerError",
+    "docker_available",
+    "find_mosquitto",
+    "find_postgres_bindir",
+    "run_sql",
+]
+
+PROJECT_MOSQUITTO_CONF = Path(__file__).resolve().parents[1] / "config" / "mosquitto.conf"
+
+# Set to 0 to ignore local server binaries (to prove the fallbacks on a machine that has them).
+_LOCAL_ENV = "INGEST_TEST_LOCAL_SERVERS"
+_START_TIMEOUT = 30.0
+
+
+class ServerError(RuntimeError):
+    """A throwaway server did not start or stop; the message carries the tail of its log."""
+
+
+class MosquittoFactory(Protocol):
+    def __call__(self, overrides: dict[str, str] | None = None) -> Mosquitto: ...
+
+
+class PostgresFactory(Protocol):
+    def __call__(self) -> PostgresCluster: ...
+
+
+# --- shared plumbing ---------------------------------------------------------------------------
+
+_live: list[Mosquitto | PostgresCluster] = []
+_root: Path | None = None
+
+
+def _local_allowed() -> bool:
+    return os.environ.get(_LOCAL_ENV, "1") != "0"
+
+
+def _is_root() -> bool:
+    return os.geteuid() == 0
+
+
+def _root_dir() -> Path:
+    """The process-wide temp dir; every server lives in a subdirectory of it."""
+    global _root
+    if _root is None:
+        _root = Path(tempfile.mkdtemp(prefix="iot-ingest-servers-"))
+        # Postgres runs as another user when we are root: it must be able to traverse to its dir.
+        _root.chmod(0o755)
+        atexit.register(_cleanup)
+    return _root
+
+
+def _cleanup() -> None:
+    for server in reversed(_live[:]):
+        with contextlib.suppress(Exception):
+            server.close()
+    if _root is not None:
+        shutil.rmtree(_root, ignore_errors=True)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _tail(text: str, lines: int = 30) -> str:
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+# --- Mosquitto ---------------------------------------------------------------------------------
+
+
+def find_mosquitto() -> str | None:
+    if not _local_allowed():
+        return None
+    return shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin:/usr/local/sbin")
+
+
+def _mosquitto_config(base: str, settings: dict[str, str]) -> str:
+    """`base` with each key of `settings` replaced in place (or appended when absent)."""
+    pending = dict(settings)
+    out: list[str] = []
+    for line in base.splitlines():
+        words = line.split(maxsplit=1)
+        key = words[0] if words and not words[0].startswith("#") else ""
+        if key in settings:
+            if key in pending:
+                out.append(f"{key} {pending.pop(key)}")
+            continue  # a repeated key: the first occurrence already carries the override
+        out.append(line)
+    out += [f"{key} {value}" for key, value in pending.items()]
+    return "\n".join(out) + "\n"
+
+
+class Mosquitto:
+    """A local mosquitto with the project config on a free port; restartable, same port."""
+
+    def __init__(self, overrides: dict[str, str] | None = None) -> None:
+        binary = find_mosquitto()
+        if binary is None:
+            raise ServerError("no mosquitto binary (PATH, /usr/sbin)")
+        self._binary = binary
+        self.dir = Path(tempfile.mkdtemp(prefix="mosquitto-", dir=_root_dir()))
+        self._overrides = dict(overrides or {})
+        self._log = self.dir / "mosquitto.log"
+        self._stderr = self.dir / "mosquitto.stderr"
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._port = 0
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self._port}"
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def log_text(self) -> str:
+        return _read(self._log) + _read(self._stderr)
+
+    def _write_config(self) -> Path:
+        settings = {
+            "persistence_location": f"{self.dir}/",
+            "log_dest": f"file {self._log}",
+            **({"user": "root"} if _is_root() else {}),  # else it drops to user `mosquitto`
+            **self._overrides,
+        }
+        text = _mosquitto_config(PROJECT_MOSQUITTO_CONF.read_text(), settings)
+        text += f"listener {self._port} 127.0.0.1\n"
+        path = self.dir / "mosquitto.conf"
+        path.write_text(text)
+        return path
+
+    def start(self) -> Self:
+        if self.running:
+            return self
+        first = self._port == 0
+        for _ in range(5 if first else 1):
+            if first:
+                self._port = _free_port()
+            if self._spawn():
+                if self not in _live:
+                    _live.append(self)
+                return self
+            if not first or "Address already in use" not in self.log_text():
+                break
+        log = _tail(self.log_text())
+        raise ServerError(f"mosquitto did not start on port {self._port}:\n{log}")
+
+    def _spawn(self) -> bool:
+        config = self._write_config()
+        with self._stderr.open("ab") as err:
+            self._proc = subprocess.Popen(
+                [self._binary, "-c", str(config)],
+                stdin=subprocess.DEVNULL,
+                stdout=err,
+                stderr=err,
+                cwd=self.dir,
+                start_new_session=True,  # a Ctrl-C in pytest reaches our finalizers, not the broker
+            )
+        deadline = time.monotonic() + _START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                return False
+            if _port_open(self._port):
+                return True
+            time.sleep(0.01)
+        self.kill()
+        return False
+
+    def _signal_and_wait(self, sig: int) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=_START_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def stop(self) -> None:
+        """SIGTERM: the broker saves its persistence file (sessions, queued messages)."""
+        self._signal_and_wait(signal.SIGTERM)
+
+    def kill(self) -> None:
+        """SIGKILL: whatever was not autosaved is lost, like a crash."""
+        self._signal_and_wait(signal.SIGKILL)
+
+    def restart(self) -> Self:
+        self.stop()
+        return self.start()
+
+    def close(self) -> None:
+        """Stop and delete the directory (persistence and log included)."""
+        self.kill()
+        if self in _live:
+            _live.remove(self)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Mosquitto {self.url} running={self.running}>"
+
+
+# --- PostgreSQL --------------------------------------------------------------------------------
+
+
+def find_postgres_bindir() -> Path | None:
+    """A directory holding initdb and pg_ctl: PATH first, then the usual Debian/RHEL places."""
+    if not _local_allowed():
+        return None
+    if _is_root():
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError:
+            return None  # Postgres refuses to run as root and we have no one to run it as
+        if shutil.which("runuser") is None:
+            return None
+    candidates: list[Path] = []
+    if pg_ctl := shutil.which("pg_ctl"):
+        candidates.append(Path(pg_ctl).parent)
+
+    def version(p: str) -> float:
+        digits = "".join(c for c in Path(p).parent.name.split("-")[-1] if c.isdigit() or c == ".")
+        try:
+            return float(digits)
+        except ValueError:
+            return 0.0
+
+    found = glob.glob("/usr/lib/postgresql/*/bin") + glob.glob("/usr/pgsql-*/bin")
+    candidates += [Path(p) for p in sorted(found, key=version, reverse=True)]
+    for bindir in candidates:
+        if (bindir / "initdb").exists() and (bindir / "pg_ctl").exists():
+            return bindir
+    return None
+
+
+def _pg_run(bindir: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    cmd = [str(bindir / args[0]), *args[1:]]
+    if _is_root():
+        cmd = ["runuser", "-u", "postgres", "--", *cmd]
+    return subprocess.run(
+        cmd, cwd=cwd, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False
+    )
+
+
+def _give_to_postgres(path: Path) -> None:
+    if not _is_root():
+        return
+    pw = pwd.getpwnam("postgres")
+    for dirpath, dirnames, filenames in os.walk(path):
+        os.chown(dirpath, pw.pw_uid, pw.pw_gid)
+        for name in dirnames + filenames:
+            os.chown(os.path.join(dirpath, name), pw.pw_uid, pw.pw_gid, follow_symlinks=False)
+
+
+def _check_traversable(path: Path) -> None:
+    if not _is_root():
+        return
+    for parent in path.parents:
+        if not parent.stat().st_mode & 0o001:
+            raise ServerError(
+                f"{parent} is not traversable by user postgres; set TMPDIR to a directory it can"
+                " reach (e.g. /tmp)"
+            )
+
+
+_COMMON_CONF = """
+# iot-ingest test cluster: disposable, so durability against an OS crash does not matter.
+# A process crash (pg_ctl stop -m immediate) still keeps every commit: fsync only affects the
+# OS cache, and synchronous_commit stays on.
+listen_addresses = '127.0.0.1'
+fsync = off
+full_page_writes = off
+shared_buffers = 32MB
+max_connections = 100
+include 'iot_ingest_cluster.conf'
+"""
+
+
+@functools.cache
+def _template(bindir: Path) -> Path:
+    """One initdb per process; every cluster starts from a copy of it (initdb is the slow part)."""
+    root = _root_dir()
+    _check_traversable(root)
+    tdir = root / "pg-template"
+    tdir.mkdir()
+    _give_to_postgres(tdir)
+    data = tdir / "data"
+    r = _pg_run(
+        bindir, "initdb", "-D", str(data), "-U", "postgres", "-A", "trust", "-E", "UTF8",
+        "--locale=C", "--no-sync", cwd=tdir,
+    )  # fmt: skip
+    if r.returncode != 0:
+        raise ServerError(f"initdb failed:\n{_tail(r.stdout + r.stderr)}")
+    with (data / "postgresql.conf").open("a") as f:
+        f.write(_COMMON_CONF)
+    return data
+
+
+class PostgresCluster:
+    """A local throwaway cluster (initdb + pg_ctl) on a free port; restartable, same port."""
+
+    def __init__(self) -> None:
+        bindir = find_postgres_bindir()
+        if bindir is None:
+            raise ServerError("no initdb/pg_ctl (PATH, /usr/lib/postgresql/*/bin)")
+        self._bindir = bindir
+        template = _template(bindir)
+        self.dir = Path(tempfile.mkdtemp(prefix="pg-", dir=_root_dir()))
+        self.dir.chmod(0o700)
+        self.data = self.dir / "data"
+        shutil.copytree(template, self.data, symlinks=True)
+        self._log = self.dir / "postgres.log"
+        _give_to_postgres(self.dir)
+        self._port = 0
+        self._running = False
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def running(self) -> bool:
+        return self._running
+
+    def dsn(self, dbname: str = "postgres") -> str:
+        return f"postgresql://postgres@127.0.0.1:{self._port}/{dbname}"
+
+    def log_text(self) -> str:
+        return _read(self._log)
+
+    def _pg_ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return _pg_run(self._bindir, "pg_ctl", "-D", str(self.data), *args, cwd=self.dir)
+
+    def start(self) -> Self:
+        if self._running:
+            return self
+        first = self._port == 0
+        for _ in range(5 if first else 1):
+            if first:
+                self._port = _free_port()
+            conf = self.data / "iot_ingest_cluster.conf"
+            conf.write_text(f"port = {self._port}\nunix_socket_directories = '{self.dir}'\n")
+            _give_to_postgres(conf)
+            r = self._pg_ctl("-l", str(self._log), "-w", "-t", str(int(_START_TIMEOUT)), "start")
+            if r.returncode == 0:
+                self._running = True
+                if self not in _live:
+                    _live.append(self)
+                return self
+            # pg_ctl gave up waiting but the postmaster may still come up later: make sure not.
+            self._pg_ctl("-m", "immediate", "-w", "stop")
+            if not first or "could not bind" not in self.log_text():
+                break
+        raise ServerError(
+            f"postgres did not start on port {self._port}:\n{_tail(r.stdout + r.stderr)}\n"
+            f"{_tail(self.log_text())}"
+        )
+
+    def stop(self, mode: Literal["fast", "immediate"] = "fast") -> None:
+        """`fast`: clean shutdown; `immediate`: like a crash, recovery on the next start."""
+        if not self._running:
+            return
+        r = self._pg_ctl("-m", mode, "-w", "-t", str(int(_START_TIMEOUT)), "stop")
+        if r.returncode != 0 and "Is server running?" not in r.stderr:
+            raise ServerError(f"pg_ctl stop failed:\n{_tail(r.stdout + r.stderr)}")
+        self._running = False
+
+    def restart(self, mode: Literal["fast", "immediate"] = "fast") -> Self:
+        self.stop(mode)
+        return self.start()
+
+    def create_database(self, name: str) -> str:
+        """Create database `name` and return its DSN."""
+        run_sql(self.dsn(), f'CREATE DATABASE "{name}"')
+        return self.dsn(name)
+
+    def close(self) -> None:
+        """Stop (immediately: the data is thrown away) and delete the directory."""
+        if self._running:
+            self._pg_ctl("-m", "immediate", "-w", "stop")
+            self._running = False
+        if self in _live:
+            _live.remove(self)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<PostgresCluster {self.dsn()} running={self._running}>"
+
+
+def run_sql(dsn: str, *statements: str) -> None:
+    """Run admin statements synchronously, from a fresh thread and event loop: callers may sit
+    inside a running loop (an async test), where asyncio.run would refuse to start."""
+
+    async def run() -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            for sql in statements:
+                await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pool.submit(lambda: asyncio.run(run())).result()
+
+
+# --- Docker fallback ---------------------------------------------------------------------------
+
+
+@functools.cache
+def docker_available() -> bool:
+    """A Docker daemon answers within a few seconds (the CLI alone is not enough)."""
+    docker = shutil.which("docker")
+    if docker is None:
+        return False
+    try:
+        r = subprocess.run(
+            [docker, "info", "--format", "{{.ServerVersion}}"],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=5,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return r.returncode == 0
+
+
+class DockerPostgres:
+    """postgres:16 through testcontainers; `dsn` is the admin DSN (database `postgres`)."""
+
+    def __init__(self) -> None:
+        from testcontainers.community.postgres import PostgresContainer
+
+        self._container = PostgresContainer(
+            "postgres:16", username="postgres", password="postgres", dbname="postgres", driver=None
+        )
+        self.dsn = ""
+
+    def __enter__(self) -> Self:
+        self._container.start()
+        port = self._container.get_exposed_port(5432)
+        self.dsn = f"postgresql://postgres:postgres@127.0.0.1:{port}/postgres"
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._container.stop()
+
+
+class DockerMosquitto:
+    """eclipse-mosquitto:2 through testcontainers, with the project config mounted."""
+
+    def __init__(self) -> None:
+        from testcontainers.core.container import DockerContainer
+
+        self.dir = Path(tempfile.mkdtemp(prefix="mosquitto-docker-", dir=_root_dir()))
+        self.dir.chmod(0o755)
+        conf = self.dir / "mosquitto.conf"
+        conf.write_text(
+            _mosquitto_config(
+                PROJECT_MOSQUITTO_CONF.read_text(), {"persistence_location": "/mosquitto/data/"}
+            )
+            + "listener 1883 0.0.0.0\n"  # the container's interfaces; we connect via 127.0.0.1
+        )
+        conf.chmod(0o644)
+        self._container = (
+            DockerContainer("eclipse-mosquitto:2")
+            .with_exposed_ports(1883)
+            .with_volume_mapping(str(conf), "/mosquitto/config/mosquitto.conf", "ro")
+        )
+        self.url = ""
+
+    def __enter__(self) -> Self:
+        from testcontainers.core.waiting_utils import wait_for_logs
+
+        self._container.start()
+        wait_for_logs(self._container, r"mosquitto version \S+ running", timeout=60)
+        self.url = f"mqtt://127.0.0.1:{self._container.get_exposed_port(1883)}"
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._container.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
