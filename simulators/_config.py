@@ -1,0 +1,209 @@
+"""Simulator settings: a frozen, keyword-only dataclass validated at construction.
+
+Every check raises :class:`ConfigError` naming the flag, so the command line can print one
+clear line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass, field
+from typing import NamedTuple
+from urllib.parse import unquote, urlsplit
+
+from simulators._errors import ConfigError
+
+DEFAULT_MQTT_URL = "mqtt://localhost:1883"
+DEFAULT_TOPIC = "devices/{device_id}/telemetry"
+DEVICE_PLACEHOLDER = "{device_id}"
+
+#: Connections per process when ``--connections`` is not given: a few sockets carry
+#: thousands of devices; more only help when one socket's round trips limit QoS 1.
+CONNECTIONS_PER_PROCESS = 4
+
+MAX_DEVICES = 10_000_000
+MAX_RATE = 1_000_000.0
+MAX_SAMPLES = 10_000
+MAX_PROCESSES = 256
+
+
+class MqttUrl(NamedTuple):
+    """A parsed ``mqtt://[user:pass@]host[:port]`` or ``mqtts://`` URL."""
+
+    host: str
+    port: int
+    tls: bool
+    username: str | None
+    password: str | None
+
+    def redacted(self) -> str:
+        """The URL for messages and reports: never shows the password."""
+        scheme = "mqtts" if self.tls else "mqtt"
+        user = (
+            f"{self.username}:***@"
+            if self.password
+            else (f"{self.username}@" if self.username else "")
+        )
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{scheme}://{user}{host}:{self.port}"
+
+
+def parse_mqtt_url(value: str, *, setting: str = "--mqtt-url") -> MqttUrl:
+    """Parse and validate a broker URL; ``setting`` names the flag or variable in errors."""
+    try:
+        parts = urlsplit(value.strip())
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError(setting, f"invalid URL {value!r}: {exc}") from None
+    if parts.scheme not in ("mqtt", "mqtts"):
+        raise ConfigError(
+            setting, f"expected mqtt://[user:pass@]host[:port] or mqtts://..., got {value!r}"
+        )
+    if not parts.hostname:
+        raise ConfigError(setting, f"no host in {value!r}")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ConfigError(setting, f"unexpected path or query in {value!r}")
+    tls = parts.scheme == "mqtts"
+    if port is None:
+        port = 8883 if tls else 1883
+    if port == 0:
+        raise ConfigError(setting, f"port 0 is not a broker port in {value!r}")
+    username = unquote(parts.username) if parts.username is not None else None
+    password = unquote(parts.password) if parts.password is not None else None
+    return MqttUrl(parts.hostname, port, tls, username, password)
+
+
+def check_topic_template(template: str, *, setting: str = "--topic") -> str:
+    """Validate a topic template: ``{device_id}`` must name exactly one whole topic level."""
+    if "{metric}" in template:
+        raise ConfigError(
+            setting,
+            "{metric} templates (one message per metric) are not supported by the simulator; "
+            "use a template with only {device_id}",
+        )
+    levels = template.split("/")
+    if levels.count(DEVICE_PLACEHOLDER) != 1:
+        raise ConfigError(
+            setting, f"{DEVICE_PLACEHOLDER} must name exactly one whole topic level in {template!r}"
+        )
+    rest = template.replace(DEVICE_PLACEHOLDER, "")
+    for bad in ("{", "}", "+", "#", "\0"):
+        if bad in rest:
+            raise ConfigError(setting, f"{bad!r} is not allowed in a topic template ({template!r})")
+    if len(template.encode()) > 60_000:
+        raise ConfigError(setting, "topic template too long")
+    return template
+
+
+def device_id(index: int) -> str:
+    """The id of device ``index`` (0-based): ``dev-00001``, ... more digits past 99,999."""
+    return f"dev-{index + 1:05d}"
+
+
+def _positive_int(setting: str, value: int, maximum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:
+        raise ConfigError(setting, f"must be an integer from 1 to {maximum:,} (got {value!r})")
+
+
+def _finite(setting: str, value: float, low: float, high: float, *, open_low: bool) -> None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if open_low else value >= low) and value <= high
+    if not ok:
+        bound = f"above {low:g}" if open_low else f"from {low:g}"
+        raise ConfigError(setting, f"must be a number {bound} to {high:g} (got {value!r})")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SimulatorConfig:
+    """What to simulate. Flags of the same name on the command line (``--samples-per-message``
+    is ``samples_per_message``). ``connections`` defaults to ``min(devices, 4 x processes)``
+    and ``seed`` to a random one (it is reported, so a run can be repeated).
+    """
+
+    mqtt_url: str = DEFAULT_MQTT_URL
+    devices: int = 10
+    rate: float = 1.0
+    count: int | None = None
+    duration: float | None = None
+    qos: int = 1
+    topic: str = DEFAULT_TOPIC
+    seed: int | None = None
+    samples_per_message: int = 1
+    bad_ratio: float = 0.0
+    duplicate_ratio: float = 0.0
+    late_ratio: float = 0.0
+    connections: int | None = None
+    processes: int = 1
+    #: Bounded wait for outstanding acknowledgements (QoS 1) once the schedule is done.
+    ack_timeout: float = 10.0
+    #: How long the first connection of each socket may take (retries included).
+    connect_timeout: float = 10.0
+    #: Unacknowledged QoS 1 messages per connection.
+    inflight_window: int = 1000
+    #: MQTT keep-alive; a connection that owes us an answer for this long is dropped.
+    keepalive: int = 30
+    broker: MqttUrl = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "broker", parse_mqtt_url(self.mqtt_url))
+        _positive_int("--devices", self.devices, MAX_DEVICES)
+        _finite("--rate", self.rate, 0.0, MAX_RATE, open_low=True)
+        if self.count is not None and self.duration is not None:
+            raise ConfigError("--count", "not allowed with --duration (choose one)")
+        if self.count is not None:
+            _positive_int("--count", self.count, 10**12)
+        if self.duration is not None:
+            _finite("--duration", self.duration, 0.0, 10.0**9, open_low=True)
+        if self.qos not in (0, 1) or isinstance(self.qos, bool):
+            raise ConfigError("--qos", f"must be 0 or 1 (got {self.qos!r})")
+        check_topic_template(self.topic)
+        if self.seed is None:
+            object.__setattr__(self, "seed", secrets.randbits(32))
+        elif isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError("--seed", f"must be a non-negative integer (got {self.seed!r})")
+        _positive_int("--samples-per-message", self.samples_per_message, MAX_SAMPLES)
+        for name, ratio in (
+            ("--bad-ratio", self.bad_ratio),
+            ("--duplicate-ratio", self.duplicate_ratio),
+            ("--late-ratio", self.late_ratio),
+        ):
+            _finite(name, ratio, 0.0, 1.0, open_low=False)
+        _positive_int("--processes", self.processes, MAX_PROCESSES)
+        if self.processes > self.devices:
+            raise ConfigError(
+                "--processes",
+                f"{self.processes} processes for {self.devices} devices: "
+                "every process needs at least one device",
+            )
+        if self.connections is None:
+            object.__setattr__(
+                self, "connections", min(self.devices, CONNECTIONS_PER_PROCESS * self.processes)
+            )
+        else:
+            _positive_int("--connections", self.connections, self.devices)
+            if self.connections < self.processes:
+                raise ConfigError(
+                    "--connections",
+                    f"{self.connections} connections for {self.processes} processes: "
+                    "every process needs at least one connection",
+                )
+        _finite("ack_timeout", self.ack_timeout, 0.0, 3600.0, open_low=False)
+        _finite("connect_timeout", self.connect_timeout, 0.0, 3600.0, open_low=True)
+        _positive_int("inflight_window", self.inflight_window, 65_000)
+        _positive_int("keepalive", self.keepalive, 65_535)
+
+    @property
+    def target_rate(self) -> float:
+        """Messages per second the whole fleet should publish (duplicates not included)."""
+        return self.devices * self.rate
+
+    @property
+    def seed_value(self) -> int:
+        assert self.seed is not None  # resolved in __post_init__
+        return self.seed
+
+    @property
+    def connection_count(self) -> int:
+        assert self.connections is not None  # resolved in __post_init__
+        return self.connections

@@ -1,0 +1,249 @@
+"""The run's outcome: counters merged over processes, the JSON and text reports, progress."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from simulators._config import SimulatorConfig
+from simulators._faults import BAD_KINDS
+
+#: Per-device counters go into the report up to this many devices.
+PER_DEVICE_LIMIT = 1000
+
+#: The achieved rate may fall this far below the target before the report calls it short.
+RATE_TOLERANCE = 0.05
+
+
+@dataclass(slots=True)
+class ProcessResult:
+    """What one process sends back (picklable: plain fields only)."""
+
+    messages: int = 0
+    duplicates: int = 0
+    published: int = 0
+    published_duplicates: int = 0
+    failed: int = 0
+    samples: int = 0
+    late: int = 0
+    bad: dict[str, int] = field(default_factory=lambda: dict.fromkeys(BAD_KINDS, 0))
+    failures: dict[str, int] = field(default_factory=dict)
+    reconnects: int = 0
+    connect_failures: int = 0
+    max_lag: float = 0.0
+    #: Epoch seconds when its last message was settled (acknowledged, failed or handed over).
+    finished: float = 0.0
+    #: device id -> (messages, published, failed, last seq, bad, duplicates, late)
+    devices: dict[str, tuple[int, int, int, int, int, int, int]] | None = None
+    errors: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """A live snapshot for the progress line."""
+
+    elapsed: float
+    published: int
+    failed: int
+    messages: int
+    lag: float
+    target_rate: float
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Report:
+    """The outcome of a run. ``rate`` is scheduled messages published per second (duplicates
+    not counted), comparable with ``target_rate`` = devices x rate per device.
+    """
+
+    published: int
+    failed: int
+    seconds: float
+    rate: float
+    devices: int
+    target_rate: float
+    rate_per_device: float
+    on_target: bool
+    max_lag: float
+    messages: int
+    scheduled: int | None
+    samples: int
+    faults: dict[str, Any]
+    failures: dict[str, int]
+    reconnects: int
+    connect_failures: int
+    interrupted: bool
+    qos: int
+    connections: int
+    processes: int
+    samples_per_message: int
+    count: int | None
+    duration: float | None
+    seed: int
+    topic: str
+    mqtt_url: str
+    started_at: str
+    finished_at: str
+    errors: list[str]
+    per_device: dict[str, dict[str, int]] | None
+
+    @property
+    def exit_status(self) -> int:
+        """0 when every message was published, 1 otherwise."""
+        return 1 if self.failed or self.errors else 0
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        if data["per_device"] is None:
+            del data["per_device"]
+        return data
+
+    def to_text(self) -> str:
+        target = self.target_rate
+        pct = 100.0 * self.rate / target if target else 0.0
+        lines = [
+            f"simulate: {self.devices:,} devices x {self.rate_per_device:g} msg/s "
+            f"(target {target:,.1f} msg/s), QoS {self.qos}, {self.connections} connection(s), "
+            f"{self.processes} process(es), seed {self.seed}"
+            + (" (interrupted)" if self.interrupted else ""),
+            f"  published {self.published:,} of {self.messages + self.faults['duplicate']:,} "
+            f"messages ({self.samples:,} samples) in {self.seconds:.2f} s",
+            f"  rate      {self.rate:,.1f} msg/s, {pct:.1f}% of target; max lag {self.max_lag:.3f} s",
+            f"  failed    {self.failed:,}"
+            + (
+                " (" + ", ".join(f"{k} {v:,}" for k, v in self.failures.items() if v) + ")"
+                if self.failed
+                else ""
+            ),
+        ]
+        bad = self.faults["bad_kinds"]
+        lines.append(
+            f"  faults    bad {self.faults['bad']:,} ("
+            + ", ".join(f"{k} {bad[k]:,}" for k in BAD_KINDS)
+            + f"), duplicate {self.faults['duplicate']:,}, late samples {self.faults['late']:,}"
+        )
+        if self.reconnects or self.connect_failures:
+            lines.append(
+                f"  reconnects {self.reconnects:,}, failed connection attempts "
+                f"{self.connect_failures:,}"
+            )
+        if self.scheduled is not None and self.messages < self.scheduled:
+            lines.append(
+                f"  not sent  {self.scheduled - self.messages:,} of {self.scheduled:,} scheduled "
+                "messages were still due when the duration ended"
+            )
+        if not self.on_target and self.messages:
+            if self.failed:
+                why = "messages failed"
+            elif self.max_lag > 0.5:
+                why = "this machine could not keep up; add --processes or --connections"
+            else:
+                why = "the run was too short to measure"
+            lines.append(
+                f"  BELOW TARGET: {self.rate:,.1f} msg/s achieved, {target:,.1f} asked ({why})"
+            )
+        lines.extend(f"  error: {e}" for e in self.errors)
+        return "\n".join(lines)
+
+
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds")
+
+
+def build_report(
+    config: SimulatorConfig,
+    results: list[ProcessResult],
+    *,
+    started: float,
+    stopped: float | None,
+    nominal: float | None,
+    scheduled: int | None,
+) -> Report:
+    """Merge the processes' results. ``started`` is the schedule's epoch start; ``stopped``
+    the epoch time of an interruption; ``nominal`` the schedule's length and ``scheduled`` its
+    messages (``None``: until stopped).
+    """
+    total = ProcessResult(failures={})
+    per_device: dict[str, dict[str, int]] = {}
+    for r in results:
+        total.messages += r.messages
+        total.duplicates += r.duplicates
+        total.published += r.published
+        total.published_duplicates += r.published_duplicates
+        total.failed += r.failed
+        total.samples += r.samples
+        total.late += r.late
+        for kind, n in r.bad.items():
+            total.bad[kind] = total.bad.get(kind, 0) + n
+        for reason, n in r.failures.items():
+            total.failures[reason] = total.failures.get(reason, 0) + n
+        total.reconnects += r.reconnects
+        total.connect_failures += r.connect_failures
+        total.max_lag = max(total.max_lag, r.max_lag)
+        total.finished = max(total.finished, r.finished)
+        total.errors.extend(r.errors)
+        for dev, (msgs, pub, failed, seq, bad, dup, late) in (r.devices or {}).items():
+            per_device[dev] = {
+                "messages": msgs,
+                "published": pub,
+                "failed": failed,
+                "last_seq": seq,
+                "bad": bad,
+                "duplicates": dup,
+                "late": late,
+            }
+    finished = max(total.finished, started)
+    elapsed = finished - started
+    # A run that kept up ends with its last slot, one slot short of the schedule's length:
+    # measure it over the whole schedule so that on time means exactly the target rate.
+    floor = max(0.0, stopped - started) if stopped is not None else nominal
+    seconds = max(elapsed, floor or 0.0, 1e-9)
+    rate = (total.published - total.published_duplicates) / seconds
+    target = config.target_rate
+    on_target = rate >= (1.0 - RATE_TOLERANCE) * target
+    return Report(
+        published=total.published,
+        failed=total.failed,
+        seconds=round(seconds, 6),
+        rate=round(rate, 3),
+        devices=config.devices,
+        target_rate=target,
+        rate_per_device=config.rate,
+        on_target=on_target,
+        max_lag=round(total.max_lag, 6),
+        messages=total.messages,
+        scheduled=scheduled if stopped is None else None,
+        samples=total.samples,
+        faults={
+            "bad": sum(total.bad.values()),
+            "bad_kinds": {k: total.bad.get(k, 0) for k in BAD_KINDS},
+            "duplicate": total.duplicates,
+            "late": total.late,
+        },
+        failures=total.failures,
+        reconnects=total.reconnects,
+        connect_failures=total.connect_failures,
+        interrupted=stopped is not None,
+        qos=config.qos,
+        connections=config.connection_count,
+        processes=config.processes,
+        samples_per_message=config.samples_per_message,
+        count=config.count,
+        duration=config.duration,
+        seed=config.seed_value,
+        topic=config.topic,
+        mqtt_url=config.broker.redacted(),
+        started_at=_iso(started),
+        finished_at=_iso(finished),
+        errors=total.errors,
+        per_device=dict(sorted(per_device.items())) if per_device else None,
+    )
+
+
+def progress_line(p: Progress) -> str:
+    rate = p.published / p.elapsed if p.elapsed > 0 else 0.0
+    return (
+        f"{p.elapsed:7.1f} s  published {p.published:,}  failed {p.failed:,}  "
+        f"{rate:,.1f} msg/s (target {p.target_rate:,.1f})  lag {p.lag:.2f} s"
+    )

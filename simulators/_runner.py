@@ -1,0 +1,479 @@
+"""Running the fleet: one process (its connections on one event loop), or several processes
+started with ``multiprocessing`` (spawn) whose results are merged into one report.
+
+Start: every process connects all its connections first, then the runs start together at a
+common wall-clock instant, so the schedule of the whole fleet stays evenly spread.
+
+Stop: the first SIGINT/SIGTERM stops scheduling and waits (at most ``ack_timeout``) for
+outstanding acknowledgements; the second stops waiting. Children ignore SIGINT (a Ctrl-C in a
+terminal reaches the whole process group): the parent relays stop and force through events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import multiprocessing
+import queue
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from multiprocessing.sharedctypes import Synchronized, SynchronizedArray
+from typing import Any
+
+from simulators._config import SimulatorConfig
+from simulators._errors import ConnectError
+from simulators._payloads import Device, FaultRatios
+from simulators._publisher import Publisher, Stats
+from simulators._report import (
+    PER_DEVICE_LIMIT,
+    ProcessResult,
+    Progress,
+    Report,
+    build_report,
+)
+from simulators._schedule import Schedule, deal, process_connections, process_devices
+
+ProgressCallback = Callable[[Progress], None]
+
+#: Seconds between progress updates.
+PROGRESS_PERIOD = 1.0
+#: How far ahead of "all connected" the common start is set (lets every process see it).
+START_MARGIN = 0.2
+_POLL = 0.02
+
+
+@dataclass(slots=True)
+class Control:
+    """How a process's run is steered: ``stop`` and ``force`` events, ``start()`` (called
+    once connected; returns the common start in epoch seconds, or ``None`` to give up), and
+    ``report(stats)``, called periodically with the live counters.
+    """
+
+    stop: asyncio.Event
+    force: asyncio.Event
+    start: Callable[[], Awaitable[float | None]]
+    report: Callable[[Stats], None] | None = None
+
+
+def schedule_of(config: SimulatorConfig) -> Schedule:
+    return Schedule(config.devices, config.rate, config.count, config.duration)
+
+
+async def run_process(config: SimulatorConfig, part: int, control: Control) -> ProcessResult:
+    """Simulate process ``part``'s share of the fleet."""
+    loop = asyncio.get_running_loop()
+    schedule = schedule_of(config)
+    faults = FaultRatios(config.bad_ratio, config.duplicate_ratio, config.late_ratio)
+    devices = [
+        Device(
+            i,
+            seed=config.seed_value,
+            topic_template=config.topic,
+            rate=config.rate,
+            samples_per_message=config.samples_per_message,
+            faults=faults,
+        )
+        for i in process_devices(config.devices, config.processes, part)
+    ]
+    stats = Stats()
+    groups = deal(
+        devices,
+        process_connections(config.connection_count, config.processes, part, config.devices),
+    )
+    publishers = [
+        Publisher(
+            name=f"p{part}c{c}",
+            url=config.broker,
+            devices=group,
+            schedule=schedule,
+            qos=config.qos,
+            stats=stats,
+            keepalive=config.keepalive,
+            inflight_window=config.inflight_window,
+            ack_timeout=config.ack_timeout,
+        )
+        for c, group in enumerate(groups)
+    ]
+    result = ProcessResult(failures={})
+    connecting = [
+        asyncio.create_task(p.connect(config.connect_timeout), name=f"simulate[{p.name}:connect]")
+        for p in publishers
+    ]
+    stopped = asyncio.ensure_future(control.stop.wait())
+    waiting: set[asyncio.Future[Any]] = {*connecting, stopped}
+    while not stopped.done() and not all(t.done() for t in connecting):
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        waiting = {f for f in waiting if not f.done()}
+    stopped.cancel()
+    for t in connecting:
+        t.cancel()  # interrupted while connecting (no-op for those done)
+    await asyncio.gather(*connecting, return_exceptions=True)
+    errors = [e for t in connecting if not t.cancelled() and (e := t.exception()) is not None]
+    if errors or any(t.cancelled() for t in connecting):
+        for p in publishers:
+            p.abort()
+        for e in errors:
+            if not isinstance(e, ConnectError):
+                raise e
+        if errors:
+            raise errors[0]
+        result.finished = time.time()
+        return result
+
+    start_wall = await control.start()
+    if start_wall is None:
+        for p in publishers:
+            p.abort()
+        result.finished = time.time()
+        return result
+    start = loop.time() + (start_wall - time.time())
+    start_ms = start_wall * 1000.0
+    for d in devices:
+        d.start(int(start_ms))
+
+    async def steer() -> None:
+        await control.stop.wait()
+        for p in publishers:
+            p.stop()
+        await control.force.wait()
+        for p in publishers:
+            p.force()
+
+    async def report_progress() -> None:
+        assert control.report is not None
+        while True:
+            await asyncio.sleep(PROGRESS_PERIOD / 2)
+            control.report(stats)
+
+    helpers = [asyncio.create_task(steer(), name="simulate[steer]")]
+    if control.report is not None:
+        helpers.append(asyncio.create_task(report_progress(), name="simulate[progress]"))
+    try:
+        async with asyncio.TaskGroup() as group:  # a bug in one cancels the others
+            runs = [
+                group.create_task(p.run(start, start_ms), name=f"simulate[{p.name}]")
+                for p in publishers
+            ]
+        settled = [r.result() for r in runs]
+    finally:
+        for h in helpers:
+            h.cancel()
+        for h in helpers:
+            with contextlib.suppress(asyncio.CancelledError):
+                await h
+    if control.report is not None:
+        control.report(stats)
+
+    result.messages = stats.messages
+    result.duplicates = stats.duplicates
+    result.published = stats.published
+    result.published_duplicates = stats.published_duplicates
+    result.failed = stats.failed
+    result.samples = stats.samples
+    result.late = stats.late
+    result.bad = dict(stats.bad)
+    result.failures = dict(stats.failures)
+    result.reconnects = stats.reconnects
+    result.connect_failures = stats.connect_failures
+    result.max_lag = stats.max_lag
+    result.finished = start_wall + (max(settled) - start)
+    if config.devices <= PER_DEVICE_LIMIT:
+        result.devices = {
+            d.device_id: (d.messages, d.published, d.failed, d.seq, d.bad, d.duplicates, d.late)
+            for d in devices
+        }
+    return result
+
+
+# -- one process -------------------------------------------------------------------------------
+
+
+async def _single(
+    config: SimulatorConfig,
+    stop: asyncio.Event,
+    force: asyncio.Event,
+    progress: Callable[[Progress], Awaitable[None]] | None,
+) -> tuple[list[ProcessResult], float]:
+    started: list[float] = []
+    shown: set[asyncio.Future[None]] = set()
+
+    async def start() -> float | None:
+        if stop.is_set():
+            return None
+        started.append(time.time() + 0.01)
+        return started[0]
+
+    def report(stats: Stats) -> None:
+        if progress is None or not started:
+            return
+        snapshot = Progress(
+            time.time() - started[0],
+            stats.published,
+            stats.failed,
+            stats.messages,
+            stats.lag,
+            config.target_rate,
+        )
+        shown.difference_update([f for f in shown if f.done()])
+        shown.add(asyncio.ensure_future(progress(snapshot)))
+
+    try:
+        result = await run_process(
+            config, 0, Control(stop, force, start, report if progress is not None else None)
+        )
+    finally:
+        if shown:
+            await asyncio.wait(shown)
+    return [result], (started[0] if started else time.time())
+
+
+# -- several processes -------------------------------------------------------------------------
+
+_FIELDS = 5  # published, failed, messages, lag, alive
+
+
+def _child_main(
+    config: SimulatorConfig,
+    part: int,
+    events: tuple[Any, Any, Any],
+    start_at: Synchronized[float],
+    counters: SynchronizedArray[float],
+    results: multiprocessing.Queue[tuple[str, int, Any]],
+) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        result = asyncio.run(_child(config, part, events, start_at, counters, results))
+        results.put(("result", part, result))
+    except ConnectError as exc:
+        results.put(("connect", part, (exc.url, exc.message)))
+    except BaseException as exc:  # reported by the parent, which exits 1
+        traceback.print_exc(file=sys.stderr)
+        results.put(("error", part, f"process {part}: {exc!r}"))
+
+
+async def _child(
+    config: SimulatorConfig,
+    part: int,
+    events: tuple[Any, Any, Any],
+    start_at: Synchronized[float],
+    counters: SynchronizedArray[float],
+    results: multiprocessing.Queue[tuple[str, int, Any]],
+) -> ProcessResult:
+    stop_event, force_event, start_event = events
+    stop, force = asyncio.Event(), asyncio.Event()
+
+    async def relay() -> None:
+        while not force.is_set():
+            if stop_event.is_set():
+                stop.set()
+            if force_event.is_set():
+                force.set()
+            await asyncio.sleep(0.05)
+
+    async def start() -> float | None:
+        results.put(("ready", part, None))
+        while not start_event.is_set():
+            if stop_event.is_set():
+                return None
+            await asyncio.sleep(0.005)
+        return float(start_at.value)
+
+    def report(stats: Stats) -> None:
+        base = part * _FIELDS
+        counters[base] = stats.published
+        counters[base + 1] = stats.failed
+        counters[base + 2] = stats.messages
+        counters[base + 3] = stats.lag
+
+    relay_task = asyncio.create_task(relay(), name="simulate[relay]")
+    try:
+        return await run_process(config, part, Control(stop, force, start, report))
+    finally:
+        relay_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await relay_task
+
+
+async def _multi(
+    config: SimulatorConfig,
+    stop: asyncio.Event,
+    force: asyncio.Event,
+    progress: Callable[[Progress], Awaitable[None]] | None,
+) -> tuple[list[ProcessResult], float]:
+    ctx = multiprocessing.get_context("spawn")
+    n = config.processes
+    stop_event, force_event, start_event = ctx.Event(), ctx.Event(), ctx.Event()
+    start_at = ctx.Value("d", 0.0)
+    counters = ctx.Array("d", n * _FIELDS, lock=False)
+    results: multiprocessing.Queue[tuple[str, int, Any]] = ctx.Queue()
+    processes = [
+        ctx.Process(
+            target=_child_main,
+            args=(
+                config,
+                part,
+                (stop_event, force_event, start_event),
+                start_at,
+                counters,
+                results,
+            ),
+            name=f"simulate-{part}",
+            daemon=True,
+        )
+        for part in range(n)
+    ]
+    # Children inherit the blocked mask through exec and ignore SIGINT before unblocking it:
+    # a Ctrl-C during their start-up cannot kill them half-way.
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        for proc in processes:
+            proc.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+    ready: set[int] = set()
+    connect_errors: list[ConnectError] = []
+    done: dict[int, ProcessResult] = {}
+    errors: dict[int, str] = {}
+    started: float | None = None
+    last_progress = time.monotonic()
+    try:
+        while len(done) + len(errors) < n:
+            try:
+                kind, part, payload = results.get_nowait()
+            except queue.Empty:
+                for part, proc in enumerate(processes):
+                    if (
+                        proc.exitcode is not None
+                        and part not in done
+                        and part not in errors
+                        and results.empty()
+                    ):
+                        errors[part] = f"process {part} exited with status {proc.exitcode}"
+                if stop.is_set():
+                    stop_event.set()
+                if force.is_set():
+                    force_event.set()
+                if errors and started is None:
+                    stop_event.set()  # a process could not connect: call the others off
+                if started is None and len(ready) == n and not stop.is_set():
+                    started = time.time() + START_MARGIN
+                    start_at.value = started
+                    start_event.set()
+                if progress is not None and started is not None:
+                    now = time.monotonic()
+                    if now - last_progress >= PROGRESS_PERIOD:
+                        last_progress = now
+                        await progress(
+                            Progress(
+                                time.time() - started,
+                                int(sum(counters[p * _FIELDS] for p in range(n))),
+                                int(sum(counters[p * _FIELDS + 1] for p in range(n))),
+                                int(sum(counters[p * _FIELDS + 2] for p in range(n))),
+                                max(counters[p * _FIELDS + 3] for p in range(n)),
+                                config.target_rate,
+                            )
+                        )
+                await asyncio.sleep(_POLL)
+                continue
+            if kind == "ready":
+                ready.add(part)
+            elif kind == "result":
+                done[part] = payload
+            elif kind == "connect":
+                connect_errors.append(ConnectError(*payload))
+                errors[part] = str(connect_errors[-1])
+            else:
+                errors[part] = str(payload)
+    finally:
+        stop_event.set()
+        if force.is_set():
+            force_event.set()
+        for proc in processes:
+            await asyncio.to_thread(proc.join, 5.0)
+            if proc.is_alive():
+                proc.kill()
+                await asyncio.to_thread(proc.join, 1.0)
+    if connect_errors and started is None:
+        raise connect_errors[0]
+    out = [done[p] for p in sorted(done)]
+    if errors:
+        out.append(ProcessResult(failures={}, errors=[errors[p] for p in sorted(errors)]))
+    return out, (started if started is not None else time.time())
+
+
+# -- the public entry points -------------------------------------------------------------------
+
+
+async def simulate(
+    config: SimulatorConfig,
+    *,
+    stop: asyncio.Event | None = None,
+    force: asyncio.Event | None = None,
+    progress: Callable[[Progress], Awaitable[None]] | None = None,
+) -> Report:
+    """Run the simulation described by ``config`` and return its report.
+
+    Setting ``stop`` ends the schedule early (outstanding acknowledgements are still awaited,
+    at most ``config.ack_timeout``); setting ``force`` too stops waiting. Raises
+    :class:`ConnectError` when the broker cannot be reached at start.
+    """
+    stop = stop or asyncio.Event()
+    force = force or asyncio.Event()
+    stopped: list[float] = []
+
+    async def note_stop() -> None:
+        await stop.wait()
+        stopped.append(time.time())
+
+    watcher = asyncio.create_task(note_stop(), name="simulate[stop]")
+    try:
+        runner = _single if config.processes == 1 else _multi
+        results, started = await runner(config, stop, force, progress)
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+    return build_report(
+        config,
+        results,
+        started=started,
+        stopped=stopped[0] if stopped else None,
+        nominal=schedule_of(config).nominal_seconds,
+        scheduled=schedule_of(config).total_slots,
+    )
+
+
+def run(config: SimulatorConfig, *, progress: ProgressCallback | None = None) -> Report:
+    """:func:`simulate` in a new event loop, stopped by SIGINT/SIGTERM (the second forces).
+    ``progress`` is called about once a second, in a worker thread.
+    """
+
+    async def main() -> Report:
+        loop = asyncio.get_running_loop()
+        stop, force = asyncio.Event(), asyncio.Event()
+
+        def on_signal() -> None:
+            (force if stop.is_set() else stop).set()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_signal)
+        show = None
+        if progress is not None:
+            callback = progress
+
+            async def show(p: Progress) -> None:
+                await asyncio.to_thread(callback, p)
+
+        try:
+            return await simulate(config, stop=stop, force=force, progress=show)
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
+    return asyncio.run(main())
