@@ -50,7 +50,7 @@ class MqttSession:
         v5 = protocol == "5"
         properties: Properties | None = None
         if v5:
-            properties = Properties(PacketTypes.CONNECT)
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             # aiomqtt's default clean_start (first connection only) would wipe our session on
             # every new Client; an expiry keeps it (and its queue) while we are away.
             properties.SessionExpiryInterval = session_expiry
@@ -77,7 +77,7 @@ class MqttSession:
         self.closed = False
 
     def _on_message(self, _client: Any, _userdata: Any, msg: paho.MQTTMessage) -> None:
-        self.inbox.append((msg.topic, msg.payload, msg.qos, msg.mid))
+        self.inbox.append((msg.topic, bytes(msg.payload), msg.qos, msg.mid))
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)

@@ -17,9 +17,10 @@ import signal
 import time
 
 import anyio
-from anyio.abc import CancelScope
+from anyio import CancelScope
 
 from ingest.errors import FatalError, IngestError
+from ingest.metrics import Observability
 from ingest.migrate import migrate_dsn
 from ingest.pipeline import Pipeline
 from ingest.settings import Settings, redact_url
@@ -37,6 +38,7 @@ class Daemon:
         self.log = log or logging.getLogger("ingest")
         self.pipeline: Pipeline | None = None
         self.writer: Writer | None = None
+        self.observability = Observability.from_settings(settings)
         self.exit_code = EXIT_OK
         self._signals = 0
         self._stopping = False
@@ -46,11 +48,16 @@ class Daemon:
             loop = asyncio.get_running_loop()
             loop.set_debug(True)
             loop.slow_callback_duration = 0.1
+        # Bound before any task group, so a taken port is a plain ConfigError (exit 2).
+        metrics_listener = await self.observability.listen()
         try:
             with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(
                         self._watch_signals, signals, tg.cancel_scope, name="ingest[signals]"
+                    )
+                    tg.start_soon(
+                        self.observability.serve, metrics_listener, name="ingest[metrics]"
                     )
                     await self._main()
                     tg.cancel_scope.cancel()
@@ -61,36 +68,39 @@ class Daemon:
         return self.exit_code
 
     async def _watch_signals(self, signals: object, outer: CancelScope) -> None:
-        async for signum in signals:  # type: ignore[attr-defined]
-            self._signals += 1
-            name = signal.Signals(signum).name
-            if self._signals > 1:
-                self.log.warning("%s again: forcing exit without draining", name)
-                self.exit_code = EXIT_FAILURE
-                outer.cancel()
-                return
-            if self.pipeline is None:
-                self.log.info("%s while starting: exiting", name)
-                outer.cancel()
-                return
-            self.log.info(
-                "%s: draining (stop reading, flush, commit, acknowledge) within %.0fs",
-                name,
-                self.settings.shutdown_timeout,
-            )
-            self._stopping = True
-            self.pipeline.stop_reading()
-            await anyio.sleep(self.settings.shutdown_timeout)
-            stats = self.pipeline.statistics()
-            self.log.error(
-                "shutdown timeout after %.0fs: %d messages not acknowledged; the broker "
-                "redelivers them on the next start",
-                self.settings.shutdown_timeout,
-                stats.outstanding,
-            )
-            self.exit_code = EXIT_FAILURE
-            outer.cancel()
-            return
+        async with anyio.create_task_group() as timers:
+            async for signum in signals:  # type: ignore[attr-defined]
+                self._signals += 1
+                name = signal.Signals(signum).name
+                if self._signals > 1:
+                    self.log.warning("%s again: forcing exit without draining", name)
+                    self.exit_code = EXIT_FAILURE
+                    outer.cancel()
+                    return
+                if self.pipeline is None:
+                    self.log.info("%s while starting: exiting", name)
+                    outer.cancel()
+                    return
+                self.log.info(
+                    "%s: draining (stop reading, flush, commit, acknowledge) within %.0fs",
+                    name,
+                    self.settings.shutdown_timeout,
+                )
+                self._stopping = True
+                self.pipeline.stop_reading()
+                # Keep listening: a second signal forces while the drain is bounded here.
+                timers.start_soon(self._shutdown_deadline, self.pipeline, outer)
+
+    async def _shutdown_deadline(self, pipeline: Pipeline, outer: CancelScope) -> None:
+        await anyio.sleep(self.settings.shutdown_timeout)
+        self.log.error(
+            "shutdown timeout after %.0fs: %d messages not acknowledged; the broker "
+            "redelivers them on the next start",
+            self.settings.shutdown_timeout,
+            pipeline.statistics().outstanding,
+        )
+        self.exit_code = EXIT_FAILURE
+        outer.cancel()
 
     async def _main(self) -> None:
         s = self.settings
@@ -119,6 +129,7 @@ class Daemon:
                     self.log.info("migrations applied: %s", ", ".join(applied))
             pipeline = Pipeline(s, writer, log=logging.getLogger("ingest.pipeline"))
             self.pipeline = pipeline
+            self.observability.attach(pipeline, writer)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._stats_loop, pipeline, name="ingest[stats]")
                 await pipeline.run()

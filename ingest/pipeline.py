@@ -12,15 +12,20 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import anyio
 
 from ingest.acker import Acker, Delivery
 from ingest.batcher import Batcher
+from ingest.logs import log_context
 from ingest.settings import Settings
 from ingest.source import Source
-from ingest.writer import Writer
+from ingest.writer import Writer, WriteResult
+
+# (batch, result, seconds the write took, time.time() at commit): see ingest.metrics.
+CommitHook = Callable[[Sequence[Delivery], WriteResult, float, float], None]
 
 __all__ = ["Pipeline", "PipelineStatistics"]
 
@@ -68,6 +73,7 @@ class Pipeline:
         self.dead_reasons: Counter[str] = Counter()
         self.last_commit_lag: float | None = None
         self.last_commit_at: float | None = None
+        self.on_commit: CommitHook | None = None  # set by ingest.metrics (histograms)
 
     def stop_reading(self) -> None:
         self.source.stop_reading()
@@ -81,7 +87,9 @@ class Pipeline:
         seq = 0
         async with self._receive:
             while (batch := await self.batcher.next_batch()) is not None:
-                result = await self._writer.write([d.envelope for d in batch])
+                started = time.perf_counter()
+                with log_context(batch=seq):  # every line the writer logs names the batch
+                    result = await self._writer.write([d.envelope for d in batch])
                 self.acker.release(seq, batch)
                 seq += 1
                 self.rows_inserted += result.inserted
@@ -91,6 +99,8 @@ class Pipeline:
                 now = time.time()
                 self.last_commit_at = now
                 self.last_commit_lag = now - batch[0].envelope.received_at.timestamp()
+                if self.on_commit is not None:
+                    self.on_commit(batch, result, time.perf_counter() - started, now)
         self.drained.set()
 
     def statistics(self) -> PipelineStatistics:

@@ -5,6 +5,7 @@ from datetime import UTC, datetime
 
 import anyio
 import pytest
+from anyio.streams.memory import MemoryObjectSendStream
 
 from ingest.acker import Delivery
 from ingest.batcher import Batcher, rows_of
@@ -32,7 +33,7 @@ def dead(mid: int) -> Delivery:
 
 def make(
     capacity: int = 1000, *, max_rows: int = 100, max_delay: float = 0.05, window: int = 1000
-) -> tuple[anyio.abc.ObjectSendStream[Delivery], Batcher, list[int]]:
+) -> tuple[MemoryObjectSendStream[Delivery], Batcher, list[int]]:
     send, receive = anyio.create_memory_object_stream[Delivery](capacity)
     outstanding = [0]
     batcher = Batcher(
