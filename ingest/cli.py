@@ -98,6 +98,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     migrate.add_argument("--config", metavar="FILE", help="TOML file with settings")
     _add_settings_flags(migrate, only={"database_url", "log_level", "log_format"})
+
+    # Operator tools (issue 4): each module adds its subcommand and sets args.handler.
+    from ingest import audit, replay
+
+    audit.register(sub, _add_settings_flags)
+    replay.register(sub, _add_settings_flags)
     return parser
 
 
@@ -141,6 +147,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         log.info("migrations applied: %s", ", ".join(applied) if applied else "none pending")
         return 0
+    handler = getattr(args, "handler", None)  # operator tools: ingest/audit.py, replay.py
+    if handler is not None:
+        return int(handler(args, settings))
     raise AssertionError(args.command)
 
 
