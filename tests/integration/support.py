@@ -53,7 +53,7 @@ class Publisher:
     def __init__(self, mqtt_url: str, client_id: str | None = None) -> None:
         parts = urlsplit(mqtt_url)
         self._client = paho.Client(
-            paho.CallbackAPIVersion.VERSION2,
+            paho.CallbackAPIVersion.VERSION2,  # type: ignore[attr-defined]
             client_id=client_id or f"pub-{uuid.uuid4().hex[:8]}",
             protocol=paho.MQTTv311,
         )
