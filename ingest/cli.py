@@ -48,7 +48,9 @@ _HELP: dict[str, str] = {
     "log_level": "DEBUG, INFO, WARNING or ERROR",
     "log_format": "auto (text on a terminal, JSON lines otherwise), json or text",
     "migrate": "apply pending migrations at start",
-    "workers": "worker processes sharing the subscription",
+    "workers": "worker processes sharing one subscription (client ids <client_id>-<i>, "
+    "shared group INGEST_SHARE_GROUP or the client id); the parent supervises them",
+    "worker_id": "set by the supervisor for each worker (its metrics' worker label)",
 }
 
 
@@ -104,6 +106,10 @@ def _parser() -> argparse.ArgumentParser:
 
     audit.register(sub, _add_settings_flags)
     replay.register(sub, _add_settings_flags)
+
+    from ingest import demo  # issue 7: embedded servers + daemon + simulated fleet
+
+    demo.register(sub)
     return parser
 
 
@@ -115,6 +121,10 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "demo":  # starts its own servers: no settings to load
+        from ingest.demo import run_demo
+
+        return run_demo(args)
     try:
         settings = _settings(args)
     except ConfigError as exc:
@@ -124,9 +134,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     log = logging.getLogger("ingest")
     if args.command == "run":
         from ingest.daemon import run_daemon
+        from ingest.supervisor import run_supervisor
 
         try:
-            return run_daemon(settings)
+            return run_supervisor(settings) if settings.workers > 1 else run_daemon(settings)
         except ConfigError as exc:
             print(f"ingest: configuration error: {exc}", file=sys.stderr)
             return EXIT_CONFIG

@@ -38,7 +38,7 @@ class Daemon:
         self.log = log or logging.getLogger("ingest")
         self.pipeline: Pipeline | None = None
         self.writer: Writer | None = None
-        self.observability = Observability.from_settings(settings)
+        self.observability = Observability.from_settings(settings, worker=settings.worker_id)
         self.exit_code = EXIT_OK
         self._signals = 0
         self._stopping = False
@@ -59,6 +59,8 @@ class Daemon:
                     tg.start_soon(
                         self.observability.serve, metrics_listener, name="ingest[metrics]"
                     )
+                    if self.settings.worker_id is not None:
+                        tg.start_soon(self._watch_parent, name="ingest[parent]")
                     await self._main()
                     tg.cancel_scope.cancel()
         except* FatalError as group:
@@ -66,6 +68,14 @@ class Daemon:
                 self.log.error("fatal: %s", exc)
             self.exit_code = EXIT_FAILURE
         return self.exit_code
+
+    async def _watch_parent(self) -> None:
+        """A worker whose supervisor died drains and exits instead of running orphaned."""
+        parent = os.getppid()
+        while os.getppid() == parent:  # noqa: ASYNC110 (polling: no event exists for this)
+            await anyio.sleep(1)
+        self.log.warning("supervisor (pid %d) is gone: draining", parent)
+        os.kill(os.getpid(), signal.SIGTERM)
 
     async def _watch_signals(self, signals: object, outer: CancelScope) -> None:
         async with anyio.create_task_group() as timers:

@@ -33,7 +33,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -538,36 +538,7 @@ class Observability:
             await anyio.sleep(HEARTBEAT_INTERVAL)
 
     async def _handle(self, stream: SocketStream) -> None:
-        async with stream:
-            try:
-                with anyio.fail_after(REQUEST_TIMEOUT):
-                    head = await BufferedByteReceiveStream(stream).receive_until(
-                        b"\r\n\r\n", MAX_REQUEST_HEAD
-                    )
-                    method, _, rest = head.partition(b"\r\n")[0].decode("latin-1").partition(" ")
-                    path = rest.partition(" ")[0].partition("?")[0]
-                    status, content_type, body = await self._route(method, path)
-                    reason = _REASONS.get(status, "")
-                    header = (
-                        f"HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\n"
-                        f"Content-Length: {len(body)}\r\nConnection: close\r\n"
-                        "Cache-Control: no-store\r\n\r\n"
-                    ).encode("latin-1")
-                    await stream.send(header if method == "HEAD" else header + body)
-            except (
-                TimeoutError,
-                OSError,
-                anyio.EndOfStream,
-                anyio.IncompleteRead,
-                anyio.DelimiterNotFound,
-                anyio.BrokenResourceError,
-                anyio.ClosedResourceError,
-            ):
-                return  # a client that went away or sent garbage: nothing to answer
-            except Exception:
-                # A bug here must never take the daemon down with it (the handler runs in the
-                # server's task group).
-                _log.exception("metrics endpoint: request failed")
+        await handle_http(stream, self._route)
 
     async def _route(self, method: str, path: str) -> tuple[int, str, bytes]:
         if method not in ("GET", "HEAD"):
@@ -581,6 +552,43 @@ class Observability:
             verdict = await self.readiness()
             return (200 if verdict.ready else 503), _JSON, _json(verdict.body())
         return 404, "text/plain; charset=utf-8", b"not found: try /metrics, /healthz, /readyz\n"
+
+
+Route = Callable[[str, str], Awaitable[tuple[int, str, bytes]]]
+
+
+async def handle_http(stream: SocketStream, route: Route) -> None:
+    """Answer one HTTP/1.1 request on ``stream`` with ``route(method, path)``."""
+    async with stream:
+        try:
+            with anyio.fail_after(REQUEST_TIMEOUT):
+                head = await BufferedByteReceiveStream(stream).receive_until(
+                    b"\r\n\r\n", MAX_REQUEST_HEAD
+                )
+                method, _, rest = head.partition(b"\r\n")[0].decode("latin-1").partition(" ")
+                path = rest.partition(" ")[0].partition("?")[0]
+                status, content_type, body = await route(method, path)
+                reason = _REASONS.get(status, "")
+                header = (
+                    f"HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\n"
+                    f"Content-Length: {len(body)}\r\nConnection: close\r\n"
+                    "Cache-Control: no-store\r\n\r\n"
+                ).encode("latin-1")
+                await stream.send(header if method == "HEAD" else header + body)
+        except (
+            TimeoutError,
+            OSError,
+            anyio.EndOfStream,
+            anyio.IncompleteRead,
+            anyio.DelimiterNotFound,
+            anyio.BrokenResourceError,
+            anyio.ClosedResourceError,
+        ):
+            return  # a client that went away or sent garbage: nothing to answer
+        except Exception:
+            # A bug here must never take the daemon down with it (the handler runs in the
+            # server's task group).
+            _log.exception("metrics endpoint: request failed")
 
 
 _JSON = "application/json"

@@ -64,6 +64,8 @@ class Settings:
     log_format: str = field(default="auto", metadata={"env": "INGEST_LOG_FORMAT"})
     migrate: bool = field(default=True, metadata={"env": "INGEST_MIGRATE"})
     workers: int = field(default=1, metadata={"env": "INGEST_WORKERS"})
+    # Set by the supervisor for each worker process (the ``worker`` label of its metrics).
+    worker_id: str | None = field(default=None, metadata={"env": "INGEST_WORKER_ID"})
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:
