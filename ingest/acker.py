@@ -19,7 +19,10 @@ __all__ = ["AckStatistics", "Acker", "Acknowledger", "Delivery"]
 
 
 class Acknowledger(Protocol):
-    def ack(self, mid: int, qos: int) -> bool: ...
+    def ack_many(self, acks: Sequence[tuple[int, int]]) -> int:
+        """Acknowledge ``(mid, qos)`` pairs in order; returns how many went out (0 when the
+        connection is gone)."""
+        ...
 
 
 class Delivery(NamedTuple):
@@ -60,11 +63,18 @@ class Acker:
         while self._next_seq in self._held:
             batch = self._held.pop(self._next_seq)
             self._next_seq += 1
-            for d in batch:
-                if d.session.ack(d.mid, d.qos):
-                    self.acknowledged += 1
-                else:
-                    self.lost_connection += 1
+            # Consecutive messages of one connection go out as one write, in order.
+            start = 0
+            while start < len(batch):
+                session = batch[start].session
+                end = start + 1
+                while end < len(batch) and batch[end].session is session:
+                    end += 1
+                run = batch[start:end]
+                sent = session.ack_many([(d.mid, d.qos) for d in run])
+                self.acknowledged += sent
+                self.lost_connection += sum(1 for d in run if d.qos) - sent
+                start = end
             self.outstanding -= len(batch)
             released += len(batch)
         return released

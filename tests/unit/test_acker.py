@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
 import pytest
@@ -12,12 +13,14 @@ class Session:
     def __init__(self, alive: bool = True) -> None:
         self.acked: list[int] = []
         self.alive = alive
+        self.calls = 0
 
-    def ack(self, mid: int, qos: int) -> bool:
+    def ack_many(self, acks: Sequence[tuple[int, int]]) -> int:
+        self.calls += 1
         if not self.alive:
-            return False
-        self.acked.append(mid)
-        return True
+            return 0
+        self.acked.extend(mid for mid, qos in acks if qos)
+        return sum(1 for _, qos in acks if qos)
 
 
 def deliveries(session: Session, mids: range) -> list[Delivery]:
@@ -53,11 +56,7 @@ def test_dead_connection_counts_lost_not_acked() -> None:
 
 
 def test_qos0_not_counted_as_lost() -> None:
-    class Qos0Session(Session):
-        def ack(self, mid: int, qos: int) -> bool:
-            return qos == 0 or super().ack(mid, qos)
-
-    s = Qos0Session(alive=False)
+    s = Session(alive=False)
     acker = Acker()
     acker.received()
     env = Envelope("t", b"{}", datetime.now(UTC), Decoded([], 0))
@@ -70,3 +69,14 @@ def test_double_release_is_an_error() -> None:
     acker.release(0, [])
     with pytest.raises(ValueError):
         acker.release(0, [])
+
+
+def test_one_write_per_run_of_the_same_connection() -> None:
+    a, b = Session(), Session()
+    acker = Acker()
+    batch = deliveries(a, range(3)) + deliveries(b, range(3, 5)) + deliveries(a, range(5, 6))
+    for _ in batch:
+        acker.received()
+    acker.release(0, batch)
+    assert (a.calls, b.calls) == (2, 1)
+    assert a.acked == [0, 1, 2, 5] and b.acked == [3, 4]

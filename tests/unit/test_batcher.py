@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
 import anyio
@@ -18,8 +19,8 @@ NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 class NoAck:
-    def ack(self, mid: int, qos: int) -> bool:
-        return True
+    def ack_many(self, acks: Sequence[tuple[int, int]]) -> int:
+        return len(acks)
 
 
 def delivery(mid: int, rows: int = 5) -> Delivery:
