@@ -1,0 +1,518 @@
+"""Drain benchmark: the same pre-queued backlog, drained by three consumers one after the other.
+
+``python -m benchmarks.drain [--messages N] [--inflight W] [--repeat R] [--json FILE] ...``
+
+1. **bare**: a bare aiomqtt client, manual acks, nothing else (the ceiling of one worker);
+2. **naive**: paho + one autocommitted INSERT per message, on a subset, extrapolated;
+3. **ingest**: ``ingest run`` end to end, from process start to the last row committed with
+   every message acknowledged.
+
+See ``benchmarks/README.md`` for what each figure means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks._backlog import (
+    Backlog,
+    make_backlog,
+    publish,
+    queued_for,
+    register_sessions,
+    wipe_sessions,
+)
+from benchmarks._daemon import DaemonFailure, IngestProcess, run_migrate, split_ingest_args
+from benchmarks._env import Environment, fetch, fetchval, open_environment
+from benchmarks._procstat import CpuSnapshot, cpu_seconds, peak_rss_mb, run_measured
+
+__all__ = ["main"]
+
+CONSUMERS = ("bare", "naive", "ingest")
+Result = dict[str, Any]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.drain",
+        description="Drain a pre-queued QoS 1 backlog with a bare aiomqtt client, a naive "
+        "paho+INSERT script and `ingest run`; print them side by side.",
+    )
+    p.add_argument("--messages", type=int, default=100_000, help="backlog size (default 100000)")
+    p.add_argument("--devices", type=int, default=100, help="device topics (default 100)")
+    p.add_argument(
+        "--readings", type=int, default=5, help="numeric fields per sample, seq included (5)"
+    )
+    p.add_argument(
+        "--samples", type=int, default=None, help="send JSON arrays of this many samples"
+    )
+    p.add_argument(
+        "--payload-bytes", type=int, default=150, help="pad single-sample payloads to ~this"
+    )
+    p.add_argument("--inflight", type=int, default=1000, help="broker max_inflight_messages (1000)")
+    p.add_argument("--protocol", choices=("3.1.1", "5"), default="3.1.1")
+    p.add_argument(
+        "--database-url",
+        default=None,
+        help="use this PostgreSQL server (a fresh database per run) instead of a throwaway one",
+    )
+    p.add_argument(
+        "--no-durable",
+        dest="durable",
+        action="store_false",
+        help="throwaway cluster with fsync and full_page_writes off (the tests' setting)",
+    )
+    p.add_argument("--repeat", type=int, default=1, help="runs; medians with min and max")
+    p.add_argument("--json", type=Path, default=None, help="write every figure to this file")
+    p.add_argument(
+        "--naive-messages", type=int, default=5000, help="subset for the naive baseline (5000)"
+    )
+    p.add_argument(
+        "--ingest-args",
+        default="",
+        help="extra words for `ingest run`; leading NAME=VALUE words go to its environment, "
+        'e.g. "INGEST_BATCH_MAX_ROWS=10000 --workers 2"',
+    )
+    p.add_argument(
+        "--stats-interval",
+        type=float,
+        default=0.1,
+        help="daemon stats line interval (how the harness watches it; default 0.1 s)",
+    )
+    p.add_argument(
+        "--publishers", type=int, default=16, help="mosquitto_pub processes at once (16)"
+    )
+    p.add_argument(
+        "--bare-loop",
+        choices=("auto", "asyncio", "uvloop"),
+        default="auto",
+        help="event loop of the bare client (auto: the daemon's, i.e. asyncio unless "
+        "--ingest-args sets INGEST_UVLOOP=1)",
+    )
+    p.add_argument(
+        "--skip", default="", help=f"comma-separated consumers to skip: {', '.join(CONSUMERS)}"
+    )
+    p.add_argument("--timeout", type=float, default=300, help="seconds per consumer at most (300)")
+    p.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=60,
+        help="seconds without progress before the daemon counts as stalled (60)",
+    )
+    return p
+
+
+# --- the three consumers --------------------------------------------------------------------
+
+
+def _rate(count: int, seconds: float | None) -> float | None:
+    return None if not seconds or seconds <= 0 else round(count / seconds, 1)
+
+
+def _finish(r: Result, *, messages: int, rows_per_message: int) -> Result:
+    r["messages"] = messages
+    r["rows"] = messages * rows_per_message
+    r["msgs_per_s"] = _rate(messages, r.get("seconds"))
+    r["rows_per_s"] = _rate(r["rows"], r.get("seconds"))
+    first = r.get("first_message_s")
+    steady = None if first is None or r.get("seconds") is None else r["seconds"] - first
+    r["steady_msgs_per_s"] = _rate(messages, steady)
+    return r
+
+
+def measure_bare(
+    env: Environment, a: argparse.Namespace, client_id: str, backlog: Backlog, loop: str
+) -> Result:
+    before = CpuSnapshot.take(env.pids())
+    child = run_measured(
+        [
+            *(sys.executable, "-m", "benchmarks._bare", "--url", env.mqtt_url),
+            *("--client-id", client_id, "--messages", str(backlog.messages)),
+            *("--protocol", a.protocol, "--loop", loop),
+        ],
+        timeout=a.timeout,
+    )
+    servers = CpuSnapshot.take(env.pids()).minus(before)
+    r: Result = {"ok": False, "loop": loop, "cpu_s": child.cpu_seconds}
+    r["broker_cpu_s"] = servers["broker"]
+    if child.returncode != 0 or child.timed_out:
+        r["error"] = (
+            f"bare client exited {child.returncode}"
+            f"{' (timed out)' if child.timed_out else ''}: {child.stderr[-1500:]}"
+        )
+        return r
+    out = json.loads(child.stdout.strip().splitlines()[-1])
+    r["peak_rss_mb"] = out.get("peak_rss_mb")
+    r["seconds"] = round(out["done"] - child.started, 3)
+    r["first_message_s"] = round(out["first"] - child.started, 3)
+    left = queued_for(env.mqtt_url, client_id, a.protocol)
+    r["left_at_broker"] = left
+    r["ok"] = out["received"] == backlog.messages and left == 0
+    r["verified"] = f"received {out['received']}, broker has {left} left for the session"
+    return _finish(r, messages=backlog.messages, rows_per_message=backlog.rows // backlog.messages)
+
+
+def measure_naive(
+    env: Environment, a: argparse.Namespace, client_id: str, backlog: Backlog
+) -> Result:
+    subset = min(a.naive_messages, backlog.messages)
+    per_message = backlog.rows // backlog.messages
+    dsn = env.fresh_database("naive")
+    run_migrate(dsn)
+    before = CpuSnapshot.take(env.pids())
+    child = run_measured(
+        [
+            *(sys.executable, "-m", "benchmarks._naive", "--url", env.mqtt_url, "--dsn", dsn),
+            *("--client-id", client_id, "--messages", str(subset), "--protocol", a.protocol),
+        ],
+        timeout=a.timeout,
+    )
+    servers = CpuSnapshot.take(env.pids()).minus(before)
+    r: Result = {"ok": False, "subset": subset, "cpu_s": child.cpu_seconds}
+    r["broker_cpu_s"] = servers["broker"]
+    r["postgres_cpu_s"] = servers["postgres"]
+    if child.returncode != 0 or child.timed_out:
+        r["error"] = f"naive client exited {child.returncode}: {child.stderr[-1500:]}"
+        return r
+    out = json.loads(child.stdout.strip().splitlines()[-1])
+    r["peak_rss_mb"] = out.get("peak_rss_mb")
+    r["seconds"] = round(out["done"] - child.started, 3)
+    r["first_message_s"] = round(out["first"] - child.started, 3)
+    rows = fetchval(dsn, "SELECT count(*) FROM readings")
+    r["ok"] = rows == subset * per_message
+    r["verified"] = f"{rows} rows for {subset} messages"
+    return _finish(r, messages=subset, rows_per_message=per_message)
+
+
+def measure_ingest(
+    env: Environment, a: argparse.Namespace, client_id: str, backlog: Backlog
+) -> Result:
+    args, extra_env = split_ingest_args(a.ingest_args)
+    dsn = env.fresh_database("ingest")
+    settings = {
+        "INGEST_DATABASE_URL": dsn,
+        "INGEST_MQTT_URL": env.mqtt_url,
+        "INGEST_CLIENT_ID": client_id,
+        "INGEST_MQTT_PROTOCOL": a.protocol,
+        "INGEST_METRICS_PORT": "0",
+        "INGEST_LOG_FORMAT": "json",
+        "INGEST_STATS_INTERVAL": str(a.stats_interval),
+    }
+    r: Result = {"ok": False, "args": args, "env": extra_env}
+    before = CpuSnapshot.take(env.pids())
+    daemon = IngestProcess(settings, args=args, extra_env=extra_env)
+    r["command"] = " ".join(daemon.command)
+    n, rows = backlog.messages, backlog.rows
+    try:
+        done = daemon.wait_for(
+            lambda s: (
+                int(s.get("received", 0)) >= n
+                and int(s.get("rows", 0)) >= rows
+                and int(s.get("unacked", -1)) == 0
+            ),
+            timeout=a.timeout,
+            stall=a.stall_timeout,
+            what=f"draining {n} messages",
+        )
+    except DaemonFailure as exc:
+        daemon.terminate(timeout=15)
+        r["error"] = exc.what
+        r["log_excerpt"] = exc.excerpt
+        r["warnings"] = daemon.notable()
+        return r
+    r["cpu_s"] = cpu_seconds(daemon.pid)
+    r["peak_rss_mb"] = peak_rss_mb(daemon.pid)
+    servers = CpuSnapshot.take(env.pids()).minus(before)
+    r["broker_cpu_s"] = servers["broker"]
+    r["postgres_cpu_s"] = servers["postgres"]
+    r["seconds_stats"] = round(done["_wall"] - daemon.started, 3)
+    if daemon.first_received_at is not None:
+        r["first_message_s"] = round(daemon.first_received_at - daemon.started, 3)
+    status = daemon.terminate()
+    r["exit_status"] = status
+    r["drained"] = daemon.drained
+    r["warnings"] = daemon.notable()
+    stored = fetchval(dsn, "SELECT count(*) FROM readings")
+    dead = fetchval(dsn, "SELECT count(*) FROM dead_letters")
+    r["seconds"] = r["seconds_stats"]
+    r["timing"] = f"stats line (every {a.stats_interval}s)"
+    if env.commit_timestamps:
+        (first_commit, last_commit), *_ = fetch(
+            dsn,
+            "SELECT extract(epoch FROM min(pg_xact_commit_timestamp(xmin)))::float8,"
+            " extract(epoch FROM max(pg_xact_commit_timestamp(xmin)))::float8 FROM readings",
+        )
+        if last_commit is not None:
+            r["seconds"] = round(last_commit - daemon.started, 3)
+            r["first_commit_s"] = round(first_commit - daemon.started, 3)
+            r["timing"] = "last commit (track_commit_timestamp)"
+    left = queued_for(env.mqtt_url, client_id, a.protocol)
+    r["left_at_broker"] = left
+    acked = (daemon.drained or {}).get("acknowledged")
+    r["verified"] = (
+        f"{stored} rows, {dead} dead letters, drained line: {acked} acknowledged, "
+        f"exit {status}, broker has {left} left for the session"
+    )
+    r["ok"] = stored == rows and dead == 0 and acked == n and status == 0 and left == 0
+    return _finish(r, messages=n, rows_per_message=rows // n)
+
+
+# --- one run and the report -----------------------------------------------------------------
+
+
+def one_run(
+    env: Environment, a: argparse.Namespace, backlog: Backlog, index: int, loop: str
+) -> Result:
+    tag = uuid.uuid4().hex[:6]
+    consumers = [c for c in CONSUMERS if c not in a.skip]
+    ids = {c: f"bench-{c}-{tag}" for c in consumers}
+    register_sessions(env.mqtt_url, list(ids.values()), a.protocol)
+    seconds = publish(env.mqtt_url, backlog, parallel=a.publishers)
+    run: Result = {
+        "repeat": index,
+        "publish_s": round(seconds, 2),
+        "publish_msgs_per_s": _rate(backlog.messages, seconds),
+    }
+    print(
+        f"run {index + 1}/{a.repeat}: backlog of {backlog.messages} published in {seconds:.1f}s "
+        f"({backlog.messages / seconds:,.0f} msg/s) for {len(ids)} sessions",
+        file=sys.stderr,
+    )
+    measures: dict[str, Callable[[], Result]] = {
+        "bare": lambda: measure_bare(env, a, ids["bare"], backlog, loop),
+        "naive": lambda: measure_naive(env, a, ids["naive"], backlog),
+        "ingest": lambda: measure_ingest(env, a, ids["ingest"], backlog),
+    }
+    for name in consumers:
+        print(f"  measuring {name} ...", file=sys.stderr)
+        run[name] = result = measures[name]()
+        if not result["ok"]:
+            print(
+                f"  {name}: NOT OK: {result.get('error') or result.get('verified')}",
+                file=sys.stderr,
+            )
+            if result.get("log_excerpt"):
+                print(result["log_excerpt"], file=sys.stderr)
+    wipe_sessions(env.mqtt_url, list(ids.values()), a.protocol)
+    run["ratios"] = _ratios(run)
+    return run
+
+
+def _ratio(x: Any, y: Any) -> float | None:
+    return (
+        round(x / y, 2) if isinstance(x, int | float) and isinstance(y, int | float) and y else None
+    )
+
+
+def _ratios(run: Result) -> dict[str, float | None]:
+    ing, bare, naive = run.get("ingest", {}), run.get("bare", {}), run.get("naive", {})
+    return {
+        "ingest_over_bare": _ratio(ing.get("msgs_per_s"), bare.get("msgs_per_s")),
+        "ingest_over_bare_steady": _ratio(
+            ing.get("steady_msgs_per_s"), bare.get("steady_msgs_per_s")
+        ),
+        "ingest_over_naive": _ratio(ing.get("msgs_per_s"), naive.get("msgs_per_s")),
+        "ingest_over_naive_steady": _ratio(
+            ing.get("steady_msgs_per_s"), naive.get("steady_msgs_per_s")
+        ),
+    }
+
+
+def _spread(values: Sequence[Any]) -> dict[str, float] | None:
+    nums = [v for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
+    if not nums:
+        return None
+    return {"median": statistics.median(nums), "min": min(nums), "max": max(nums), "n": len(nums)}
+
+
+def summarize(runs: Sequence[Result]) -> Result:
+    out: Result = {}
+    for name in CONSUMERS:
+        ok = [r[name] for r in runs if r.get(name, {}).get("ok")]
+        keys = {k for r in ok for k, v in r.items() if isinstance(v, int | float)}
+        out[name] = {k: _spread([r.get(k) for r in ok]) for k in sorted(keys) if k != "ok"}
+        out[name]["ok_runs"] = len(ok)
+    out["ratios"] = {k: _spread([r["ratios"].get(k) for r in runs]) for k in _ratios({})}
+    return out
+
+
+_ROWS: list[tuple[str, str, str]] = [
+    ("messages", "messages", "{:,.0f}"),
+    ("seconds, process start -> done", "seconds", "{:.2f}"),
+    ("first message after, s", "first_message_s", "{:.2f}"),
+    ("messages/s", "msgs_per_s", "{:,.0f}"),
+    ("rows/s", "rows_per_s", "{:,.0f}"),
+    ("messages/s after first message", "steady_msgs_per_s", "{:,.0f}"),
+    ("consumer CPU, s", "cpu_s", "{:.2f}"),
+    ("consumer peak RSS, MiB", "peak_rss_mb", "{:.1f}"),
+    ("broker CPU, s", "broker_cpu_s", "{:.2f}"),
+    ("Postgres CPU, s", "postgres_cpu_s", "{:.2f}"),
+]
+_TITLES = {
+    "bare": "bare aiomqtt",
+    "naive": "naive paho+INSERT",
+    "ingest": "ingest run",
+}
+
+
+def _cell(spread: dict[str, float] | None, fmt: str) -> str:
+    if spread is None:
+        return "-"
+    text = fmt.format(spread["median"])
+    if spread["n"] > 1:
+        text += f" ({fmt.format(spread['min'])}..{fmt.format(spread['max'])})"
+    return text
+
+
+def render(config: Result, runs: Sequence[Result], summary: Result) -> str:
+    consumers = [c for c in CONSUMERS if any(c in r for r in runs)]
+    lines = [
+        f"drain benchmark: {config['messages']:,} QoS 1 messages x {config['rows_per_message']} "
+        f"rows (~{config['mean_payload_bytes']:.0f} B), {config['devices']} devices, "
+        f"broker max_inflight_messages {config['inflight']}, MQTT {config['protocol']}, "
+        f"Postgres {config['postgres']}, bare client on {config['bare_loop']}, {len(runs)} run(s)"
+        + (" (median (min..max))" if len(runs) > 1 else ""),
+        "publish: "
+        + ", ".join(f"{r['publish_s']:.1f}s ({r['publish_msgs_per_s']:,.0f} msg/s)" for r in runs),
+    ]
+    lines.append(f"source: {config['source']}")
+    lines.append(
+        f"load average (1, 5, 15 min) before {config['load_average_before']}, after "
+        f"{config['load_average_after']}; wall time {config['wall_s']:.0f}s"
+    )
+    header = ["", *(_TITLES[c] for c in consumers)]
+    table = [header]
+    for label, key, fmt in _ROWS:
+        table.append([label, *(_cell(summary[c].get(key), fmt) for c in consumers)])
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for n, row in enumerate(table):
+        lines.append(
+            "  ".join(
+                cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i])
+                for i, cell in enumerate(row)
+            )
+        )
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    ratios = summary["ratios"]
+    lines.append("")
+    lines.append(
+        "ratios (messages/s): ingest / bare = "
+        + _cell(ratios["ingest_over_bare"], "{:.2f}")
+        + " (after first message: "
+        + _cell(ratios["ingest_over_bare_steady"], "{:.2f}")
+        + "); ingest / naive = "
+        + _cell(ratios["ingest_over_naive"], "{:.1f}")
+        + " (after first message: "
+        + _cell(ratios["ingest_over_naive_steady"], "{:.1f}")
+        + ")"
+    )
+    if "naive" in consumers:
+        lines.append(
+            f"naive: measured on the first {config['naive_messages']:,} messages of its "
+            "backlog and extrapolated as a rate"
+        )
+    for r in runs:
+        for c in consumers:
+            res = r.get(c)
+            if res is None:
+                continue
+            mark = "ok" if res.get("ok") else "FAILED"
+            detail = res.get("error") or res.get("verified")
+            lines.append(f"run {r['repeat'] + 1} {c}: {mark}: {detail}")
+            if c == "ingest":
+                if res.get("timing"):
+                    lines.append(f"run {r['repeat'] + 1} ingest end time from {res['timing']}")
+                for w in dict.fromkeys(res.get("warnings") or []):
+                    lines.append(f"run {r['repeat'] + 1} ingest logged: {w}")
+    return "\n".join(lines)
+
+
+def _source_version() -> str:
+    """The commit measured, and whether ingest/ had uncommitted changes (others edit it)."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "ingest", "migrations"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + (" + uncommitted changes in ingest/ or migrations/" if dirty else "")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    a = _parser().parse_args(argv)
+    a.skip = {s.strip() for s in a.skip.split(",") if s.strip()}
+    if unknown := a.skip - set(CONSUMERS):
+        _parser().error(f"--skip: unknown consumer(s) {', '.join(sorted(unknown))}")
+    loop = a.bare_loop
+    if loop == "auto":
+        uvloop_on = split_ingest_args(a.ingest_args)[1].get("INGEST_UVLOOP") == "1"
+        loop = "uvloop" if uvloop_on and importlib.util.find_spec("uvloop") else "asyncio"
+    backlog = make_backlog(
+        messages=a.messages,
+        devices=a.devices,
+        readings=a.readings,
+        samples=a.samples,
+        payload_bytes=a.payload_bytes,
+    )
+    config: Result = {
+        "messages": backlog.messages,
+        "rows": backlog.rows,
+        "rows_per_message": backlog.rows // backlog.messages,
+        "mean_payload_bytes": backlog.mean_payload_bytes,
+        "devices": a.devices,
+        "readings": a.readings,
+        "samples": a.samples,
+        "inflight": a.inflight,
+        "protocol": a.protocol,
+        "naive_messages": a.naive_messages,
+        "ingest_args": a.ingest_args,
+        "bare_loop": loop,
+        "stats_interval": a.stats_interval,
+        "python": sys.version.split()[0],
+        "source": _source_version(),
+        "load_average_before": [round(x, 2) for x in os.getloadavg()],
+    }
+    runs: list[Result] = []
+    started = time.monotonic()
+    with open_environment(
+        inflight=a.inflight, database_url=a.database_url, durable=a.durable
+    ) as env:
+        config["postgres"] = (
+            "external server" if env.external_db
+            else "throwaway cluster, " + ("durable (fsync on)" if a.durable else "fsync off")
+        )  # fmt: skip
+        config["commit_timestamps"] = env.commit_timestamps
+        for i in range(a.repeat):
+            runs.append(one_run(env, a, backlog, i, loop))
+    summary = summarize(runs)
+    config["wall_s"] = round(time.monotonic() - started, 1)
+    config["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+    print(render(config, runs, summary))
+    if a.json is not None:
+        a.json.write_text(
+            json.dumps({"config": config, "runs": runs, "summary": summary}, indent=2) + "\n"
+        )
+    ok = all(r[c]["ok"] for r in runs for c in CONSUMERS if c in r)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
