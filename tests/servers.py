@@ -3,7 +3,9 @@
 Local binaries first (`Mosquitto`, `PostgresCluster`): each server lives in its own directory
 under one process-wide temp dir, listens on a free 127.0.0.1 port and keeps that port across
 restarts. Docker (`DockerPostgres`, `DockerMosquitto`) only when the binaries are missing and a
-daemon answers. Whatever is still running at interpreter exit is stopped by an atexit hook, so a
+daemon answers. Last, the servers that come with `pip install -e '.[test]'` (`EmbeddedPostgres`:
+the pgserver wheel; `EmbeddedBroker`: the iotcore wheel), so the suite runs on a machine with
+nothing but Python. Whatever is still running at interpreter exit is stopped by an atexit hook, so a
 failing or interrupted session leaves nothing behind; nothing is written outside the temp dir.
 """
 
@@ -29,16 +31,22 @@ from typing import Literal, Protocol, Self
 
 import asyncpg
 
+from ingest import _embedded
+
 __all__ = [
     "PROJECT_MOSQUITTO_CONF",
     "DockerMosquitto",
     "DockerPostgres",
+    "EmbeddedBroker",
+    "EmbeddedPostgres",
     "Mosquitto",
     "MosquittoFactory",
     "PostgresCluster",
     "PostgresFactory",
     "ServerError",
     "docker_available",
+    "embedded_broker_available",
+    "embedded_postgres_available",
     "find_mosquitto",
     "find_postgres_bindir",
     "run_sql",
@@ -560,4 +568,66 @@ class DockerMosquitto:
         self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         self._container.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# --- Embedded last resort (issue 7): the pgserver and iotcore wheels -----------------------------
+
+
+def embedded_postgres_available() -> bool:
+    return _embedded.pgserver_bindir() is not None
+
+
+def embedded_broker_available() -> bool:
+    return _embedded.iotcore_available()
+
+
+class EmbeddedPostgres(_embedded.PostgresServer, PostgresCluster):
+    """PostgreSQL 16 from the pgserver wheel, with `PostgresCluster`'s interface: restartable
+    (fast or immediate) on the same port, `dsn()`, `create_database()`. As root it runs as user
+    postgres, else as a system user pgserver created for it.
+
+    Every method comes from `PostgresServer` (first in the MRO); `PostgresCluster` is a base
+    only so that it stands wherever tests annotate one.
+    """
+
+    def __init__(self) -> None:
+        bindir = _embedded.pgserver_bindir()
+        if bindir is None:
+            raise ServerError("the pgserver wheel is not installed")
+        directory = Path(tempfile.mkdtemp(prefix="pg-embedded-", dir=_root_dir()))
+        super().__init__(directory, bindir=bindir, durable=False)
+
+    def close(self) -> None:
+        """Stop (immediately: the data is thrown away) and delete the directory."""
+        with contextlib.suppress(_embedded.EmbeddedServerError, subprocess.TimeoutExpired):
+            self.stop("immediate")
+        super().close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class EmbeddedBroker(_embedded.IotcoreBroker, Mosquitto):
+    """rumqttd from the iotcore wheel, MQTT 3.1.1 with the project's in-flight window. Every
+    method comes from `IotcoreBroker`; `Mosquitto` is a base only so that it stands wherever
+    tests annotate one.
+
+    Restartable on the same port, but it keeps no sessions or queued messages across a restart
+    (no persistence): `restart()` skips the test that asks for it, since that is what a test
+    restarts a broker for. It also ignores Receive Maximum and drops a client that acknowledges
+    out of order.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(Path(tempfile.mkdtemp(prefix="iotcore-", dir=_root_dir())))
+
+    def restart(self) -> Self:
+        import pytest
+
+        pytest.skip(
+            "the embedded broker (iotcore) keeps no sessions or queued messages across a"
+            " restart; this test needs mosquitto"
+        )
+
+    def close(self) -> None:
+        super().close()
         shutil.rmtree(self.dir, ignore_errors=True)
