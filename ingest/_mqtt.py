@@ -14,7 +14,14 @@ aiomqtt has no public API for manual acknowledgement, so this adapter:
   fixed header byte by byte) and aiomqtt handles one packet per event-loop callback, which cost
   ~a third of a worker's CPU; our reader callback lets paho parse everything already buffered;
 * sends the PUBACKs of a batch as one write (``ack_many``): paho would queue each one, wake the
-  loop and issue a ``send`` per acknowledgement.
+  loop and issue a ``send`` per acknowledgement;
+* bounds the inbox itself. The broker's in-flight window is meant to bound it, but Mosquitto
+  2.0 stops honouring ``max_inflight_messages`` for a persistent session with a backlog once
+  the first acknowledgements arrive (measured: 1,000 in flight, then after 1,000 PUBACKs the
+  remaining 19,000 at once). When the inbox reaches the window we stop reading the socket, so
+  TCP flow control holds the backlog at the broker; we read again at half. While we are not
+  reading on purpose, paho's keepalive timer is held (it would take the PINGRESP we do not read
+  for a dead link); a dead link is noticed as soon as we read again.
 
 Keep this module small: it is what has to change when aiomqtt grows a public manual-ack API.
 """
@@ -23,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import time
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
@@ -82,10 +90,17 @@ class MqttSession:
         self._paho: paho.Client = self.client._client
         self._paho.manual_ack_set(True)
         self._paho.on_message = self._on_message
+        self._paho.on_subscribe = self._on_subscribe
+        self._subacks: dict[int, asyncio.Future[None]] = {}
         self._rbuf = bytearray()
         self._paho._sock_recv = self._buffered_recv  # type: ignore[method-assign]
         self._aiomqtt_socket_open = self._paho.on_socket_open
         self._paho.on_socket_open = self._on_socket_open
+        self._high = max(receive_maximum, 1)
+        self._low = self._high // 2
+        self.paused = False
+        self.pauses = 0
+        self._hold: asyncio.TimerHandle | None = None
         self.inbox: deque[Inbound] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self.closed = False
@@ -130,6 +145,9 @@ class MqttSession:
                 rc = self._paho.loop_read()
                 if rc != paho.MQTT_ERR_SUCCESS:
                     return
+                if len(self.inbox) >= self._high:
+                    self._pause()
+                    return
                 if not self._rbuf and not self._tls_pending():
                     return
             # Still buffered: continue on the next loop iteration so other tasks get a turn.
@@ -139,16 +157,84 @@ class MqttSession:
             if not disconnected.done():
                 disconnected.set_exception(exc)
 
+    # -- flow control -------------------------------------------------------------------------
+
+    def _pause(self) -> None:
+        sock = self._paho._sock
+        if self.paused or sock is None:
+            return
+        self.paused = True
+        self.pauses += 1
+        loop = self.client._loop
+        loop.remove_reader(sock.fileno())
+        self._hold = loop.call_later(1.0, self._hold_keepalive)
+
+    def _hold_keepalive(self) -> None:
+        if not self.paused:
+            return
+        self._paho._last_bytes_received = time.monotonic()
+        self._paho._ping_t = 0
+        self._hold = self.client._loop.call_later(1.0, self._hold_keepalive)
+
+    def resume_if_drained(self) -> None:
+        """Read the socket again once the inbox is down to half the window."""
+        if not self.paused or len(self.inbox) > self._low:
+            return
+        self.paused = False
+        if self._hold is not None:
+            self._hold.cancel()
+            self._hold = None
+        sock = self._paho._sock
+        if sock is not None and not self.closed:
+            loop = self.client._loop
+            loop.add_reader(sock.fileno(), self._readable)
+            loop.call_soon(self._readable)  # bytes may already wait in our buffer
+
+    # -- messages -----------------------------------------------------------------------------
+
     def _on_message(self, _client: Any, _userdata: Any, msg: paho.MQTTMessage) -> None:
         self.inbox.append((msg.topic, bytes(msg.payload), msg.qos, msg.mid))
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def wait_inbox(self) -> None:
-        """Wait until a message is in ``inbox``; raise ``aiomqtt.MqttError`` on disconnect."""
+    # -- subscribing --------------------------------------------------------------------------
+
+    def subscribe(self, topic: str, qos: int) -> asyncio.Future[None]:
+        """Send SUBSCRIBE and return a future resolved by the SUBACK, without waiting for it.
+
+        A resumed session may deliver its backlog before the SUBACK, and a broker whose
+        in-flight window is full may hold the SUBACK back until we acknowledge (rumqttd does):
+        waiting for it before reading (as ``aiomqtt.Client.subscribe`` does) can deadlock.
+        """
+        future: asyncio.Future[None] = self.client._loop.create_future()
+        rc, mid = self._paho.subscribe(topic, qos)
+        if rc != paho.MQTT_ERR_SUCCESS or mid is None:
+            raise aiomqtt.MqttError(f"could not send SUBSCRIBE: {paho.error_string(rc)}")
+        self._subacks[mid] = future
+        return future
+
+    def _on_subscribe(
+        self, _client: Any, _userdata: Any, mid: int, reason_codes: Any, _properties: Any
+    ) -> None:
+        future = self._subacks.pop(mid, None)
+        if future is None or future.done():
+            return
+        failed = [rc for rc in reason_codes if getattr(rc, "is_failure", False)]
+        if failed:
+            future.set_exception(
+                aiomqtt.MqttError(f"subscription refused by the broker: {failed[0]}")
+            )
+        else:
+            future.set_result(None)
+
+    # -- waiting --------------------------------------------------------------------------------
+
+    async def wait_inbox(self, also: asyncio.Future[None] | None = None) -> None:
+        """Wait until a message is in ``inbox`` (or ``also`` is done); raise
+        ``aiomqtt.MqttError`` on disconnect."""
         disconnected: asyncio.Future[None] = self.client._disconnected
-        while not self.inbox:
+        while not self.inbox and (also is None or not also.done()):
             if disconnected.done():
                 raise aiomqtt.MqttError("disconnected from the broker") from (
                     disconnected.exception() if not disconnected.cancelled() else None
@@ -156,7 +242,10 @@ class MqttSession:
             waiter = asyncio.get_running_loop().create_future()
             self._waiter = waiter
             try:
-                await asyncio.wait((waiter, disconnected), return_when=asyncio.FIRST_COMPLETED)
+                waits: set[asyncio.Future[None]] = {waiter, disconnected}
+                if also is not None:
+                    waits.add(also)
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 self._waiter = None
                 if not waiter.done():

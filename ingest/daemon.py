@@ -171,6 +171,7 @@ class Daemon:
                     "duplicates": st.duplicates,
                     "dead_letters": st.dead_letters,
                     "channel_depth": st.channel_depth,
+                    "inbox": st.inbox,
                     "unacked": st.outstanding,
                     "msgs_per_s": round(rate, 1),
                 },

@@ -46,6 +46,7 @@ class PipelineStatistics:
     window: int
     last_commit_lag: float | None
     subscribed: bool
+    inbox: int = 0  # received by the MQTT client, not yet decoded
 
 
 class Pipeline:
@@ -118,6 +119,7 @@ class Pipeline:
             fields_skipped=src.fields_skipped,
             batches=self.batcher.batches,
             channel_depth=ch.current_buffer_used,
+            inbox=src.inbox,
             channel_capacity=self._settings.channel_capacity,
             window=self.batcher.window,
             last_commit_lag=self.last_commit_lag,

@@ -14,8 +14,10 @@ source disconnect (keeping the session), so the last acknowledgements still go o
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -42,6 +44,7 @@ class SourceStatistics:
     connected: bool
     subscribed: bool
     connects: int
+    inbox: int = 0  # received by the MQTT client, not yet decoded (bounded by the window)
     disconnects: dict[str, int] = field(default_factory=dict)
 
 
@@ -90,6 +93,7 @@ class Source:
             connected=self._session is not None and self._session.connected,
             subscribed=self.subscribed,
             connects=self.connects,
+            inbox=len(self._session.inbox) if self._session is not None else 0,
             disconnects=dict(self.disconnects),
         )
 
@@ -115,22 +119,26 @@ class Source:
                 self._session = session
                 try:
                     async with session.client:
-                        await session.client.subscribe(self._filter, qos=1)
-                        self.subscribed = True
-                        self.connects += 1
-                        self._log.info(
-                            "subscribed to %s at %s as %s (MQTT %s)%s",
-                            self._filter,
-                            where,
-                            self._settings.client_id,
-                            self._settings.mqtt_protocol,
-                            f" after {failures} failed attempts" if failures else "",
-                        )
-                        failures = 0
-                        backoff.reset()
+                        suback = session.subscribe(self._filter, qos=1)
+
+                        def subscribed() -> None:
+                            nonlocal failures
+                            self.subscribed = True
+                            self.connects += 1
+                            self._log.info(
+                                "subscribed to %s at %s as %s (MQTT %s)%s",
+                                self._filter,
+                                where,
+                                self._settings.client_id,
+                                self._settings.mqtt_protocol,
+                                f" after {failures} failed attempts" if failures else "",
+                            )
+                            failures = 0
+                            backoff.reset()
+
                         with anyio.CancelScope() as self._scope:
                             if not self._stopping:
-                                await self._pump(session, send)
+                                await self._pump(session, send, suback, subscribed)
                         self._scope = None
                         # Stopping: let the pipeline drain and acknowledge on this connection.
                         await send.aclose()
@@ -169,17 +177,33 @@ class Source:
                     session.closed = True
                     self.subscribed = False
 
-    async def _pump(self, session: MqttSession, send: MemoryObjectSendStream[Delivery]) -> None:
+    async def _pump(
+        self,
+        session: MqttSession,
+        send: MemoryObjectSendStream[Delivery],
+        suback: asyncio.Future[None],
+        on_subscribed: Callable[[], None],
+    ) -> None:
+        """Decode and hand on messages. Reading starts before the SUBACK: a resumed session's
+        backlog may arrive first, and it belongs to us."""
         inbox = session.inbox
         template = self._template
         acker = self._acker
         decode_errors = self.decode_errors
+        pending: asyncio.Future[None] | None = suback
         while True:
+            if pending is not None and pending.done():
+                pending.result()  # raises MqttError when the broker refused the subscription
+                pending = None
+                on_subscribed()
             if not inbox:
-                await session.wait_inbox()
+                await session.wait_inbox(pending)
+                continue
             received_at = datetime.now(UTC)
             while inbox:
                 topic, payload, qos, mid = inbox.popleft()
+                if session.paused:
+                    session.resume_if_drained()
                 result = decode(topic, payload, received_at, template)
                 if isinstance(result, DecodeError):
                     decode_errors[result.reason] += 1
