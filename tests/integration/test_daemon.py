@@ -123,6 +123,16 @@ def test_duplicates_collapse(database_url: str, mqtt_url: str) -> None:
             pub.publish_many(msgs)
             pub.publish_many(msgs[:60])  # redelivered by a device
         wait_rows(database_url, 150 * READINGS_PER_SAMPLE)
+        # The copies may still be on their way (a small broker window): wait for their count.
+        wait_until(
+            lambda: any(
+                r.get("duplicates") == 60 * READINGS_PER_SAMPLE
+                for r in d.log_records()
+                if r["msg"] == "stats"
+            ),
+            30,
+            what="the duplicates to be counted",
+        )
         assert d.stop() == 0
     assert scalar(database_url, "SELECT count(*) FROM readings") == 150 * READINGS_PER_SAMPLE
     text = d.log_text()
