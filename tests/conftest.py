@@ -24,7 +24,6 @@ import os
 import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack
-from pathlib import Path
 from typing import NoReturn
 from urllib.parse import urlsplit, urlunsplit
 
@@ -46,23 +45,6 @@ from tests.servers import (
     find_postgres_bindir,
     run_sql,
 )
-
-# What the embedded broker (iotcore: rumqttd) cannot stand in for, beyond what its restart() and
-# the checks in mosquitto_factory catch. rumqttd sends a client at most 100 unacknowledged
-# messages, and while those 100 are in flight with more waiting it sends nothing else: no SUBACK,
-# no PINGRESP. The daemon acknowledges only after commit and reads only once subscribed, so a
-# daemon that reconnects to a backlog of more than 100 messages never gets its SUBACK, and one
-# that holds a full window for two keepalives (a database outage) is cut off and then meets that
-# backlog. Those tests need mosquitto until the daemon reads while it waits for the SUBACK.
-_IOTCORE_BACKLOG = (
-    "the embedded broker (iotcore) sends no SUBACK/PINGRESP while 100 messages are in flight and"
-    " the daemon reads only after its SUBACK: a reconnect to a backlog stalls; needs mosquitto"
-)
-_NOT_ON_IOTCORE: dict[str, str] = {
-    "test_sigkill_mid_stream_then_restart_exact_count": _IOTCORE_BACKLOG,
-    "test_sigterm_drains_exit_0_and_resume_loses_nothing": _IOTCORE_BACKLOG,
-}
-_FAULTS_DIR = Path(__file__).resolve().parent / "faults"
 
 
 def _unavailable(reason: str) -> NoReturn:
@@ -130,10 +112,6 @@ def mosquitto_factory(request: pytest.FixtureRequest) -> Iterator[MosquittoFacto
                 "this test restarts its own broker and needs a local mosquitto binary (or the"
                 " iotcore wheel: pip install -e '.[test]')"
             )
-        if reason := _NOT_ON_IOTCORE.get(getattr(request.node, "originalname", "")):
-            pytest.skip(reason)
-        if _FAULTS_DIR in Path(request.node.path).resolve().parents:
-            pytest.skip(f"fault suite: {_IOTCORE_BACKLOG}")
         params = getattr(request.node, "callspec", None)
         if params is not None and str(params.params.get("protocol")) == "5":
             pytest.skip("the embedded broker (iotcore) listens for MQTT 3.1.1; v5 needs mosquitto")
