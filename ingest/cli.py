@@ -51,6 +51,14 @@ _HELP: dict[str, str] = {
     "workers": "worker processes sharing one subscription (client ids <client_id>-<i>, "
     "shared group INGEST_SHARE_GROUP or the client id); the parent supervises them",
     "worker_id": "set by the supervisor for each worker (its metrics' worker label)",
+    # Dashboard database (ingest/partitions.py, ingest/dashboard.py)
+    "retention": "how long raw readings are kept, e.g. 30d, 12w, 36h (whole daily partitions "
+    "are dropped; default: forever)",
+    "rollup_retention": "how long the one-minute rollups (readings_1m) are kept, at least "
+    "the retention (monthly partitions; default: forever)",
+    "partition_days_ahead": "days of readings partitions created ahead of time",
+    "dashboard_interval": "seconds between two folds of new batches into the dashboard "
+    "tables (how far dashboards lag behind)",
 }
 
 

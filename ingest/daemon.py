@@ -17,8 +17,10 @@ import signal
 import time
 
 import anyio
+import asyncpg
 from anyio import CancelScope
 
+from ingest import dashboard, partitions
 from ingest.errors import FatalError, IngestError
 from ingest.metrics import Observability
 from ingest.migrate import migrate_dsn
@@ -142,8 +144,26 @@ class Daemon:
             self.observability.attach(pipeline, writer)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._stats_loop, pipeline, name="ingest[stats]")
+                # Partitions ahead + retention (hourly), and the dashboard tables folded from
+                # committed batches (every INGEST_DASHBOARD_INTERVAL): both safe from several
+                # instances at once, both retried and never fatal, both cancelled at shutdown.
+                tg.start_soon(
+                    partitions.maintain,
+                    s.database_url,
+                    s,
+                    logging.getLogger("ingest.partitions"),
+                    name="ingest[partitions]",
+                )
+                tg.start_soon(
+                    dashboard.fold_forever,
+                    s.database_url,
+                    s,
+                    logging.getLogger("ingest.dashboard"),
+                    name="ingest[dashboard]",
+                )
                 await pipeline.run()
                 tg.cancel_scope.cancel()
+            await self._final_fold()
             st = pipeline.statistics()
             self.log.info(
                 "drained: %d received, %d acknowledged, %d rows written, %d duplicates, "
@@ -154,6 +174,22 @@ class Daemon:
                 st.duplicates,
                 st.dead_letters,
             )
+
+    async def _final_fold(self) -> None:
+        """Fold what the last batches recorded, so dashboards are current after a clean stop.
+        Best effort within a few seconds: anything left is folded by the next run."""
+        with anyio.move_on_after(5):
+            try:
+                conn = await asyncpg.connect(self.settings.database_url, timeout=3)
+            except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+                self.log.info("dashboard tables not folded at stop (%s): next run will", exc)
+                return
+            try:
+                await dashboard.fold(conn)
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                self.log.info("dashboard tables not folded at stop (%s): next run will", exc)
+            finally:
+                conn.terminate()
 
     async def _stats_loop(self, pipeline: Pipeline) -> None:
         last_received, last_t = 0, time.monotonic()

@@ -12,13 +12,14 @@ import socket
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from ingest.errors import ConfigError
 
-__all__ = ["MqttEndpoint", "Settings", "load_settings", "redact_url"]
+__all__ = ["MqttEndpoint", "Settings", "load_settings", "parse_retention", "redact_url"]
 
 _PROTOCOLS = ("3.1.1", "5")
 _LOG_FORMATS = ("auto", "json", "text")
@@ -64,6 +65,14 @@ class Settings:
     log_format: str = field(default="auto", metadata={"env": "INGEST_LOG_FORMAT"})
     migrate: bool = field(default=True, metadata={"env": "INGEST_MIGRATE"})
     workers: int = field(default=1, metadata={"env": "INGEST_WORKERS"})
+    # Dashboard database (ingest/partitions.py, ingest/dashboard.py): how long raw readings and
+    # one-minute rollups are kept ("30d", "12w", "36h"; unset: forever), how many days of
+    # partitions are created ahead.
+    retention: str | None = field(default=None, metadata={"env": "INGEST_RETENTION"})
+    rollup_retention: str | None = field(default=None, metadata={"env": "INGEST_ROLLUP_RETENTION"})
+    partition_days_ahead: int = field(default=3, metadata={"env": "INGEST_PARTITION_DAYS_AHEAD"})
+    # Seconds between two folds of recent batches into the dashboard tables (ingest/dashboard.py).
+    dashboard_interval: float = field(default=1.0, metadata={"env": "INGEST_DASHBOARD_INTERVAL"})
     # Set by the supervisor for each worker process (the ``worker`` label of its metrics).
     worker_id: str | None = field(default=None, metadata={"env": "INGEST_WORKER_ID"})
 
@@ -102,6 +111,18 @@ class Settings:
                 raise ConfigError(
                     _env("database_url"), "must look like postgresql://user:pass@host:port/db"
                 )
+        if not 0 < self.dashboard_interval <= 3600:
+            raise ConfigError(_env("dashboard_interval"), "must be > 0 and at most 3600")
+        if not 0 <= self.partition_days_ahead <= 366:
+            raise ConfigError(_env("partition_days_ahead"), "must be between 0 and 366")
+        retention = _retention_setting(self, "retention")
+        rollup_retention = _retention_setting(self, "rollup_retention")
+        if retention and rollup_retention and rollup_retention < retention:
+            raise ConfigError(
+                _env("rollup_retention"),
+                f"must be at least {_env('retention')} ({self.retention}): the rollups are "
+                "what dashboards read once raw readings are gone",
+            )
         self.mqtt_endpoint()  # validates the URL
         # Imported here: decode imports settings' error type, not the other way round.
         from ingest.decode import TopicTemplate
@@ -162,6 +183,29 @@ def redact_url(url: str) -> str:
     if parts.port:
         host = f"{host}:{parts.port}"
     return urlunsplit((parts.scheme, f"{user}:***@{host}", parts.path, parts.query, parts.fragment))
+
+
+_RETENTION_UNITS = {"h": timedelta(hours=1), "d": timedelta(days=1), "w": timedelta(weeks=1)}
+_FOREVER = {"", "forever", "none", "off"}
+
+
+def parse_retention(value: str | None) -> timedelta | None:
+    """``"30d"`` -> 30 days; ``h``, ``d`` and ``w`` units; None, ``""`` or ``forever``: None
+    (keep forever). Raises ValueError on anything else."""
+    if value is None or value.strip().lower() in _FOREVER:
+        return None
+    text = value.strip().lower()
+    unit = _RETENTION_UNITS.get(text[-1:])
+    if unit is None or not text[:-1].isdigit() or int(text[:-1]) <= 0:
+        raise ValueError(f"expected a duration such as 30d, 12w or 36h, or forever; got {value!r}")
+    return int(text[:-1]) * unit
+
+
+def _retention_setting(settings: Settings, name: str) -> timedelta | None:
+    try:
+        return parse_retention(getattr(settings, name))
+    except ValueError as exc:
+        raise ConfigError(_env(name), str(exc)) from None
 
 
 def _env(name: str) -> str:

@@ -9,6 +9,15 @@ Contract of :meth:`Writer.write`:
 - Fast path: binary COPY straight into ``readings``. Only when that hits a unique violation is
   the batch redone, in a new transaction, through a per-connection temporary table and
   ``INSERT ... ON CONFLICT DO NOTHING`` (slower, conflict-safe).
+- Dashboard tables (``devices``, ``latest_readings``, ``readings_1m``, ``readings_fleet_1m``)
+  come from the rows a batch actually inserted, exactly once (:mod:`ingest.dashboard`). By
+  default (``dashboard="deferred"``) the batch's transaction only tags its rows with a batch
+  number and records the batch, one small statement; the dashboard tables are folded from it
+  shortly after. ``dashboard="inline"`` upserts them in the batch's own transaction instead:
+  the batch is COPied into the staging table and one statement moves it into ``readings``
+  (plain INSERT on the fast path, ``ON CONFLICT DO NOTHING ... RETURNING`` on the
+  conflict-safe one) and upserts the four tables, in key order. Either way a rolled-back
+  batch (a rejected row, bisection) leaves nothing behind.
 - Errors are sorted by :func:`ingest.classify.classify`:
 
   - TRANSIENT: the batch is retried forever with capped jittered backoff; the caller's bounded
@@ -34,6 +43,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
+from operator import itemgetter
 from types import TracebackType
 from typing import TYPE_CHECKING, Self, TypeAlias, TypeVar
 
@@ -41,6 +51,7 @@ import asyncpg
 
 from ingest.backoff import Backoff
 from ingest.classify import ErrorClass, classify, sqlstate_of
+from ingest.dashboard import BEGIN_BATCH_SQL, DashboardMode, upsert_ctes
 from ingest.errors import DecodeError, FatalError
 from ingest.model import DeadLetter, Envelope, Reading
 
@@ -60,9 +71,11 @@ _DEAD_LETTER_COLUMNS = ("received_at", "topic", "payload", "error", "reason")
 _STAGING_TABLE = "ingest_staging"
 # Temporary, so per connection and never seen by others; ON COMMIT DELETE ROWS empties it at the
 # end of every transaction that touched it (PostgreSQL skips that for transactions that did not).
+# Only the columns COPY fills, not LIKE readings (which has more: batch, with its default).
 _CREATE_STAGING = f"""
     CREATE TEMPORARY TABLE IF NOT EXISTS {_STAGING_TABLE}
-        (LIKE readings INCLUDING DEFAULTS) ON COMMIT DELETE ROWS
+        (device_id text, metric text, ts timestamptz, value double precision)
+        ON COMMIT DELETE ROWS
 """
 # Staging rows come back in COPY order, so inside one batch the first occurrence wins too.
 _INSERT_FROM_STAGING = f"""
@@ -70,6 +83,36 @@ _INSERT_FROM_STAGING = f"""
     SELECT device_id, metric, ts, value FROM {_STAGING_TABLE}
     ON CONFLICT (device_id, metric, ts) DO NOTHING
 """
+
+_INLINE_DEVICES = """SELECT device_id, now(), now(), max(ts) FROM {rows}
+    GROUP BY device_id ORDER BY device_id"""
+# Dashboard tables, "inline" mode (ingest/dashboard.py): the batch is staged, and one statement
+# inserts it into readings and upserts the dashboard tables from what it inserted. Fast path:
+# the batch holds no key already stored (else a unique violation sends it to the conflict-safe
+# path), so every staged row is inserted and feeds the dashboard as is.
+_INLINE_FAST = (
+    f"""
+WITH ins AS (
+    INSERT INTO readings (device_id, metric, ts, value)
+    SELECT device_id, metric, ts, value FROM {_STAGING_TABLE}
+)"""
+    + upsert_ctes(_STAGING_TABLE, devices=_INLINE_DEVICES.format(rows=_STAGING_TABLE))
+    + "SELECT 1"
+)
+# Conflict-safe: only what RETURNING hands back was inserted; staged rows come back in COPY
+# order, so inside one batch the first occurrence wins.
+_INLINE_CONFLICT_SAFE = (
+    f"""
+WITH ins AS (
+    INSERT INTO readings (device_id, metric, ts, value)
+    SELECT device_id, metric, ts, value FROM {_STAGING_TABLE}
+    ON CONFLICT (device_id, metric, ts) DO NOTHING
+    RETURNING device_id, metric, ts, value
+)"""
+    + upsert_ctes("ins", devices=_INLINE_DEVICES.format(rows="ins"))
+    + "SELECT count(*) FROM ins"
+)
+_TS = itemgetter(2)
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,6 +237,7 @@ class Writer:
         backoff_max: float = 10.0,
         retry_log_interval: float = 10.0,
         application_name: str = "iot-ingest",
+        dashboard: DashboardMode = "deferred",
         logger: logging.Logger | None = None,
     ) -> None:
         for name, value in (
@@ -222,6 +266,11 @@ class Writer:
         self._backoff_max = backoff_max
         self._retry_log_interval = retry_log_interval
         self._application_name = application_name
+        if dashboard not in ("deferred", "inline", "off"):
+            raise ValueError(f"dashboard must be deferred, inline or off, got {dashboard!r}")
+        # "off": readings and dead letters only (what the write path costs without the
+        # dashboard tables, benchmarks/dashboard.py; or a schema without them).
+        self._dashboard = dashboard
         self._log = logger if logger is not None else logging.getLogger("ingest.writer")
         self._pool: asyncpg.Pool[asyncpg.Record] | None = None
         self._batches = 0
@@ -498,7 +547,20 @@ class Writer:
         rows actually inserted), belongs here.
         """
         inserted = 0
-        if rows:
+        if rows and self._dashboard == "inline":
+            await conn.execute(_CREATE_STAGING)
+            await conn.copy_records_to_table(_STAGING_TABLE, records=rows, columns=_READING_COLUMNS)
+            # Prepared once per connection (asyncpg's statement cache), not parsed per batch.
+            if conflict_safe:
+                inserted = int(await conn.fetchval(_INLINE_CONFLICT_SAFE))
+            else:
+                await conn.fetchval(_INLINE_FAST)
+                inserted = len(rows)
+        elif rows:
+            if self._dashboard == "deferred":
+                # Tags the rows below with a new batch, recorded for ingest.dashboard.fold.
+                stamps = list(map(_TS, rows))
+                await conn.fetchval(BEGIN_BATCH_SQL, min(stamps), max(stamps))
             if conflict_safe:
                 await conn.execute(_CREATE_STAGING)
                 await conn.copy_records_to_table(
