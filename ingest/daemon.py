@@ -139,6 +139,15 @@ class Daemon:
                     raise FatalError(str(exc)) from exc
                 if applied:
                     self.log.info("migrations applied: %s", ", ".join(applied))
+            try:
+                created, dropped = await partitions.run_once(s.database_url, s)
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                self.log.warning("partition maintenance failed at start (%s): retried hourly", exc)
+            else:
+                if created:
+                    self.log.info("partitions created: %s", ", ".join(created))
+                if dropped:
+                    self.log.info("partitions dropped (retention): %s", ", ".join(dropped))
             pipeline = Pipeline(s, writer, log=logging.getLogger("ingest.pipeline"))
             self.pipeline = pipeline
             self.observability.attach(pipeline, writer)

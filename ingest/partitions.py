@@ -32,7 +32,7 @@ import asyncpg
 
 from ingest.settings import Settings, parse_retention
 
-__all__ = ["apply_retention", "ensure_partitions", "maintain"]
+__all__ = ["apply_retention", "ensure_partitions", "maintain", "run_once"]
 
 #: Seconds between two maintenance rounds, and after a failed one.
 MAINTAIN_INTERVAL = 3600.0
@@ -192,6 +192,19 @@ async def maintain(dsn: str | None, settings: Settings, log: logging.Logger) -> 
         if dropped:
             log.info("partitions dropped (retention): %s", ", ".join(dropped))
         await anyio.sleep(MAINTAIN_INTERVAL)
+
+
+async def run_once(dsn: str | None, settings: Settings) -> tuple[list[str], list[str]]:
+    """One round of :func:`maintain` (partitions ahead, retention); the daemon runs it before
+    it starts writing, so the first rows of a new installation never race the creation of
+    their day's partition (rows routed to the default partition while it is being split
+    fail with a partition-constraint violation)."""
+    return await _round(
+        dsn,
+        settings,
+        retention=parse_retention(settings.retention),
+        rollup_retention=parse_retention(settings.rollup_retention),
+    )
 
 
 async def _round(
