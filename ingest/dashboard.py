@@ -1,5 +1,5 @@
 """The dashboard tables: ``devices``, ``latest_readings``, ``readings_1m``, ``readings_fleet_1m``
-(docs/querying.md), maintained exactly once from the rows a batch actually inserted.
+(README, "Querying the data"), maintained exactly once from the rows a batch actually inserted.
 
 Two ways, chosen with the writer's ``dashboard`` argument:
 
