@@ -21,7 +21,6 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -32,6 +31,9 @@ from typing import Literal, Protocol, Self
 import asyncpg
 
 from ingest import _embedded
+from ingest._embedded import _read, _tail
+from ingest._embedded import free_port as _free_port
+from ingest._embedded import port_open as _port_open
 
 __all__ = [
     "PROJECT_MOSQUITTO_CONF",
@@ -102,32 +104,6 @@ def _cleanup() -> None:
             server.close()
     if _root is not None:
         shutil.rmtree(_root, ignore_errors=True)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def _port_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-def _tail(text: str, lines: int = 30) -> str:
-    return "\n".join(text.splitlines()[-lines:])
-
-
-def _read(path: Path) -> str:
-    try:
-        return path.read_text(errors="replace")
-    except FileNotFoundError:
-        return ""
 
 
 # --- Mosquitto ---------------------------------------------------------------------------------
