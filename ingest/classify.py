@@ -104,6 +104,10 @@ def _classify_sqlstate(exc: asyncpg.PostgresError) -> ErrorClass:
     state = sqlstate_of(exc)
     if state is None:
         return ErrorClass.FATAL
+    if state == "23514" and "violates partition constraint" in str(exc):
+        # Not the row's fault: it was routed to a partition (the default one) while another
+        # session was creating its day's partition. Retrying routes it anew.
+        return ErrorClass.TRANSIENT
     if state in _ROW_SQLSTATES:
         return ErrorClass.ROW
     if state in _TRANSIENT_SQLSTATES or state[:2] in _TRANSIENT_SQLSTATE_CLASSES:

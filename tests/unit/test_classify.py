@@ -95,3 +95,14 @@ def test_sqlstate_of() -> None:
     assert sqlstate_of(asyncpg.CannotConnectNowError("starting")) == "57P03"
     assert sqlstate_of(OSError("x")) is None
     assert sqlstate_of(ClientDataError("x")) is None
+
+
+def test_partition_routing_race_is_transient_not_a_bad_row() -> None:
+    race = asyncpg.exceptions.CheckViolationError(
+        'new row for relation "readings_default" violates partition constraint'
+    )
+    assert classify(race) is ErrorClass.TRANSIENT
+    operator_check = asyncpg.exceptions.CheckViolationError(
+        'new row for relation "readings_p20261127" violates check constraint "sane"'
+    )
+    assert classify(operator_check) is ErrorClass.ROW
