@@ -277,9 +277,16 @@ class PostgresServer:
                     )
             if not _reachable_by_others(self._bindir):
                 # The venv is somewhere the server user cannot enter (e.g. /root): use a copy.
-                copy = self.dir / "pginstall"
+                # The binaries find their vendored libraries through the RPATH
+                # $ORIGIN/../../../pgserver.libs, so the copy keeps that layout.
+                install = self._bindir.parent  # site-packages/pgserver/pginstall
+                root = self.dir / "pgcopy"
+                copy = root / "pgserver" / "pginstall"
                 if not copy.exists():
-                    shutil.copytree(self._bindir.parent, copy, symlinks=True)
+                    shutil.copytree(install, copy, symlinks=True)
+                    libs = install.parent.parent / "pgserver.libs"
+                    if libs.is_dir():
+                        shutil.copytree(libs, root / "pgserver.libs", symlinks=True)
                 self._bindir = copy / "bin"
             self._give_away(self.dir)
         if (self.data / "PG_VERSION").exists():
