@@ -213,7 +213,10 @@ def run_demo(args: argparse.Namespace) -> int:
         data_dir.chmod(data_dir.stat().st_mode | 0o711)  # the PostgreSQL user must enter it
     run = _Run(data_dir=data_dir, remove_data=remove)
     previous = {
-        s: signal.signal(s, signal.default_int_handler) for s in (signal.SIGTERM, signal.SIGHUP)
+        # SIGINT too: a parent that started us with SIGINT ignored (a background job of a
+        # non-interactive shell) would otherwise leave Ctrl-C without effect.
+        s: signal.signal(s, signal.default_int_handler)
+        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     }
     interrupted = False
     try:
