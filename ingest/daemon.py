@@ -43,7 +43,6 @@ class Daemon:
         self.observability = Observability.from_settings(settings, worker=settings.worker_id)
         self.exit_code = EXIT_OK
         self._signals = 0
-        self._stopping = False
 
     async def run(self) -> int:
         if os.environ.get("INGEST_ASYNCIO_DEBUG") == "1":
@@ -98,7 +97,6 @@ class Daemon:
                     name,
                     self.settings.shutdown_timeout,
                 )
-                self._stopping = True
                 self.pipeline.stop_reading()
                 # Keep listening: a second signal forces while the drain is bounded here.
                 timers.start_soon(self._shutdown_deadline, self.pipeline, outer)
