@@ -11,8 +11,11 @@ aiomqtt has no public API for manual acknowledgement, so this adapter:
   own queue drops messages when ``max_queued_incoming_messages`` is hit);
 * exposes the "disconnected" future so the source notices a dead connection;
 * reads the socket through a 64 KiB buffer: paho reads every packet with 3+ ``recv`` calls (the
-  fixed header byte by byte) and aiomqtt handles one packet per event-loop callback, which cost
-  ~a third of a worker's CPU; our reader callback lets paho parse everything already buffered;
+  fixed header byte by byte) and aiomqtt handles one packet per event-loop callback;
+* parses the QoS 0/1 PUBLISH packets in that buffer itself (``take_publishes``): paho builds an
+  ``MQTTMessage``, logs, and matches the topic against its callback table for each one, which
+  was over a third of a worker's CPU. Every other packet (CONNACK, SUBACK, PINGRESP, QoS 2, a
+  packet split across reads, anything unusual) is still read and handled by paho;
 * sends the PUBACKs of a batch as one write (``ack_many``): paho would queue each one, wake the
   loop and issue a ``send`` per acknowledgement;
 * bounds the inbox itself. The broker's in-flight window is meant to bound it, but Mosquitto
@@ -45,11 +48,81 @@ from ingest.settings import MqttEndpoint
 __all__ = ["Inbound", "MqttSession"]
 
 _READ_SIZE = 65536
-_PACKETS_PER_CALLBACK = 500
+# Buffer refills (of up to _READ_SIZE bytes) handled per event-loop callback before yielding.
+_ROUNDS_PER_CALLBACK = 8
 _PUBACK_HEAD = bytes((0x40, 0x02))
 
 # (topic, payload, qos, mid): the fields we need of a paho MQTTMessage.
 Inbound = tuple[str, bytes, int, int]
+
+
+def take_publishes(buf: bytearray, v5: bool, out: deque[Inbound], limit: int) -> int:
+    """Parse the complete QoS 0/1 PUBLISH packets at the front of ``buf`` into ``out`` (at most
+    ``limit``) and return how many bytes they took; the caller deletes them from ``buf``.
+
+    Stops at the first packet it does not take: another type, QoS 2, a v5 topic alias, an
+    incomplete or inconsistent packet. paho reads that one (and reports a malformed packet the
+    way it always does). A topic that is not UTF-8 (a broker should never forward one) is
+    decoded with surrogate escapes: it becomes a dead letter downstream, not a crash.
+    """
+    pos = 0
+    end_of_data = len(buf)
+    taken = 0
+    append = out.append
+    while taken < limit and pos < end_of_data:
+        first = buf[pos]
+        if first & 0xF0 != 0x30:
+            break
+        qos = (first >> 1) & 0x03
+        if qos > 1:
+            break
+        # Remaining length: 1 to 4 bytes, 7 bits each, least significant first.
+        i = pos + 1
+        length = 0
+        shift = 0
+        while True:
+            if i >= end_of_data or shift > 21:
+                return pos
+            byte = buf[i]
+            i += 1
+            length |= (byte & 0x7F) << shift
+            if byte < 0x80:
+                break
+            shift += 7
+        end = i + length
+        if end > end_of_data or length < 2:
+            break
+        topic_end = i + 2 + ((buf[i] << 8) | buf[i + 1])
+        start = topic_end + 2 if qos else topic_end
+        if start > end or topic_end == i + 2:
+            break  # inconsistent, or an empty topic (a v5 topic alias): paho's call
+        mid = (buf[topic_end] << 8) | buf[topic_end + 1] if qos else 0
+        if qos and mid == 0:
+            break  # a QoS 1 packet id must not be 0: paho's call
+        if v5:  # properties: a length (variable byte integer) and that many bytes, skipped
+            plen = 0
+            shift = 0
+            while True:
+                if start >= end or shift > 21:
+                    return pos
+                byte = buf[start]
+                start += 1
+                plen |= (byte & 0x7F) << shift
+                if byte < 0x80:
+                    break
+                shift += 7
+            start += plen
+            if start > end:
+                break
+        raw_topic = buf[i + 2 : topic_end]
+        try:
+            topic = raw_topic.decode()
+        except UnicodeDecodeError:
+            topic = raw_topic.decode("utf-8", "surrogateescape")
+        append((topic, bytes(buf[start:end]), qos, mid))
+        taken += 1
+        pos = end
+    return pos
 
 
 class MqttSession:
@@ -96,6 +169,7 @@ class MqttSession:
         self._paho._sock_recv = self._buffered_recv  # type: ignore[method-assign]
         self._aiomqtt_socket_open = self._paho.on_socket_open
         self._paho.on_socket_open = self._on_socket_open
+        self._v5 = v5
         self._high = max(receive_maximum, 1)
         self._low = self._high // 2
         self.paused = False
@@ -140,15 +214,30 @@ class MqttSession:
         return isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
 
     def _readable(self) -> None:
+        client = self._paho
+        inbox = self.inbox
+        buf = self._rbuf
         try:
-            for _ in range(_PACKETS_PER_CALLBACK):
-                rc = self._paho.loop_read()
-                if rc != paho.MQTT_ERR_SUCCESS:
-                    return
-                if len(self.inbox) >= self._high:
+            for _ in range(_ROUNDS_PER_CALLBACK):
+                if buf and client._in_packet["command"] == 0:  # paho is between packets
+                    before = len(inbox)
+                    used = take_publishes(buf, self._v5, inbox, self._high - before)
+                    if used:
+                        del buf[:used]
+                        client._last_bytes_received = time.monotonic()
+                        self._wake()
+                if len(inbox) >= self._high:
                     self._pause()
                     return
-                if not self._rbuf and not self._tls_pending():
+                # The packet the fast path left (or the next read from the socket, which
+                # fills the buffer): paho's.
+                rc = client.loop_read()
+                if rc != paho.MQTT_ERR_SUCCESS:
+                    return
+                if len(inbox) >= self._high:
+                    self._pause()
+                    return
+                if not buf and not self._tls_pending():
                     return
             # Still buffered: continue on the next loop iteration so other tasks get a turn.
             self.client._loop.call_soon(self._readable)
@@ -193,7 +282,13 @@ class MqttSession:
     # -- messages -----------------------------------------------------------------------------
 
     def _on_message(self, _client: Any, _userdata: Any, msg: paho.MQTTMessage) -> None:
-        self.inbox.append((msg.topic, bytes(msg.payload), msg.qos, msg.mid))
+        # The packets take_publishes leaves to paho. paho raises on a topic that is not UTF-8.
+        raw_topic: bytes = msg._topic
+        topic = raw_topic.decode("utf-8", "surrogateescape")
+        self.inbox.append((topic, bytes(msg.payload), msg.qos, msg.mid))
+        self._wake()
+
+    def _wake(self) -> None:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
