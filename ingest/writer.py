@@ -49,6 +49,8 @@ from typing import TYPE_CHECKING, Self, TypeAlias, TypeVar
 
 import asyncpg
 
+from ingest._pgcopy import COLUMNS as _READING_COLUMNS
+from ingest._pgcopy import encode_readings
 from ingest.backoff import Backoff
 from ingest.classify import ErrorClass, classify, sqlstate_of
 from ingest.dashboard import BEGIN_BATCH_SQL, DashboardMode, upsert_ctes
@@ -66,7 +68,6 @@ if TYPE_CHECKING:
 
 REJECTED_BY_DATABASE = "rejected_by_database"
 
-_READING_COLUMNS = ("device_id", "metric", "ts", "value")
 _DEAD_LETTER_COLUMNS = ("received_at", "topic", "payload", "error", "reason")
 _STAGING_TABLE = "ingest_staging"
 # Temporary, so per connection and never seen by others; ON COMMIT DELETE ROWS empties it at the
@@ -549,7 +550,7 @@ class Writer:
         inserted = 0
         if rows and self._dashboard == "inline":
             await conn.execute(_CREATE_STAGING)
-            await conn.copy_records_to_table(_STAGING_TABLE, records=rows, columns=_READING_COLUMNS)
+            await _copy_readings(conn, _STAGING_TABLE, rows)
             # Prepared once per connection (asyncpg's statement cache), not parsed per batch.
             if conflict_safe:
                 inserted = int(await conn.fetchval(_INLINE_CONFLICT_SAFE))
@@ -563,16 +564,10 @@ class Writer:
                 await conn.fetchval(BEGIN_BATCH_SQL, min(stamps), max(stamps))
             if conflict_safe:
                 await conn.execute(_CREATE_STAGING)
-                await conn.copy_records_to_table(
-                    _STAGING_TABLE, records=rows, columns=_READING_COLUMNS
-                )
+                await _copy_readings(conn, _STAGING_TABLE, rows)
                 inserted = _status_count(await conn.execute(_INSERT_FROM_STAGING))
             else:
-                inserted = _status_count(
-                    await conn.copy_records_to_table(
-                        "readings", records=rows, columns=_READING_COLUMNS
-                    )
-                )
+                inserted = _status_count(await _copy_readings(conn, "readings", rows))
         if dead:
             await conn.copy_records_to_table(
                 "dead_letters", records=dead, columns=_DEAD_LETTER_COLUMNS
@@ -606,6 +601,18 @@ class Writer:
         if self._pool is None:
             raise RuntimeError("Writer is not open: use it as `async with Writer(...)`")
         return self._pool
+
+
+async def _copy_readings(conn: _Conn, table: str, rows: Sequence[Reading]) -> str:
+    """Binary COPY of ``rows`` into ``table`` (ingest._pgcopy encodes them); the status."""
+    return await conn.copy_to_table(
+        table, source=_one_chunk(encode_readings(rows)), columns=_READING_COLUMNS, format="binary"
+    )
+
+
+async def _one_chunk(data: bytes) -> AsyncIterator[bytes]:
+    # asyncpg takes the data as an async iterable of chunks (its stubs have no plain buffer).
+    yield data
 
 
 async def _keep_session(conn: asyncpg.Connection[asyncpg.Record]) -> None:

@@ -95,10 +95,15 @@ async def test_readings_land_exactly(database_url: str) -> None:
             ("temperature", datetime(2024, 5, 1, 14, 0, 0, 123_456, tzinfo=paris), -40.0),
             ("huge", T0, 1.7976931348623157e308),
         ),
+        message(  # before PostgreSQL's epoch (negative microseconds), names beyond ASCII
+            "capteur-é",
+            ("température", datetime(1999, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC), 1.0),
+            ("温度", datetime(1970, 1, 1, tzinfo=UTC), 0.0),
+        ),
     ]
     async with database(database_url) as db, quick_writer(database_url) as writer:
         result = await writer.write(batch)
-        assert (result.inserted, result.duplicates, result.dead_letters) == (5, 0, 0)
+        assert (result.inserted, result.duplicates, result.dead_letters) == (7, 0, 0)
         assert result.retries == 0
         rows = await db.fetch("SELECT device_id, metric, ts, value FROM readings")
         stats = writer.statistics()
@@ -108,7 +113,7 @@ async def test_readings_land_exactly(database_url: str) -> None:
     assert got == want
     assert all(ts.tzinfo is not None and ts.utcoffset() == timedelta(0) for ts, _ in got.values())
     assert got[("dev-2", "temperature")][0] == datetime(2024, 5, 1, 12, 0, 0, 123_456, tzinfo=UTC)
-    assert stats.batches == 1 and stats.rows_inserted == 5 and stats.connected
+    assert stats.batches == 1 and stats.rows_inserted == 7 and stats.connected
     assert stats.last_commit is not None
 
 
