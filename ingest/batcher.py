@@ -10,7 +10,10 @@ up in the channel meanwhile is taken at once. A batch is cut when
   is ``window`` (configured) unless a smaller one is observed: a wait that ends with no new
   message while exactly K messages are outstanding, several times in a row under load, means the
   broker's window is K (Mosquitto's default is 20). That is logged once as a warning, since it
-  caps throughput.
+  caps throughput;
+* it holds its share of that window, ``window // concurrency`` messages, when the writer
+  writes up to ``concurrency`` batches at once: a batch that took the whole window would leave
+  nothing for the next one to collect while it commits.
 """
 
 from __future__ import annotations
@@ -55,13 +58,17 @@ class Batcher:
         max_delay: float,
         window: int,
         outstanding: Callable[[], int],
+        concurrency: int = 1,
         log: logging.Logger | None = None,
         clock: Callable[[], float] = anyio.current_time,
     ) -> None:
         self._rx = receive
         self._max_rows = max_rows
         self._max_delay = max_delay
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, got {concurrency!r}")
         self._window = window
+        self._concurrency = concurrency
         self._outstanding = outstanding
         self._log = log or logging.getLogger("ingest.batcher")
         self._clock = clock
@@ -100,7 +107,11 @@ class Batcher:
         batch = [first]
         rows = rows_of(first)
         deadline = self._clock() + self._max_delay
+        share = max(1, self.window // self._concurrency)
         while rows < self._max_rows:
+            if len(batch) >= share:
+                self.cut_by_window += 1
+                break
             try:
                 item = rx.receive_nowait()
             except anyio.WouldBlock:

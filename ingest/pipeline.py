@@ -60,12 +60,16 @@ class Pipeline:
         self._send, self._receive = anyio.create_memory_object_stream[Delivery](
             settings.channel_capacity
         )
+        # Batches written at once, one per database connection: while one commits the next
+        # is collected and written. The acker still releases them in receive order.
+        self._concurrency = settings.db_pool_size
         self.batcher = Batcher(
             self._receive,
             max_rows=settings.batch_max_rows,
             max_delay=settings.batch_max_delay,
             window=settings.mqtt_inflight,
             outstanding=lambda: self.acker.outstanding,
+            concurrency=self._concurrency,
             log=log,
         )
         self.rows_inserted = 0
@@ -85,24 +89,38 @@ class Pipeline:
             tg.start_soon(self._write_loop, name="ingest[writer]")
 
     async def _write_loop(self) -> None:
+        # A batch is cut only once a connection is free for it (the writer pulls: whatever
+        # piled up meanwhile goes into one batch). A failed write raises out of the task group,
+        # cancelling the others: nothing of theirs is acknowledged, the broker redelivers it.
+        free = anyio.Semaphore(self._concurrency)
         seq = 0
-        async with self._receive:
-            while (batch := await self.batcher.next_batch()) is not None:
-                started = time.perf_counter()
-                with log_context(batch=seq):  # every line the writer logs names the batch
-                    result = await self._writer.write([d.envelope for d in batch])
-                self.acker.release(seq, batch)
+        async with self._receive, anyio.create_task_group() as tg:
+            while True:
+                await free.acquire()
+                batch = await self.batcher.next_batch()
+                if batch is None:
+                    break
+                tg.start_soon(self._write_batch, seq, batch, free, name=f"ingest[batch {seq}]")
                 seq += 1
-                self.rows_inserted += result.inserted
-                self.duplicates += result.duplicates
-                self.dead_letters += result.dead_letters
-                self.dead_reasons.update(result.dead_reasons)
-                now = time.time()
-                self.last_commit_at = now
-                self.last_commit_lag = now - batch[0].envelope.received_at.timestamp()
-                if self.on_commit is not None:
-                    self.on_commit(batch, result, time.perf_counter() - started, now)
         self.drained.set()
+
+    async def _write_batch(self, seq: int, batch: list[Delivery], free: anyio.Semaphore) -> None:
+        try:
+            started = time.perf_counter()
+            with log_context(batch=seq):  # every line the writer logs names the batch
+                result = await self._writer.write([d.envelope for d in batch])
+            self.acker.release(seq, batch)
+        finally:
+            free.release()
+        self.rows_inserted += result.inserted
+        self.duplicates += result.duplicates
+        self.dead_letters += result.dead_letters
+        self.dead_reasons.update(result.dead_reasons)
+        now = time.time()
+        self.last_commit_at = now
+        self.last_commit_lag = now - batch[0].envelope.received_at.timestamp()
+        if self.on_commit is not None:
+            self.on_commit(batch, result, time.perf_counter() - started, now)
 
     def statistics(self) -> PipelineStatistics:
         src = self.source.statistics()

@@ -33,13 +33,18 @@ def dead(mid: int) -> Delivery:
 
 
 def make(
-    capacity: int = 1000, *, max_rows: int = 100, max_delay: float = 0.05, window: int = 1000
+    capacity: int = 1000,
+    *,
+    max_rows: int = 100,
+    max_delay: float = 0.05,
+    window: int = 1000,
+    concurrency: int = 1,
 ) -> tuple[MemoryObjectSendStream[Delivery], Batcher, list[int]]:
     send, receive = anyio.create_memory_object_stream[Delivery](capacity)
     outstanding = [0]
     batcher = Batcher(
         receive, max_rows=max_rows, max_delay=max_delay, window=window,
-        outstanding=lambda: outstanding[0],
+        outstanding=lambda: outstanding[0], concurrency=concurrency,
     )  # fmt: skip
     return send, batcher, outstanding
 
@@ -69,6 +74,26 @@ async def test_cut_by_delay_when_input_stays_empty() -> None:
     assert batch is not None and len(batch) == 1
     assert waited >= 0.04
     assert batcher.statistics().cut_by_delay == 1
+
+
+async def test_a_batch_takes_its_share_of_the_window_when_writes_overlap() -> None:
+    # Two batches may be written at once: each takes half the window, so the second one can
+    # fill while the first commits; the rest waits for the next batch.
+    send, batcher, outstanding = make(max_rows=10_000, max_delay=30.0, window=10, concurrency=2)
+    for i in range(12):
+        send.send_nowait(delivery(i))
+    outstanding[0] = 12
+    with anyio.fail_after(1):
+        first = await batcher.next_batch()
+        second = await batcher.next_batch()
+    assert first is not None and [d.mid for d in first] == [0, 1, 2, 3, 4]
+    assert second is not None and [d.mid for d in second] == [5, 6, 7, 8, 9]
+    assert batcher.statistics().cut_by_window == 2
+
+
+def test_concurrency_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="concurrency"):
+        make(concurrency=0)
 
 
 async def test_cut_at_window_without_waiting_for_the_timer() -> None:
