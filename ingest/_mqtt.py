@@ -45,7 +45,7 @@ from paho.mqtt.properties import Properties
 
 from ingest.settings import MqttEndpoint
 
-__all__ = ["Inbound", "MqttSession"]
+__all__ = ["Inbound", "MqttSession", "take_publishes"]
 
 _READ_SIZE = 65536
 # Buffer refills (of up to _READ_SIZE bytes) handled per event-loop callback before yielding.

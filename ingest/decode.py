@@ -93,9 +93,7 @@ _fromtimestamp = datetime.fromtimestamp
 _fromisoformat = datetime.fromisoformat
 _new_reading = tuple.__new__  # skips NamedTuple.__new__'s Python-level argument handling
 
-# Metric names already checked (length, NUL): devices send the same few names over and over.
-# Bounded, so that a stream of random names cannot grow it without limit. Never holds "ts".
-_good_names: set[str] = set()
+# How many checked metric names a template remembers (TopicTemplate.checked_names).
 _GOOD_NAMES_MAX: Final = 4096
 
 
@@ -115,12 +113,18 @@ class TopicTemplate:
         "_levels",
         "_literals",
         "_metric_index",
+        "checked_names",
         "filter",
         "template",
     )
 
     template: str
     filter: str
+    # Metric names of this stream already checked (length, NUL): devices send the same few
+    # names over and over. Bounded by decode (cleared at _GOOD_NAMES_MAX), so that a stream of
+    # random names cannot grow it without limit. Never holds "ts". Owned by the template's
+    # user (one per source), like the template itself.
+    checked_names: set[str]
 
     def __init__(self, template: str) -> None:
         if not template:
@@ -156,6 +160,7 @@ class TopicTemplate:
             )
         if "{device_id}" not in indexes:
             raise ConfigError(_SETTING, f"{template!r}: no {{device_id}} level")
+        self.checked_names = set()
         self.template = template
         self.filter = "/".join("+" if i in indexes.values() else lv for i, lv in enumerate(levels))
         self._levels = len(levels)
@@ -229,9 +234,9 @@ def _decode(
     if metric is not None:
         result = _decode_metric(doc, device_id, metric, received_at, readings)
     elif type(doc) is dict:
-        result = _sample(doc, device_id, received_at, readings)
+        result = _sample(doc, device_id, received_at, readings, template.checked_names)
     elif type(doc) is list:
-        result = _samples(doc, device_id, received_at, readings, None)
+        result = _samples(doc, device_id, received_at, readings, None, template.checked_names)
     else:
         return DecodeError("not_object", f"top level is {_kind(doc)}, not an object or an array")
     if isinstance(result, DecodeError):
@@ -247,6 +252,7 @@ def _samples(
     received_at: datetime,
     out: list[Reading],
     metric: str | None,
+    names: set[str],
 ) -> int | DecodeError:
     if not doc:
         return DecodeError("no_readings", "empty array")
@@ -255,7 +261,7 @@ def _samples(
         if type(sample) is not dict:
             return DecodeError("bad_sample", f"sample {i} is {_kind(sample)}, not an object")
         if metric is None:
-            result = _sample(sample, device_id, received_at, out)
+            result = _sample(sample, device_id, received_at, out, names)
         else:
             result = _value_sample(sample, device_id, metric, received_at, out)
         if isinstance(result, DecodeError):
@@ -265,9 +271,14 @@ def _samples(
 
 
 def _sample(
-    obj: dict[str, Any], device_id: str, received_at: datetime, out: list[Reading]
+    obj: dict[str, Any],
+    device_id: str,
+    received_at: datetime,
+    out: list[Reading],
+    names: set[str],
 ) -> int | DecodeError:
-    """Append the readings of one flat-or-nested object to ``out``; return the skip count."""
+    """Append the readings of one flat-or-nested object to ``out``; return the skip count.
+    ``names``: metric names already checked (the template's ``checked_names``)."""
     raw_ts = obj.get("ts")
     if raw_ts is None:
         ts = received_at
@@ -284,7 +295,7 @@ def _sample(
     for key, value in obj.items():
         kind = type(value)
         if kind is float or kind is int:  # orjson ints fit in 64 bits: a finite double
-            if key in _good_names:
+            if key in names:
                 append(_new_reading(Reading, (device_id, key, ts, float(value))))
                 continue
             if key == "ts":
@@ -300,9 +311,9 @@ def _sample(
             continue
         if not 0 < len(key) <= _MAX_NAME or "\x00" in key:
             return DecodeError("bad_metric", f"metric {_show(key)}: {_name_fault(key)}")
-        if len(_good_names) >= _GOOD_NAMES_MAX:
-            _good_names.clear()
-        _good_names.add(key)
+        if len(names) >= _GOOD_NAMES_MAX:
+            names.clear()
+        names.add(key)
         append(_new_reading(Reading, (device_id, key, ts, float(value))))
     return skipped
 
@@ -370,7 +381,7 @@ def _decode_metric(
     if kind is dict:
         return _value_sample(doc, device_id, metric, received_at, out)
     if kind is list:
-        return _samples(doc, device_id, received_at, out, metric)
+        return _samples(doc, device_id, received_at, out, metric, set())  # names unused
     return 1  # a string, null or non-finite number: skipped (and so no readings)
 
 

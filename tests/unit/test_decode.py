@@ -490,10 +490,12 @@ def test_bad_metric_name_never_cached(name: str) -> None:
     assert reason(orjson.dumps({"ok": 1, "n": {"": 2}, name: 3})) == "bad_metric"
 
 
-def test_name_cache_is_bounded() -> None:
+def test_name_cache_is_bounded_and_owned_by_the_template() -> None:
+    template = TopicTemplate("devices/{device_id}/telemetry")
     for i in range(decode_module._GOOD_NAMES_MAX + 10):
-        ok(f'{{"m{i}": 1}}')
-    assert len(decode_module._good_names) <= decode_module._GOOD_NAMES_MAX
+        ok(f'{{"m{i}": 1}}', template=template)
+    assert 0 < len(template.checked_names) <= decode_module._GOOD_NAMES_MAX
+    assert "m0" not in TopicTemplate("devices/{device_id}/telemetry").checked_names
 
 
 @pytest.mark.parametrize(
