@@ -201,6 +201,8 @@ class Source:
                 continue
             received_at = datetime.now(UTC)
             while inbox:
+                if pending is not None and pending.done():
+                    break  # the SUBACK: report it now, not once a long backlog is drained
                 topic, payload, qos, mid = inbox.popleft()
                 if session.paused:
                     session.resume_if_drained()
