@@ -60,7 +60,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--payload-bytes", type=int, default=150, help="pad single-sample payloads to ~this"
     )
-    p.add_argument("--inflight", type=int, default=1000, help="broker max_inflight_messages (1000)")
+    p.add_argument(
+        "--inflight", type=int, default=10000, help="broker max_inflight_messages (10000)"
+    )
     p.add_argument("--protocol", choices=("3.1.1", "5"), default="3.1.1")
     p.add_argument(
         "--database-url",

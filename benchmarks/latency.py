@@ -58,7 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--warmup", type=float, default=3, help="seconds at the start left out of the figures"
     )
-    p.add_argument("--inflight", type=int, default=1000, help="broker max_inflight_messages")
+    p.add_argument(
+        "--inflight", type=int, default=10000, help="broker max_inflight_messages (10000)"
+    )
     p.add_argument("--protocol", choices=("3.1.1", "5"), default="3.1.1")
     p.add_argument("--database-url", default=None, help="an existing server (fresh database)")
     p.add_argument("--no-durable", dest="durable", action="store_false")

@@ -55,7 +55,7 @@ def rows(dsn: str) -> int:
 
 
 def one(workers: int, messages: int) -> dict[str, Any]:
-    with open_environment(inflight=1000, database_url=None) as env:
+    with open_environment(inflight=10000, database_url=None) as env:
         dsn = env.fresh_database(f"w{workers}")
         register_shared(env.mqtt_url, workers)
         backlog = make_backlog(

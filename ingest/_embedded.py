@@ -430,7 +430,7 @@ def iotcore_available() -> bool:
 # The settings of config/mosquitto.conf (see the comments there), for installs that do not carry
 # the repository's config/ folder; tests/unit/test_embedded.py keeps the two equal.
 _MOSQUITTO_SETTINGS = """\
-max_inflight_messages 1000
+max_inflight_messages 10000
 max_queued_messages 2000000
 max_queued_bytes 0
 queue_qos0_messages false
@@ -668,7 +668,7 @@ class IotcoreBroker(_ProcessBroker):
     persistent = False
 
     def __init__(
-        self, directory: Path, *, inflight: int = 1000, max_payload: int = 16 * 1024 * 1024
+        self, directory: Path, *, inflight: int = 10000, max_payload: int = 16 * 1024 * 1024
     ) -> None:
         super().__init__(directory)
         if not iotcore_available():

@@ -44,7 +44,7 @@ class Settings:
     # The most unacknowledged messages the broker may have in flight to us (v5: our Receive
     # Maximum; 3.1.1: what the broker's max_inflight_messages is expected to be). Batches never
     # wait for more messages than this; a smaller broker window is detected and warned about.
-    mqtt_inflight: int = field(default=1000, metadata={"env": "INGEST_MQTT_INFLIGHT"})
+    mqtt_inflight: int = field(default=10000, metadata={"env": "INGEST_MQTT_INFLIGHT"})
     # v5 only: how long the broker keeps our session (and its queue) while we are away.
     mqtt_session_expiry: int = field(
         default=7 * 24 * 3600, metadata={"env": "INGEST_MQTT_SESSION_EXPIRY"}
