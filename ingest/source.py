@@ -33,6 +33,10 @@ from ingest.errors import DecodeError
 from ingest.model import Envelope
 from ingest.settings import Settings
 
+# Builds a NamedTuple from a tuple without NamedTuple.__new__'s Python-level argument handling:
+# once per message.
+_new = tuple.__new__
+
 __all__ = ["Source", "SourceStatistics"]
 
 
@@ -211,8 +215,9 @@ class Source:
                     decode_errors[result.reason] += 1
                 else:
                     self.fields_skipped += result.skipped
-                delivery = Delivery(
-                    Envelope(topic, payload, received_at, result), session, mid, qos
+                delivery = _new(
+                    Delivery,
+                    (_new(Envelope, (topic, payload, received_at, result)), session, mid, qos),
                 )
                 self.received += 1
                 acker.received()
