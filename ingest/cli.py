@@ -35,7 +35,7 @@ _HELP: dict[str, str] = {
     "channel_capacity": "messages buffered between source and batcher (backpressure bound)",
     "batch_max_rows": "rows per database transaction at most",
     "batch_max_delay": "seconds a batch may wait for more messages before it is written",
-    "db_pool_size": "database connections",
+    "db_pool_size": "database connections; up to this many batches are written at once",
     "db_connect_timeout": "seconds to wait for a database connection",
     "db_write_timeout": "seconds one batch write may take before its connection is "
     "considered dead (a blackholed server sends no reset)",

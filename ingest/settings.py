@@ -52,7 +52,7 @@ class Settings:
     channel_capacity: int = field(default=2000, metadata={"env": "INGEST_CHANNEL_CAPACITY"})
     batch_max_rows: int = field(default=5000, metadata={"env": "INGEST_BATCH_MAX_ROWS"})
     batch_max_delay: float = field(default=0.02, metadata={"env": "INGEST_BATCH_MAX_DELAY"})
-    db_pool_size: int = field(default=2, metadata={"env": "INGEST_DB_POOL_SIZE"})
+    db_pool_size: int = field(default=3, metadata={"env": "INGEST_DB_POOL_SIZE"})
     db_connect_timeout: float = field(default=10.0, metadata={"env": "INGEST_DB_CONNECT_TIMEOUT"})
     db_write_timeout: float = field(default=30.0, metadata={"env": "INGEST_DB_WRITE_TIMEOUT"})
     retry_max_delay: float = field(default=10.0, metadata={"env": "INGEST_RETRY_MAX_DELAY"})
