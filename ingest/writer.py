@@ -53,7 +53,7 @@ from ingest._pgcopy import COLUMNS as _READING_COLUMNS
 from ingest._pgcopy import encode_readings
 from ingest.backoff import Backoff
 from ingest.classify import ErrorClass, classify, sqlstate_of
-from ingest.dashboard import BEGIN_BATCH_SQL, DashboardMode, upsert_ctes
+from ingest.dashboard import BEGIN_BATCH_SQL, PLANNER_SETTINGS, DashboardMode, upsert_ctes
 from ingest.errors import DecodeError, FatalError
 from ingest.model import DeadLetter, Envelope, Reading
 
@@ -549,7 +549,7 @@ class Writer:
         """
         inserted = 0
         if rows and self._dashboard == "inline":
-            await conn.execute(_CREATE_STAGING)
+            await conn.execute(f"{_CREATE_STAGING}; {PLANNER_SETTINGS}")
             await _copy_readings(conn, _STAGING_TABLE, rows)
             # Prepared once per connection (asyncpg's statement cache), not parsed per batch.
             if conflict_safe:
