@@ -76,19 +76,9 @@ def take_publishes(buf: bytearray, v5: bool, out: deque[Inbound], limit: int) ->
         qos = (first >> 1) & 0x03
         if qos > 1:
             break
-        # Remaining length: 1 to 4 bytes, 7 bits each, least significant first.
-        i = pos + 1
-        length = 0
-        shift = 0
-        while True:
-            if i >= end_of_data or shift > 21:
-                return pos
-            byte = buf[i]
-            i += 1
-            length |= (byte & 0x7F) << shift
-            if byte < 0x80:
-                break
-            shift += 7
+        length, i = _varint(buf, pos + 1, end_of_data)  # the remaining length
+        if length < 0:
+            break
         end = i + length
         if end > end_of_data or length < 2:
             break
@@ -100,19 +90,9 @@ def take_publishes(buf: bytearray, v5: bool, out: deque[Inbound], limit: int) ->
         if qos and mid == 0:
             break  # a QoS 1 packet id must not be 0: paho's call
         if v5:  # properties: a length (variable byte integer) and that many bytes, skipped
-            plen = 0
-            shift = 0
-            while True:
-                if start >= end or shift > 21:
-                    return pos
-                byte = buf[start]
-                start += 1
-                plen |= (byte & 0x7F) << shift
-                if byte < 0x80:
-                    break
-                shift += 7
+            plen, start = _varint(buf, start, end)
             start += plen
-            if start > end:
+            if plen < 0 or start > end:
                 break
         raw_topic = buf[i + 2 : topic_end]
         try:
@@ -123,6 +103,20 @@ def take_publishes(buf: bytearray, v5: bool, out: deque[Inbound], limit: int) ->
         taken += 1
         pos = end
     return pos
+
+
+def _varint(buf: bytearray, i: int, end: int) -> tuple[int, int]:
+    """An MQTT variable byte integer at ``buf[i:end]`` (1 to 4 bytes, 7 bits each, least
+    significant first) and the index after it; ``(-1, i)`` when incomplete or too long."""
+    value = 0
+    shift = 0
+    for j in range(i, min(end, i + 4)):
+        byte = buf[j]
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, j + 1
+        shift += 7
+    return -1, i
 
 
 class MqttSession:
