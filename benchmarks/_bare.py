@@ -58,6 +58,12 @@ async def drain(url: str, client_id: str, messages: int, protocol: str) -> dict[
             if received >= messages:
                 done = time.time()
                 break
+        # Let the last PUBACKs leave before disconnecting (not timed): with a large window
+        # paho may still hold some, and the broker would redeliver them.
+        for _ in range(5000):  # at most 5 s
+            if not client._client._out_packet:
+                break
+            await asyncio.sleep(0.001)
     return {
         "first": first,
         "done": done,
