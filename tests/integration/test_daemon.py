@@ -60,6 +60,38 @@ def test_values_and_shapes_land_exactly(database_url: str, mqtt_url: str) -> Non
         assert d.stop() == 0
 
 
+def test_large_and_small_messages_interleaved_land_exactly(
+    database_url: str, mqtt_url: str
+) -> None:
+    # The adapter parses PUBLISH packets from a 64 KiB read buffer itself and leaves packets
+    # split across reads (every one of these large ones) to paho: both paths, interleaved,
+    # at QoS 1 and QoS 0, must hand on every message exactly once and in order.
+    topic = unique_topic()
+    sizes = [10, 70_000, 50, 200_000, 30, 65_536, 1, 131_072]
+    items = []
+    for i in range(240):
+        pad = "x" * sizes[i % len(sizes)]
+        items.append(
+            (
+                topic_for(topic, f"d{i % 3}"),
+                f'{{"ts": {1700000000 + i}, "seq": {i}, "pad": "{pad}"}}',
+                i % 5 == 0,
+            )
+        )
+    with Daemon(database_url=database_url, mqtt_url=mqtt_url, topic=topic) as d:
+        d.wait_subscribed()
+        with Publisher(mqtt_url) as pub:
+            for t, payload, qos0 in items:
+                pub.publish_many([(t, payload)], qos=0 if qos0 else 1)
+        wait_rows(database_url, len(items), timeout=30)
+        rows = query(database_url, "SELECT device_id, metric, value FROM readings ORDER BY value")
+        assert [(r["device_id"], r["metric"], r["value"]) for r in rows] == [
+            (f"d{i % 3}", "seq", float(i)) for i in range(len(items))
+        ]
+        assert scalar(database_url, "SELECT count(*) FROM dead_letters") == 0
+        assert d.stop() == 0
+
+
 def test_missing_ts_uses_receive_time_within_a_second(database_url: str, mqtt_url: str) -> None:
     topic = unique_topic()
     with Daemon(database_url=database_url, mqtt_url=mqtt_url, topic=topic) as d:
