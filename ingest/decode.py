@@ -60,7 +60,7 @@ from typing import Any, Final
 import orjson
 
 from ingest.errors import ConfigError, DecodeError
-from ingest.model import Decoded, Reading
+from ingest.model import Decoded, Reading, build
 
 __all__ = ["REASONS", "TopicTemplate", "decode"]
 
@@ -91,7 +91,6 @@ _FAST_MS_LIMIT: Final = 2**33 * 1000
 
 _fromtimestamp = datetime.fromtimestamp
 _fromisoformat = datetime.fromisoformat
-_new_reading = tuple.__new__  # skips NamedTuple.__new__'s Python-level argument handling
 
 # How many checked metric names a template remembers (TopicTemplate.checked_names).
 _GOOD_NAMES_MAX: Final = 4096
@@ -232,7 +231,9 @@ def _decode(
 
     readings: list[Reading] = []
     if metric is not None:
-        result = _decode_metric(doc, device_id, metric, received_at, readings)
+        result = _decode_metric(
+            doc, device_id, metric, received_at, readings, template.checked_names
+        )
     elif type(doc) is dict:
         result = _sample(doc, device_id, received_at, readings, template.checked_names)
     elif type(doc) is list:
@@ -296,7 +297,7 @@ def _sample(
         kind = type(value)
         if kind is float or kind is int:  # orjson ints fit in 64 bits: a finite double
             if key in names:
-                append(_new_reading(Reading, (device_id, key, ts, float(value))))
+                append(build(Reading, (device_id, key, ts, float(value))))
                 continue
             if key == "ts":
                 continue
@@ -314,7 +315,7 @@ def _sample(
         if len(names) >= _GOOD_NAMES_MAX:
             names.clear()
         names.add(key)
-        append(_new_reading(Reading, (device_id, key, ts, float(value))))
+        append(build(Reading, (device_id, key, ts, float(value))))
     return skipped
 
 
@@ -359,29 +360,34 @@ def _nested(
                 continue
             if not 0 < len(name) <= _MAX_NAME or "\x00" in name:
                 return DecodeError("bad_metric", f"metric {_show(name)}: {_name_fault(name)}")
-            out.append(_new_reading(Reading, (device_id, name, ts, value)))
+            out.append(build(Reading, (device_id, name, ts, value)))
         else:
             stack.pop()
     return skipped
 
 
 def _decode_metric(
-    doc: Any, device_id: str, metric: str, received_at: datetime, out: list[Reading]
+    doc: Any,
+    device_id: str,
+    metric: str,
+    received_at: datetime,
+    out: list[Reading],
+    names: set[str],
 ) -> int | DecodeError:
     """``{metric}`` templates: a bare value, ``{"ts":..., "value":...}``, or an array of those."""
     if not 0 < len(metric) <= _MAX_NAME or "\x00" in metric:
         return DecodeError("bad_metric", f"metric {_show(metric)}: {_name_fault(metric)}")
     kind = type(doc)
     if kind is float or kind is int:
-        out.append(_new_reading(Reading, (device_id, metric, received_at, float(doc))))
+        out.append(build(Reading, (device_id, metric, received_at, float(doc))))
         return 0
     if kind is bool:
-        out.append(_new_reading(Reading, (device_id, metric, received_at, 1.0 if doc else 0.0)))
+        out.append(build(Reading, (device_id, metric, received_at, 1.0 if doc else 0.0)))
         return 0
     if kind is dict:
         return _value_sample(doc, device_id, metric, received_at, out)
     if kind is list:
-        return _samples(doc, device_id, received_at, out, metric, set())  # names unused
+        return _samples(doc, device_id, received_at, out, metric, names)
     return 1  # a string, null or non-finite number: skipped (and so no readings)
 
 
@@ -407,7 +413,7 @@ def _value_sample(
         value = 1.0 if value else 0.0
     else:
         return skipped + 1
-    out.append(_new_reading(Reading, (device_id, metric, ts, value)))
+    out.append(build(Reading, (device_id, metric, ts, value)))
     return skipped
 
 

@@ -11,6 +11,10 @@ from typing import NamedTuple
 
 from ingest.errors import DecodeError
 
+#: ``build(Reading, (...))`` makes a NamedTuple from a tuple without NamedTuple.__new__'s
+#: Python-level argument handling: for the per-message and per-reading hot path.
+build = tuple.__new__
+
 
 class Reading(NamedTuple):
     """One value of one metric of one device at one device timestamp (UTC-aware)."""

@@ -30,12 +30,8 @@ from ingest.acker import Acker, Delivery
 from ingest.backoff import Backoff
 from ingest.decode import TopicTemplate, decode
 from ingest.errors import DecodeError
-from ingest.model import Envelope
+from ingest.model import Envelope, build
 from ingest.settings import Settings
-
-# Builds a NamedTuple from a tuple without NamedTuple.__new__'s Python-level argument handling:
-# once per message.
-_new = tuple.__new__
 
 __all__ = ["Source", "SourceStatistics"]
 
@@ -215,9 +211,9 @@ class Source:
                     decode_errors[result.reason] += 1
                 else:
                     self.fields_skipped += result.skipped
-                delivery = _new(
+                delivery = build(
                     Delivery,
-                    (_new(Envelope, (topic, payload, received_at, result)), session, mid, qos),
+                    (build(Envelope, (topic, payload, received_at, result)), session, mid, qos),
                 )
                 self.received += 1
                 acker.received()
