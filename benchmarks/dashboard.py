@@ -10,9 +10,9 @@ dashboard tables costs the write path.
    ``VACUUM ANALYZE``, as autovacuum would have done by then.
 2. **queries**: the usual panels, each ``--runs`` times (a random device each time, planning
    included: no prepared statements, like Grafana's literal SQL); p50, p95, max.
-3. **write path**: the daemon's :class:`~ingest.writer.Writer` storing batches of
+3. **write path**: the daemon's :class:`~ingest.flow.writer.Writer` storing batches of
    ``--batch-rows`` rows, two in flight, with the dashboard tables off, deferred (the default:
-   the batch is only recorded, :func:`ingest.dashboard.fold` applies it) and inline (upserted
+   the batch is only recorded, :func:`ingest.db.dashboard.fold` applies it) and inline (upserted
    in the batch's transaction), alternating, ``--write-rounds`` runs of ``--write-batches``
    batches each; rows/s (medians) and the server's CPU per row. After each deferred run, the
    fold of what it wrote, ``--fold-batches`` batches per fold. Two batch shapes: one sample
@@ -45,11 +45,11 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from ingest.dashboard import DashboardMode, fold
-from ingest.migrate import migrate_dsn
+from ingest.db.dashboard import DashboardMode, fold
+from ingest.db.migrate import migrate_dsn
+from ingest.db.partitions import ensure_partitions
+from ingest.flow.writer import Writer
 from ingest.model import Decoded, Envelope, Reading
-from ingest.partitions import ensure_partitions
-from ingest.writer import Writer
 from tests.servers import PostgresCluster
 
 __all__ = ["main"]

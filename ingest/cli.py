@@ -51,7 +51,7 @@ _HELP: dict[str, str] = {
     "workers": "worker processes sharing one subscription (client ids <client_id>-<i>, "
     "shared group INGEST_SHARE_GROUP or the client id); the parent supervises them",
     "worker_id": "set by the supervisor for each worker (its metrics' worker label)",
-    # Dashboard database (ingest/partitions.py, ingest/dashboard.py)
+    # Dashboard database (ingest/db/partitions.py, ingest/db/dashboard.py)
     "retention": "how long raw readings are kept, e.g. 30d, 12w, 36h (whole daily partitions "
     "are dropped; default: forever)",
     "rollup_retention": "how long the one-minute rollups (readings_1m) are kept, at least "
@@ -110,12 +110,12 @@ def _parser() -> argparse.ArgumentParser:
     _add_settings_flags(migrate, only={"database_url", "log_level", "log_format"})
 
     # Operator tools (issue 4): each module adds its subcommand and sets args.handler.
-    from ingest import audit, replay
+    from ingest.tools import audit, replay
 
     audit.register(sub, _add_settings_flags)
     replay.register(sub, _add_settings_flags)
 
-    from ingest import demo  # issue 7: embedded servers + daemon + simulated fleet
+    from ingest.tools import demo  # issue 7: embedded servers + daemon + simulated fleet
 
     demo.register(sub)
     return parser
@@ -130,7 +130,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "demo":  # starts its own servers: no settings to load
-        from ingest.demo import run_demo
+        from ingest.tools.demo import run_demo
 
         return run_demo(args)
     try:
@@ -141,8 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(settings.log_level, settings.log_format)
     log = logging.getLogger("ingest")
     if args.command == "run":
-        from ingest.daemon import run_daemon
-        from ingest.supervisor import run_supervisor
+        from ingest.runtime.daemon import run_daemon
+        from ingest.runtime.supervisor import run_supervisor
 
         try:
             return run_supervisor(settings) if settings.workers > 1 else run_daemon(settings)
@@ -154,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "migrate":
         import anyio
 
-        from ingest.migrate import migrate_dsn
+        from ingest.db.migrate import migrate_dsn
 
         try:
             applied = anyio.run(migrate_dsn, settings.database_url)
@@ -166,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         log.info("migrations applied: %s", ", ".join(applied) if applied else "none pending")
         return 0
-    handler = getattr(args, "handler", None)  # operator tools: ingest/audit.py, replay.py
+    handler = getattr(args, "handler", None)  # operator tools: ingest/tools/audit.py, replay.py
     if handler is not None:
         return int(handler(args, settings))
     raise AssertionError(args.command)

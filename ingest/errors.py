@@ -10,7 +10,7 @@ All of them derive from one root so callers can catch the package's errors in on
     └── FatalError           the daemon cannot go on (permission denied, missing table, ...)
 
 Whether a database error is worth retrying is decided in one place:
-``ingest.classify.classify``.
+``ingest.flow.classify.classify``.
 """
 
 from __future__ import annotations

@@ -102,7 +102,7 @@ def _text_value(value: Any) -> str:
 
 
 class TextFormatter(logging.Formatter):
-    """``12:00:00.123 info    ingest.pipeline: message key=value key="two words"``."""
+    """``12:00:00.123 info    ingest.flow.pipeline: message key=value key="two words"``."""
 
     def format(self, record: logging.LogRecord) -> str:
         ts = datetime.fromtimestamp(record.created, UTC).strftime("%H:%M:%S.%f")[:-3]

@@ -65,13 +65,13 @@ class Settings:
     log_format: str = field(default="auto", metadata={"env": "INGEST_LOG_FORMAT"})
     migrate: bool = field(default=True, metadata={"env": "INGEST_MIGRATE"})
     workers: int = field(default=1, metadata={"env": "INGEST_WORKERS"})
-    # Dashboard database (ingest/partitions.py, ingest/dashboard.py): how long raw readings and
+    # Dashboard database (ingest/db/partitions.py, ingest/db/dashboard.py): how long raw readings and
     # one-minute rollups are kept ("30d", "12w", "36h"; unset: forever), how many days of
     # partitions are created ahead.
     retention: str | None = field(default=None, metadata={"env": "INGEST_RETENTION"})
     rollup_retention: str | None = field(default=None, metadata={"env": "INGEST_ROLLUP_RETENTION"})
     partition_days_ahead: int = field(default=3, metadata={"env": "INGEST_PARTITION_DAYS_AHEAD"})
-    # Seconds between two folds of recent batches into the dashboard tables (ingest/dashboard.py).
+    # Seconds between two folds of recent batches into the dashboard tables (ingest/db/dashboard.py).
     dashboard_interval: float = field(default=1.0, metadata={"env": "INGEST_DASHBOARD_INTERVAL"})
     # Set by the supervisor for each worker process (the ``worker`` label of its metrics).
     worker_id: str | None = field(default=None, metadata={"env": "INGEST_WORKER_ID"})
@@ -125,7 +125,7 @@ class Settings:
             )
         self.mqtt_endpoint()  # validates the URL
         # Imported here: decode imports settings' error type, not the other way round.
-        from ingest.decode import TopicTemplate
+        from ingest.formats.decode import TopicTemplate
 
         TopicTemplate(self.topic)
 

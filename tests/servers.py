@@ -30,10 +30,10 @@ from typing import Literal, Protocol, Self
 
 import asyncpg
 
-from ingest import _embedded
-from ingest._embedded import _read, _tail
-from ingest._embedded import free_port as _free_port
-from ingest._embedded import port_open as _port_open
+from ingest.devservers import embedded as _embedded
+from ingest.devservers.embedded import _read, _tail
+from ingest.devservers.embedded import free_port as _free_port
+from ingest.devservers.embedded import port_open as _port_open
 
 __all__ = [
     "PROJECT_MOSQUITTO_CONF",

@@ -256,6 +256,6 @@ def wait_rows(database_url: str, expected: int, timeout: float = 60.0) -> float:
 
 
 def migrate(database_url: str) -> None:
-    from ingest.migrate import migrate_dsn
+    from ingest.db.migrate import migrate_dsn
 
     asyncio.run(migrate_dsn(database_url))

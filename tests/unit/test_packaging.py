@@ -22,8 +22,8 @@ def test_wheel_ships_migrations_and_entry_points(tmp_path: Path) -> None:
         names = set(zf.namelist())
         entry_points = next(n for n in names if n.endswith("entry_points.txt"))
         scripts = zf.read(entry_points).decode()
-    shipped = {n for n in names if n.startswith("ingest/migrations/")}
-    expected = {f"ingest/migrations/{p.name}" for p in (ROOT / "migrations").glob("*.sql")}
+    shipped = {n for n in names if n.startswith("ingest/db/migrations/")}
+    expected = {f"ingest/db/migrations/{p.name}" for p in (ROOT / "migrations").glob("*.sql")}
     assert expected and shipped == expected
     assert "simulators/__init__.py" in names
     assert "ingest = ingest.cli:main" in scripts

@@ -1,0 +1,647 @@
+"""The writer: stores batches in PostgreSQL, one transaction per batch (DESIGN.md §1 point 5).
+
+Contract of :meth:`Writer.write`:
+
+- A batch is stored in one transaction: the readings of every decoded message and one
+  ``dead_letters`` row per message that did not decode. A message is stored whole or not at all.
+- Idempotent on ``(device_id, metric, ts)``: the first write wins, later ones are counted as
+  duplicates (redeliveries, and duplicates inside one batch).
+- Fast path: binary COPY straight into ``readings``. Only when that hits a unique violation is
+  the batch redone, in a new transaction, through a per-connection temporary table and
+  ``INSERT ... ON CONFLICT DO NOTHING`` (slower, conflict-safe).
+- Dashboard tables (``devices``, ``latest_readings``, ``readings_1m``, ``readings_fleet_1m``)
+  come from the rows a batch actually inserted, exactly once (:mod:`ingest.db.dashboard`). By
+  default (``dashboard="deferred"``) the batch's transaction only tags its rows with a batch
+  number and records the batch, one small statement; the dashboard tables are folded from it
+  shortly after. ``dashboard="inline"`` upserts them in the batch's own transaction instead:
+  the batch is COPied into the staging table and one statement moves it into ``readings``
+  (plain INSERT on the fast path, ``ON CONFLICT DO NOTHING ... RETURNING`` on the
+  conflict-safe one) and upserts the four tables, in key order. Either way a rolled-back
+  batch (a rejected row, bisection) leaves nothing behind.
+- Errors are sorted by :func:`ingest.flow.classify.classify`:
+
+  - TRANSIENT: the batch is retried forever with capped jittered backoff; the caller's bounded
+    channel holds the broker back meanwhile. A write that takes longer than ``write_timeout``
+    counts as a dead connection (a blackholed server sends no reset): it is terminated and the
+    batch retried.
+  - ROW: the batch is narrowed down by bisection over its messages, committing the halves that
+    pass, so only the messages whose rows the database rejects become dead letters (reason
+    ``rejected_by_database``, raw payload kept). For n messages of which k are rejected this
+    takes at most 2n - 1 transactions, about 2k·log2(n/k) in practice.
+  - FATAL: :class:`~ingest.errors.FatalError` with the SQLSTATE, and the daemon stops.
+
+Known limit: ``dead_letters`` has no natural key, so a commit whose acknowledgement is lost
+with the connection is retried and stores its dead letters twice (readings stay exactly-once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, field
+from operator import itemgetter
+from types import TracebackType
+from typing import TYPE_CHECKING, Self, TypeAlias, TypeVar
+
+import asyncpg
+
+from ingest.backoff import Backoff
+from ingest.db.dashboard import BEGIN_BATCH_SQL, PLANNER_SETTINGS, DashboardMode, upsert_ctes
+from ingest.errors import DecodeError, FatalError
+from ingest.flow.classify import ErrorClass, classify, sqlstate_of
+from ingest.flow.pgcopy import COLUMNS as _READING_COLUMNS
+from ingest.flow.pgcopy import encode_readings
+from ingest.model import DeadLetter, Envelope, Reading
+
+__all__ = ["WriteResult", "Writer", "WriterStatistics"]
+
+_T = TypeVar("_T")
+if TYPE_CHECKING:
+    from asyncpg.pool import PoolConnectionProxy
+
+    # Generic only in the stubs; at run time the annotations below stay strings.
+    _Conn: TypeAlias = PoolConnectionProxy[asyncpg.Record]
+
+REJECTED_BY_DATABASE = "rejected_by_database"
+
+_DEAD_LETTER_COLUMNS = ("received_at", "topic", "payload", "error", "reason")
+_STAGING_TABLE = "ingest_staging"
+# Temporary, so per connection and never seen by others; ON COMMIT DELETE ROWS empties it at the
+# end of every transaction that touched it (PostgreSQL skips that for transactions that did not).
+# Only the columns COPY fills, not LIKE readings (which has more: batch, with its default).
+_CREATE_STAGING = f"""
+    CREATE TEMPORARY TABLE IF NOT EXISTS {_STAGING_TABLE}
+        (device_id text, metric text, ts timestamptz, value double precision)
+        ON COMMIT DELETE ROWS
+"""
+# Staging rows come back in COPY order, so inside one batch the first occurrence wins too.
+_INSERT_FROM_STAGING = f"""
+    INSERT INTO readings (device_id, metric, ts, value)
+    SELECT device_id, metric, ts, value FROM {_STAGING_TABLE}
+    ON CONFLICT (device_id, metric, ts) DO NOTHING
+"""
+
+_INLINE_DEVICES = """SELECT device_id, now(), now(), max(ts) FROM {rows}
+    GROUP BY device_id ORDER BY device_id"""
+# Dashboard tables, "inline" mode (ingest/db/dashboard.py): the batch is staged, and one statement
+# inserts it into readings and upserts the dashboard tables from what it inserted. Fast path:
+# the batch holds no key already stored (else a unique violation sends it to the conflict-safe
+# path), so every staged row is inserted and feeds the dashboard as is.
+_INLINE_FAST = (
+    f"""
+WITH ins AS (
+    INSERT INTO readings (device_id, metric, ts, value)
+    SELECT device_id, metric, ts, value FROM {_STAGING_TABLE}
+)"""
+    + upsert_ctes(_STAGING_TABLE, devices=_INLINE_DEVICES.format(rows=_STAGING_TABLE))
+    + "SELECT 1"
+)
+# Conflict-safe: only what RETURNING hands back was inserted; staged rows come back in COPY
+# order, so inside one batch the first occurrence wins.
+_INLINE_CONFLICT_SAFE = (
+    f"""
+WITH ins AS (
+    INSERT INTO readings (device_id, metric, ts, value)
+    SELECT device_id, metric, ts, value FROM {_STAGING_TABLE}
+    ON CONFLICT (device_id, metric, ts) DO NOTHING
+    RETURNING device_id, metric, ts, value
+)"""
+    + upsert_ctes("ins", devices=_INLINE_DEVICES.format(rows="ins"))
+    + "SELECT count(*) FROM ins"
+)
+_TS = itemgetter(2)
+
+
+@dataclass(frozen=True, slots=True)
+class WriteResult:
+    """What one :meth:`Writer.write` did.
+
+    ``retries`` counts the extra attempts the batch needed: transient retries plus the
+    transactions spent narrowing down rejected rows.
+    """
+
+    inserted: int = 0
+    duplicates: int = 0
+    dead_letters: int = 0
+    dead_reasons: dict[str, int] = field(default_factory=dict)
+    retries: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class WriterStatistics:
+    """Totals since the writer was created (anyio ``MemoryObjectStreamStatistics`` style).
+
+    ``retries_by_class`` is keyed by :class:`ErrorClass` value (``transient``, ``row``);
+    ``connected`` is whether the last database round trip succeeded; ``last_commit`` is a
+    ``time.monotonic()`` value.
+    """
+
+    batches: int
+    rows_inserted: int
+    duplicates: int
+    dead_letters: int
+    retries_by_class: dict[str, int]
+    connected: bool
+    last_commit: float | None
+
+
+@dataclass(slots=True)
+class _Tally:
+    """Outcome of one ``write`` call while it is being built."""
+
+    inserted: int = 0
+    duplicates: int = 0
+    dead: Counter[str] = field(default_factory=Counter)
+    retries: int = 0
+    rejected: int = 0
+    # Once a batch hit a unique violation its halves will too: skip the fast path for them.
+    conflict_safe: bool = False
+
+    def result(self) -> WriteResult:
+        return WriteResult(
+            inserted=self.inserted,
+            duplicates=self.duplicates,
+            dead_letters=sum(self.dead.values()),
+            dead_reasons=dict(self.dead),
+            retries=self.retries,
+        )
+
+
+class _OutageLog:
+    """Logs a run of transient failures: the first at WARNING, then at most one line every
+    ``interval`` seconds, and one line when it ends. Never a line per attempt."""
+
+    def __init__(self, logger: logging.Logger, what: str, interval: float) -> None:
+        self._log = logger
+        self._what = what
+        self._interval = interval
+        self._attempts = 0
+        self._started = 0.0
+        self._last_line = 0.0
+
+    def failed(self, exc: BaseException, delay: float) -> None:
+        now = time.monotonic()
+        self._attempts += 1
+        if self._attempts == 1:
+            self._started = self._last_line = now
+            self._log.warning(
+                "%s failed, retrying in %.2fs (further failures logged every %.0fs): %s",
+                self._what,
+                delay,
+                self._interval,
+                _describe(exc),
+            )
+        elif now - self._last_line >= self._interval:
+            self._last_line = now
+            self._log.warning(
+                "%s still failing after %d attempts in %.0fs, retrying in %.2fs: %s",
+                self._what,
+                self._attempts,
+                now - self._started,
+                delay,
+                _describe(exc),
+            )
+
+    def succeeded(self) -> None:
+        if self._attempts:
+            self._log.info(
+                "%s succeeded after %d retries in %.1fs",
+                self._what,
+                self._attempts,
+                time.monotonic() - self._started,
+            )
+            self._attempts = 0
+
+
+class Writer:
+    """Stores batches of :class:`~ingest.model.Envelope` in PostgreSQL (module docstring).
+
+    An async context manager: entering waits for the database (never giving up while it is
+    unreachable, stopping on a FATAL error such as bad credentials); exiting closes the pool,
+    terminating it when a graceful close takes longer than ``close_timeout``.
+    """
+
+    def __init__(
+        self,
+        *,
+        dsn: str | None,
+        pool_size: int = 2,
+        connect_timeout: float = 10.0,
+        write_timeout: float = 30.0,
+        close_timeout: float = 10.0,
+        ping_timeout: float = 5.0,
+        backoff_initial: float = 0.2,
+        backoff_max: float = 10.0,
+        retry_log_interval: float = 10.0,
+        application_name: str = "iot-ingest",
+        dashboard: DashboardMode = "deferred",
+        logger: logging.Logger | None = None,
+    ) -> None:
+        for name, value in (
+            ("connect_timeout", connect_timeout),
+            ("write_timeout", write_timeout),
+            ("close_timeout", close_timeout),
+            ("ping_timeout", ping_timeout),
+            ("backoff_initial", backoff_initial),
+            ("retry_log_interval", retry_log_interval),
+        ):
+            if not value > 0:
+                raise ValueError(f"{name} must be > 0, got {value!r}")
+        if pool_size < 1:
+            raise ValueError(f"pool_size must be >= 1, got {pool_size!r}")
+        if backoff_max < backoff_initial:
+            raise ValueError(
+                f"backoff_max must be >= backoff_initial ({backoff_initial!r}), got {backoff_max!r}"
+            )
+        self._dsn = dsn
+        self._pool_size = pool_size
+        self._connect_timeout = connect_timeout
+        self._write_timeout = write_timeout
+        self._close_timeout = close_timeout
+        self._ping_timeout = ping_timeout
+        self._backoff_initial = backoff_initial
+        self._backoff_max = backoff_max
+        self._retry_log_interval = retry_log_interval
+        self._application_name = application_name
+        if dashboard not in ("deferred", "inline", "off"):
+            raise ValueError(f"dashboard must be deferred, inline or off, got {dashboard!r}")
+        # "off": readings and dead letters only (what the write path costs without the
+        # dashboard tables, benchmarks/dashboard.py; or a schema without them).
+        self._dashboard = dashboard
+        self._log = logger if logger is not None else logging.getLogger("ingest.writer")
+        self._pool: asyncpg.Pool[asyncpg.Record] | None = None
+        self._batches = 0
+        self._rows_inserted = 0
+        self._duplicates = 0
+        self._dead_letters = 0
+        self._retries: Counter[str] = Counter()
+        self._connected = False
+        self._last_commit: float | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        if self._pool is not None:
+            raise RuntimeError("Writer is already open")
+        # min_size=0: creating the pool does no I/O; connections open on first use, so the
+        # wait below (and every reconnect later) goes through one retry loop.
+        pool: asyncpg.Pool[asyncpg.Record] = await asyncpg.create_pool(
+            self._dsn,
+            min_size=0,
+            max_size=self._pool_size,
+            timeout=self._connect_timeout,
+            command_timeout=None,
+            reset=_keep_session,
+            server_settings={"application_name": self._application_name},
+        )
+        self._pool = pool
+        try:
+            await self._retrying(self._probe, what="connecting to the database", tally=None)
+        except BaseException as exc:
+            self._pool = None
+            pool.terminate()
+            if isinstance(exc, Exception):
+                raise _fatal("cannot connect to the database", exc) from exc
+            raise
+        self._log.info("database connected (pool of %d)", self._pool_size)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        pool, self._pool = self._pool, None
+        self._connected = False
+        if pool is None:
+            return
+        try:
+            # Pool.close() waits for connections in use to come back, then closes each
+            # politely; on a dead or blackholed server that could take forever.
+            await asyncio.wait_for(pool.close(), self._close_timeout)
+        except TimeoutError:
+            self._log.warning(
+                "database pool did not close within %.0fs; terminating it", self._close_timeout
+            )
+            pool.terminate()
+
+    # -- public API ---------------------------------------------------------------------------
+
+    async def write(self, envelopes: Sequence[Envelope]) -> WriteResult:
+        """Store one batch (see the module docstring); returns what happened to it.
+
+        Waits (retrying) while the database is unavailable; raises FatalError when it refuses
+        the batch for a reason that neither retrying nor narrowing can fix.
+        """
+        self._require_pool()
+        tally = _Tally()
+        if not envelopes:
+            return tally.result()
+        try:
+            await self._write_narrowing(envelopes, tally)
+        finally:
+            # Halves committed before a failure or a cancellation are in the database too.
+            self._rows_inserted += tally.inserted
+            self._duplicates += tally.duplicates
+            self._dead_letters += sum(tally.dead.values())
+        self._batches += 1
+        return tally.result()
+
+    async def ping(self) -> None:
+        """One ``SELECT 1`` round trip within ``ping_timeout`` (readiness); raises on failure."""
+        try:
+            async with asyncio.timeout(self._ping_timeout):
+                await self._probe()
+        except BaseException:
+            self._connected = False
+            raise
+
+    def statistics(self) -> WriterStatistics:
+        return WriterStatistics(
+            batches=self._batches,
+            rows_inserted=self._rows_inserted,
+            duplicates=self._duplicates,
+            dead_letters=self._dead_letters,
+            retries_by_class=dict(self._retries),
+            connected=self._connected,
+            last_commit=self._last_commit,
+        )
+
+    # -- narrowing (ROW errors) ---------------------------------------------------------------
+
+    async def _write_narrowing(self, envelopes: Sequence[Envelope], tally: _Tally) -> None:
+        # A stack of segments, left half on top, so messages still commit in receive order
+        # (and the first of two duplicates in one batch stays the one that wins).
+        pending: list[Sequence[Envelope]] = [envelopes]
+        first_rejection: BaseException | None = None
+        while pending:
+            segment = pending.pop()
+            try:
+                await self._write_segment(segment, (), tally)
+                continue
+            except Exception as exc:
+                if classify(exc) is not ErrorClass.ROW:
+                    raise _fatal("cannot write to the database", exc) from exc
+                if first_rejection is None:
+                    first_rejection = exc
+                failure = exc
+            self._count_retry(ErrorClass.ROW, tally)
+            if len(segment) == 1:
+                await self._reject(segment[0], failure, tally)
+            else:
+                middle = len(segment) // 2
+                pending.append(segment[middle:])
+                pending.append(segment[:middle])
+        if first_rejection is not None:
+            self._log.warning(
+                "batch of %d messages: %d rejected by the database became dead letters "
+                "(%d extra attempts); first error: %s",
+                len(envelopes),
+                tally.rejected,
+                tally.retries,
+                _describe(first_rejection),
+            )
+
+    async def _reject(self, envelope: Envelope, exc: BaseException, tally: _Tally) -> None:
+        """Store ``envelope`` alone as a dead letter, since the database refused it as is."""
+        if isinstance(envelope.result, DecodeError):
+            # Its own dead-letter row was refused (text the database cannot store).
+            error, reason = str(envelope.result), envelope.result.reason
+        else:
+            error, reason = _database_message(exc), REJECTED_BY_DATABASE
+        dead = DeadLetter(
+            received_at=envelope.received_at,
+            topic=_storable(envelope.topic),
+            payload=envelope.payload,
+            error=_storable(error),
+            reason=_storable(reason),
+        )
+        self._log.debug("dead-lettering a message on %r: %s", envelope.topic, error)
+        try:
+            await self._write_segment((), (dead,), tally)
+        except Exception as dead_exc:
+            raise _fatal(
+                f"cannot store the dead letter of a message on {envelope.topic!r}", dead_exc
+            ) from dead_exc
+        tally.rejected += 1
+
+    # -- one segment, retried while transient --------------------------------------------------
+
+    async def _write_segment(
+        self, segment: Sequence[Envelope], extra_dead: Sequence[DeadLetter], tally: _Tally
+    ) -> None:
+        rows: list[Reading] = []
+        dead: list[DeadLetter] = list(extra_dead)
+        for envelope in segment:
+            result = envelope.result
+            if isinstance(result, DecodeError):
+                dead.append(
+                    DeadLetter(
+                        received_at=envelope.received_at,
+                        topic=envelope.topic,
+                        payload=envelope.payload,
+                        error=str(result),
+                        reason=result.reason,
+                    )
+                )
+            else:
+                rows.extend(result.readings)
+        if not rows and not dead:
+            return
+
+        async def attempt() -> int:
+            return await self._attempt(rows, dead, tally)
+
+        inserted = await self._retrying(attempt, what="database write", tally=tally)
+        self._last_commit = time.monotonic()
+        tally.inserted += inserted
+        tally.duplicates += len(rows) - inserted
+        tally.dead.update(d.reason for d in dead)
+
+    async def _retrying(
+        self, operation: Callable[[], Awaitable[_T]], *, what: str, tally: _Tally | None
+    ) -> _T:
+        """Run ``operation`` until it succeeds or fails with a non-TRANSIENT error."""
+        backoff = Backoff(initial=self._backoff_initial, maximum=self._backoff_max)
+        outage = _OutageLog(self._log, what, self._retry_log_interval)
+        while True:
+            try:
+                result = await operation()
+            except Exception as exc:
+                if classify(exc) is not ErrorClass.TRANSIENT:
+                    raise
+                self._connected = False
+                self._count_retry(ErrorClass.TRANSIENT, tally)
+                delay = backoff.next_delay()
+                outage.failed(exc, delay)
+                await asyncio.sleep(delay)
+                continue
+            self._connected = True
+            outage.succeeded()
+            return result
+
+    def _count_retry(self, error_class: ErrorClass, tally: _Tally | None) -> None:
+        self._retries[error_class.value] += 1
+        if tally is not None:
+            tally.retries += 1
+
+    # -- one attempt on one connection ---------------------------------------------------------
+
+    async def _attempt(
+        self, rows: Sequence[Reading], dead: Sequence[DeadLetter], tally: _Tally
+    ) -> int:
+        async with self._connection() as conn:
+            try:
+                async with asyncio.timeout(self._write_timeout):
+                    if not tally.conflict_safe:
+                        try:
+                            return await self._transaction(conn, rows, dead, conflict_safe=False)
+                        except asyncpg.UniqueViolationError:
+                            self._log.debug("batch holds duplicates: redoing it conflict-safe")
+                            tally.conflict_safe = True
+                    return await self._transaction(conn, rows, dead, conflict_safe=True)
+            except TimeoutError as exc:
+                raise TimeoutError(
+                    f"no answer within write_timeout={self._write_timeout:g}s,"
+                    " connection presumed dead"
+                ) from exc
+
+    async def _transaction(
+        self,
+        conn: _Conn,
+        rows: Sequence[Reading],
+        dead: Sequence[DeadLetter],
+        *,
+        conflict_safe: bool,
+    ) -> int:
+        transaction = conn.transaction()
+        await transaction.start()
+        try:
+            inserted = await self._store(conn, rows, dead, conflict_safe=conflict_safe)
+        except Exception as exc:
+            # Refused data leaves a healthy connection: roll back and keep it. Anything else
+            # (lost connection, timeout, cancellation) leaves it in an unknown state, and a
+            # ROLLBACK could hang on a blackholed server: _connection() terminates it instead.
+            if classify(exc) is ErrorClass.ROW:
+                await transaction.rollback()
+            raise
+        await transaction.commit()
+        return inserted
+
+    async def _store(
+        self,
+        conn: _Conn,
+        rows: Sequence[Reading],
+        dead: Sequence[DeadLetter],
+        *,
+        conflict_safe: bool,
+    ) -> int:
+        """All the SQL that stores a batch, inside the caller's transaction.
+
+        Returns how many of ``rows`` were inserted (the rest were duplicates). Anything else
+        that must change with the batch, in the same transaction (dashboard tables from the
+        rows actually inserted), belongs here.
+        """
+        inserted = 0
+        if rows and self._dashboard == "inline":
+            await conn.execute(f"{_CREATE_STAGING}; {PLANNER_SETTINGS}")
+            await _copy_readings(conn, _STAGING_TABLE, rows)
+            # Prepared once per connection (asyncpg's statement cache), not parsed per batch.
+            if conflict_safe:
+                inserted = int(await conn.fetchval(_INLINE_CONFLICT_SAFE))
+            else:
+                await conn.fetchval(_INLINE_FAST)
+                inserted = len(rows)
+        elif rows:
+            if self._dashboard == "deferred":
+                # Tags the rows below with a new batch, recorded for ingest.db.dashboard.fold.
+                stamps = list(map(_TS, rows))
+                await conn.fetchval(BEGIN_BATCH_SQL, min(stamps), max(stamps))
+            if conflict_safe:
+                await conn.execute(_CREATE_STAGING)
+                await _copy_readings(conn, _STAGING_TABLE, rows)
+                inserted = _status_count(await conn.execute(_INSERT_FROM_STAGING))
+            else:
+                inserted = _status_count(await _copy_readings(conn, "readings", rows))
+        if dead:
+            await conn.copy_records_to_table(
+                "dead_letters", records=dead, columns=_DEAD_LETTER_COLUMNS
+            )
+        return inserted
+
+    async def _probe(self) -> None:
+        async with self._connection() as conn, asyncio.timeout(self._write_timeout):
+            await conn.fetchval("SELECT 1")
+        self._connected = True
+
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[_Conn]:
+        """A pooled connection, terminated rather than reused when an error left it in doubt."""
+        pool = self._require_pool()
+        conn = await pool.acquire(timeout=self._connect_timeout)
+        try:
+            yield conn
+        except BaseException as exc:
+            refused_data = isinstance(exc, Exception) and classify(exc) is ErrorClass.ROW
+            # A connection that died already was handed back to the pool by asyncpg, and its
+            # proxy then raises InterfaceError on every call: nothing is left to terminate.
+            with suppress(asyncpg.InterfaceError):
+                if not refused_data or conn.is_in_transaction():
+                    conn.terminate()
+            raise
+        finally:
+            await pool.release(conn, timeout=self._connect_timeout)
+
+    def _require_pool(self) -> asyncpg.Pool[asyncpg.Record]:
+        if self._pool is None:
+            raise RuntimeError("Writer is not open: use it as `async with Writer(...)`")
+        return self._pool
+
+
+async def _copy_readings(conn: _Conn, table: str, rows: Sequence[Reading]) -> str:
+    """Binary COPY of ``rows`` into ``table`` (ingest.flow.pgcopy encodes them); the status."""
+    return await conn.copy_to_table(
+        table, source=_one_chunk(encode_readings(rows)), columns=_READING_COLUMNS, format="binary"
+    )
+
+
+async def _one_chunk(data: bytes) -> AsyncIterator[bytes]:
+    # asyncpg takes the data as an async iterable of chunks (its stubs have no plain buffer).
+    yield data
+
+
+async def _keep_session(conn: asyncpg.Connection[asyncpg.Record]) -> None:
+    """Pool reset hook: the connections are ours alone, so skip asyncpg's default RESET ALL
+    round trip on every release (and keep the session's staging table)."""
+
+
+def _status_count(status: str) -> int:
+    # "COPY 1000", "INSERT 0 998"
+    return int(status.rsplit(" ", 1)[-1])
+
+
+def _describe(exc: BaseException) -> str:
+    state = sqlstate_of(exc)
+    where = f" [SQLSTATE {state}]" if state else ""
+    return f"{type(exc).__name__}{where}: {str(exc) or 'no message'}"
+
+
+def _fatal(context: str, exc: BaseException) -> FatalError:
+    return FatalError(f"{context}: {_describe(exc)} ({classify(exc).value}, not retried)")
+
+
+def _database_message(exc: BaseException) -> str:
+    if isinstance(exc, asyncpg.PostgresError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _storable(text: str) -> str:
+    """``text`` with what PostgreSQL cannot hold in a text column (NUL, lone surrogates)
+    escaped, so a dead letter can always be stored; the raw payload stays intact."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")

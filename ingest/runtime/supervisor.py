@@ -1,0 +1,259 @@
+"""``ingest run --workers N``: N daemon processes sharing one subscription, supervised.
+
+Past one core the MQTT client, not Postgres, is the ceiling (a worker spends most of its CPU in
+paho), so throughput scales with processes, not coroutines. Each worker is a full ``ingest run``
+with its own client id ``<client_id>-<i>`` (its own persistent session) in one shared
+subscription group (``$share/<group>/<filter>``; the group is ``INGEST_SHARE_GROUP``, else the
+client id), so the broker spreads messages over the workers.
+
+The parent owns no data. It
+* starts the workers with the merged settings in their environment (they migrate under the
+  advisory lock, safely at once);
+* restarts a worker that dies, with capped jittered backoff (a worker that keeps exiting with a
+  configuration error stops everything: exit 2);
+* forwards the first SIGTERM/SIGINT (each worker drains) and a second one (each worker forces);
+  exit 0 when every worker drained cleanly, else 1;
+* serves ``/metrics`` (every worker's metrics, labelled ``worker``), ``/healthz`` (the parent
+  and every worker alive) and ``/readyz`` (every worker ready) on the one metrics port.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sys
+from dataclasses import fields
+
+import anyio
+from anyio.abc import Process
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from ingest.backoff import Backoff
+from ingest.errors import ConfigError
+from ingest.observability.metrics import handle_http, merge_expositions
+from ingest.settings import Settings
+
+__all__ = ["Supervisor", "run_supervisor"]
+
+EXIT_CONFIG = 2
+_JSON = "application/json"
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The settings as ``INGEST_*`` variables, so a worker sees exactly what the parent saw."""
+    env: dict[str, str] = {}
+    for f in fields(Settings):
+        value = getattr(settings, f.name)
+        if value is None:
+            continue
+        var = str(f.metadata["env"])
+        env[var] = ("true" if value else "false") if isinstance(value, bool) else str(value)
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class _Worker:
+    def __init__(self, index: int, env: dict[str, str], metrics_port: int) -> None:
+        self.index = index
+        self.env = env
+        self.metrics_port = metrics_port
+        self.process: Process | None = None
+        self.starts = 0
+        self.config_failures = 0
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.returncode is None
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, *, log: logging.Logger | None = None) -> None:
+        self.settings = settings
+        self.log = log or logging.getLogger("ingest.supervisor")
+        self.stopping = False
+        self.exit_code = 0
+        self._signals = 0
+        base = {**os.environ, **settings_env(settings)}
+        group = settings.share_group or settings.client_id
+        self.workers: list[_Worker] = []
+        for i in range(settings.workers):
+            port = _free_port() if settings.metrics_port else 0
+            env = {
+                **base,
+                "INGEST_WORKERS": "1",
+                "INGEST_CLIENT_ID": f"{settings.client_id}-{i}",
+                "INGEST_SHARE_GROUP": group,
+                "INGEST_WORKER_ID": str(i),
+                "INGEST_METRICS_PORT": str(port),
+                "INGEST_METRICS_HOST": "127.0.0.1",
+            }
+            self.workers.append(_Worker(i, env, port))
+
+    async def run(self) -> int:
+        listener = None
+        if self.settings.metrics_port:
+            try:
+                listener = await anyio.create_tcp_listener(
+                    local_host=self.settings.metrics_host, local_port=self.settings.metrics_port
+                )
+            except OSError as exc:
+                raise ConfigError(
+                    "INGEST_METRICS_PORT",
+                    f"cannot listen on {self.settings.metrics_host}:{self.settings.metrics_port}:"
+                    f" {exc.strerror or exc}",
+                ) from None
+        self.log.info(
+            "starting %d workers (client ids %s-0..%d, shared subscription group %s)",
+            len(self.workers),
+            self.settings.client_id,
+            len(self.workers) - 1,
+            self.settings.share_group or self.settings.client_id,
+        )
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._watch_signals, signals, name="ingest[signals]")
+                if listener is not None:
+                    tg.start_soon(self._serve, listener, name="ingest[metrics]")
+                async with anyio.create_task_group() as workers:
+                    for w in self.workers:
+                        workers.start_soon(self._supervise, w, name=f"ingest[worker-{w.index}]")
+                tg.cancel_scope.cancel()
+        return self.exit_code
+
+    async def _supervise(self, w: _Worker) -> None:
+        backoff = Backoff(initial=0.5, maximum=self.settings.retry_max_delay)
+        while not self.stopping:
+            w.starts += 1
+            w.process = await anyio.open_process(
+                [sys.executable, "-m", "ingest", "run"],
+                env=w.env,
+                stdin=None,
+                stdout=None,
+                stderr=None,
+                # Own session: a terminal's Ctrl-C reaches only the parent, which forwards one
+                # SIGTERM (a second signal straight from the terminal would force the workers).
+                start_new_session=True,
+            )
+            code = await w.process.wait()
+            if self.stopping:
+                if code != 0:
+                    self.exit_code = 1
+                self.log.info("worker %d exited with status %d", w.index, code)
+                return
+            if code == EXIT_CONFIG:
+                w.config_failures += 1
+                if w.config_failures >= 3:
+                    self.log.error("worker %d: configuration error, stopping", w.index)
+                    self.exit_code = EXIT_CONFIG
+                    self._stop(signal.SIGTERM)
+                    return
+            delay = backoff.next_delay()
+            self.log.warning(
+                "worker %d exited with status %d; restarting in %.1fs (start %d)",
+                w.index,
+                code,
+                delay,
+                w.starts + 1,
+            )
+            await anyio.sleep(delay)
+
+    def _stop(self, sig: signal.Signals) -> None:
+        self.stopping = True
+        for w in self.workers:
+            if w.alive and w.process is not None:
+                w.process.send_signal(sig)
+
+    async def _kill_stragglers(self) -> None:
+        # Bounded: workers drain within shutdown_timeout; past that (plus a margin), kill.
+        await anyio.sleep(self.settings.shutdown_timeout + 5)
+        for w in self.workers:
+            if w.alive and w.process is not None:
+                self.log.error("worker %d did not drain in time: killing it", w.index)
+                w.process.kill()
+                self.exit_code = 1
+
+    async def _watch_signals(self, signals: object) -> None:
+        async with anyio.create_task_group() as timers:
+            await self._signal_loop(signals, timers)
+
+    async def _signal_loop(self, signals: object, timers: anyio.abc.TaskGroup) -> None:
+        async for signum in signals:  # type: ignore[attr-defined]
+            self._signals += 1
+            name = signal.Signals(signum).name
+            if self._signals == 1:
+                self.log.info("%s: draining every worker", name)
+                self._stop(signal.SIGTERM)
+                timers.start_soon(self._kill_stragglers)
+            else:
+                self.log.warning("%s again: forcing every worker", name)
+                self.exit_code = 1
+                self._stop(signal.SIGINT)
+
+    # -- one port for every worker ----------------------------------------------------------
+
+    async def _serve(self, listener: anyio.abc.Listener[anyio.abc.SocketStream]) -> None:
+        self.log.info(
+            "metrics of all workers on http://%s:%d/metrics",
+            self.settings.metrics_host,
+            self.settings.metrics_port,
+        )
+        async with listener, anyio.create_task_group() as tg:
+            await listener.serve(lambda stream: handle_http(stream, self._route), tg)
+
+    async def _fetch(self, w: _Worker, path: str) -> tuple[int, bytes]:
+        with anyio.fail_after(2):
+            async with await anyio.connect_tcp("127.0.0.1", w.metrics_port) as stream:
+                await stream.send(f"GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
+                chunks = []
+                try:
+                    while True:
+                        chunks.append(await stream.receive())
+                except (anyio.EndOfStream, anyio.BrokenResourceError):
+                    pass
+        raw = b"".join(chunks)
+        head, _, body = raw.partition(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        return status, body
+
+    async def _route(self, method: str, path: str) -> tuple[int, str, bytes]:
+        if method not in ("GET", "HEAD"):
+            return 405, "text/plain; charset=utf-8", b"method not allowed\n"
+        results: dict[int, tuple[int, bytes]] = {}
+
+        async def one(w: _Worker) -> None:
+            try:
+                results[w.index] = await self._fetch(w, path)
+            except (OSError, TimeoutError, ValueError, IndexError) as exc:
+                results[w.index] = (503, f'{{"error": "{type(exc).__name__}"}}'.encode())
+
+        async with anyio.create_task_group() as tg:
+            for w in self.workers:
+                tg.start_soon(one, w)
+        if path == "/metrics":
+            texts = [body.decode() for status, body in results.values() if status == 200]
+            return 200, CONTENT_TYPE_LATEST, merge_expositions(texts)
+        if path in ("/healthz", "/readyz"):
+            ok = all(status == 200 for status, _ in results.values()) and all(
+                w.alive for w in self.workers
+            )
+            body = (
+                b'{"workers": {'
+                + b", ".join(
+                    f'"{i}": '.encode() + (results[i][1].strip() or b"null")
+                    for i in sorted(results)
+                )
+                + b"}}\n"
+            )
+            return (200 if ok else 503), _JSON, body
+        return 404, "text/plain; charset=utf-8", b"not found: try /metrics, /healthz, /readyz\n"
+
+
+def run_supervisor(settings: Settings) -> int:
+    return anyio.run(Supervisor(settings).run, backend="asyncio")

@@ -1,0 +1,65 @@
+"""The embedded servers' pieces that need no server: config text, discovery, the demo's CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ingest.devservers import embedded as _embedded
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def _settings(text: str) -> dict[str, str]:
+    out = {}
+    for line in text.splitlines():
+        words = line.split(maxsplit=1)
+        if words and not words[0].startswith("#"):
+            out[words[0]] = words[1] if len(words) > 1 else ""
+    return out
+
+
+def test_built_in_broker_settings_match_the_project_config() -> None:
+    # A wheel does not carry config/: the built-in copy must say the same.
+    project = _settings((ROOT / "config" / "mosquitto.conf").read_text())
+    assert _settings(_embedded._MOSQUITTO_SETTINGS) == project
+
+
+def test_overrides_replace_in_place_and_append() -> None:
+    text = _embedded._override_config("a 1\n# b 2\nc 3\nc 4\n", {"c": "9", "d": "5"})
+    assert text == "a 1\n# b 2\nc 9\nd 5\n"
+
+
+def test_rumqttd_config_listens_on_loopback_only(tmp_path: Path) -> None:
+    if not _embedded.iotcore_available():
+        pytest.skip("iotcore is not installed")
+    broker = _embedded.IotcoreBroker(tmp_path)
+    command = broker._command()
+    config = (tmp_path / "rumqttd.toml").read_text()
+    assert command[-1] == str(tmp_path / "rumqttd.toml")
+    assert 'listen = "127.0.0.1:' in config and "0.0.0.0" not in config
+
+
+def test_demo_help_says_what_root_implies() -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "ingest", "demo", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    assert "--duration" in r.stdout and "--data-dir" in r.stdout and "--keep" in r.stdout
+    assert "as root" in r.stdout and "system user 'pgserver'" in r.stdout
+
+
+def test_demo_rejects_a_non_positive_duration() -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "ingest", "demo", "--duration", "0"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert r.returncode == 2 and "--duration" in r.stderr

@@ -1,0 +1,82 @@
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+import pytest
+
+from ingest.flow.acker import Acker, Delivery
+from ingest.model import Decoded, Envelope
+
+
+class Session:
+    def __init__(self, alive: bool = True) -> None:
+        self.acked: list[int] = []
+        self.alive = alive
+        self.calls = 0
+
+    def ack_many(self, acks: Sequence[tuple[int, int]]) -> int:
+        self.calls += 1
+        if not self.alive:
+            return 0
+        self.acked.extend(mid for mid, qos in acks if qos)
+        return sum(1 for _, qos in acks if qos)
+
+
+def deliveries(session: Session, mids: range) -> list[Delivery]:
+    env = Envelope("t", b"{}", datetime.now(UTC), Decoded([], 0))
+    return [Delivery(env, session, mid, 1) for mid in mids]
+
+
+def test_release_in_order_even_when_committed_out_of_order() -> None:
+    s = Session()
+    acker = Acker()
+    b0, b1, b2 = deliveries(s, range(0, 3)), deliveries(s, range(3, 5)), deliveries(s, range(5, 6))
+    for _ in range(6):
+        acker.received()
+    assert acker.release(1, b1) == 0  # held: batch 0 not committed yet
+    assert s.acked == []
+    assert acker.release(2, b2) == 0
+    assert acker.release(0, b0) == 6
+    assert s.acked == [0, 1, 2, 3, 4, 5]
+    assert acker.outstanding == 0
+    assert acker.statistics().acknowledged == 6
+
+
+def test_dead_connection_counts_lost_not_acked() -> None:
+    dead, alive = Session(alive=False), Session()
+    acker = Acker()
+    for _ in range(3):
+        acker.received()
+    acker.release(0, deliveries(dead, range(2)))
+    acker.release(1, deliveries(alive, range(7, 8)))
+    st = acker.statistics()
+    assert (st.acknowledged, st.lost_connection, st.outstanding) == (1, 2, 0)
+    assert alive.acked == [7]
+
+
+def test_qos0_not_counted_as_lost() -> None:
+    s = Session(alive=False)
+    acker = Acker()
+    acker.received()
+    env = Envelope("t", b"{}", datetime.now(UTC), Decoded([], 0))
+    acker.release(0, [Delivery(env, s, 0, 0)])
+    assert acker.statistics().lost_connection == 0
+
+
+def test_double_release_is_an_error() -> None:
+    acker = Acker()
+    acker.release(0, [])
+    with pytest.raises(ValueError):
+        acker.release(0, [])
+
+
+def test_one_write_per_run_of_the_same_connection() -> None:
+    a, b = Session(), Session()
+    acker = Acker()
+    batch = deliveries(a, range(3)) + deliveries(b, range(3, 5)) + deliveries(a, range(5, 6))
+    for _ in batch:
+        acker.received()
+    acker.release(0, batch)
+    assert (a.calls, b.calls) == (2, 1)
+    assert a.acked == [0, 1, 2, 5] and b.acked == [3, 4]

@@ -1,0 +1,108 @@
+"""Error classification: real asyncpg exception instances, no sockets."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+
+import asyncpg
+import pytest
+from asyncpg.exceptions._base import DataError as ClientDataError
+
+from ingest.flow.classify import ErrorClass, classify, sqlstate_of
+
+T, R, F = ErrorClass.TRANSIENT, ErrorClass.ROW, ErrorClass.FATAL
+
+
+@pytest.mark.parametrize(
+    ("exc", "expected"),
+    [
+        # connection lost / refused / timed out
+        (OSError("network unreachable"), T),
+        (ConnectionRefusedError(111, "refused"), T),
+        (ConnectionResetError(104, "reset by peer"), T),
+        (socket.gaierror(-3, "temporary failure in name resolution"), T),
+        (TimeoutError(), T),
+        (asyncpg.ConnectionDoesNotExistError("connection was closed in the middle"), T),
+        (asyncpg.ConnectionFailureError("connection failure"), T),
+        (asyncpg.InterfaceError("connection is closed"), T),
+        (asyncpg.InterfaceError("pool is closing"), T),
+        (asyncpg.InternalClientError("protocol confusion"), T),
+        (asyncpg.exceptions.OutdatedSchemaCacheError("cache outdated"), T),
+        # the server says "not now"
+        (asyncpg.CannotConnectNowError("the database system is starting up"), T),
+        (asyncpg.TooManyConnectionsError("too many clients"), T),
+        (asyncpg.DiskFullError("no space left"), T),
+        (asyncpg.AdminShutdownError("terminating connection due to administrator command"), T),
+        (asyncpg.CrashShutdownError("crash"), T),
+        (asyncpg.QueryCanceledError("canceling statement"), T),
+        (asyncpg.SerializationError("could not serialize access"), T),
+        (asyncpg.DeadlockDetectedError("deadlock detected"), T),
+        (asyncpg.LockNotAvailableError("could not obtain lock"), T),
+        (asyncpg.InvalidCachedStatementError("cached plan must not change result type"), T),
+        # the data is refused
+        (asyncpg.InvalidTextRepresentationError("invalid input syntax"), R),
+        (asyncpg.DatetimeFieldOverflowError("timestamp out of range"), R),
+        (asyncpg.CharacterNotInRepertoireError("invalid byte sequence 0x00"), R),
+        (asyncpg.NumericValueOutOfRangeError("out of range"), R),
+        (asyncpg.CheckViolationError("violates check constraint"), R),
+        (asyncpg.NotNullViolationError("null value"), R),
+        (asyncpg.ForeignKeyViolationError("fk"), R),
+        (asyncpg.UniqueViolationError("duplicate key"), R),
+        (asyncpg.TransactionIntegrityConstraintViolationError("deferred check at commit"), R),
+        (asyncpg.ProgramLimitExceededError("index row size exceeds maximum"), R),
+        (ClientDataError("invalid input for query argument $1"), R),
+        (UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogates not allowed"), R),
+        (OverflowError("int too large to convert to float"), R),
+        # setup problems and the unknown
+        (asyncpg.UndefinedTableError('relation "readings" does not exist'), F),
+        (asyncpg.UndefinedColumnError("column does not exist"), F),
+        (asyncpg.PostgresSyntaxError("syntax error"), F),
+        (asyncpg.InsufficientPrivilegeError("permission denied for table readings"), F),
+        (asyncpg.InvalidPasswordError("password authentication failed"), F),
+        (asyncpg.InvalidAuthorizationSpecificationError("no pg_hba.conf entry"), F),
+        (asyncpg.InvalidCatalogNameError('database "x" does not exist'), F),
+        (asyncpg.InvalidSchemaNameError('schema "x" does not exist'), F),
+        (asyncpg.InternalServerError("XX000"), F),
+        (asyncpg.PostgresError("no sqlstate"), F),
+        (asyncpg.InterfaceError("cannot perform operation: another operation is in progress"), F),
+        (asyncpg.exceptions.ClientConfigurationError("invalid DSN"), F),
+        (ssl.SSLCertVerificationError("certificate verify failed"), F),
+        (TypeError("must be real number, not str"), F),
+        (ValueError("something"), F),
+        (RuntimeError("bug"), F),
+    ],
+    ids=lambda value: type(value).__name__ if isinstance(value, BaseException) else None,
+)
+def test_classify(exc: BaseException, expected: ErrorClass) -> None:
+    assert classify(exc) is expected
+
+
+def test_client_data_error_is_an_interface_error_but_never_transient() -> None:
+    # The trap DESIGN.md §3 warns about: asyncpg's client-side DataError subclasses
+    # InterfaceError, even when its message mentions a closed connection.
+    exc = ClientDataError("connection is closed? no: invalid input for query argument")
+    assert isinstance(exc, asyncpg.InterfaceError)
+    assert not isinstance(exc, asyncpg.PostgresError)
+    assert classify(exc) is ErrorClass.ROW
+    # The public name is the server-side SQLSTATE 22000 class, also ROW.
+    assert not issubclass(asyncpg.DataError, asyncpg.InterfaceError)
+    assert classify(asyncpg.DataError("data exception")) is ErrorClass.ROW
+
+
+def test_sqlstate_of() -> None:
+    assert sqlstate_of(asyncpg.UniqueViolationError("dup")) == "23505"
+    assert sqlstate_of(asyncpg.CannotConnectNowError("starting")) == "57P03"
+    assert sqlstate_of(OSError("x")) is None
+    assert sqlstate_of(ClientDataError("x")) is None
+
+
+def test_partition_routing_race_is_transient_not_a_bad_row() -> None:
+    race = asyncpg.exceptions.CheckViolationError(
+        'new row for relation "readings_default" violates partition constraint'
+    )
+    assert classify(race) is ErrorClass.TRANSIENT
+    operator_check = asyncpg.exceptions.CheckViolationError(
+        'new row for relation "readings_p20261127" violates check constraint "sane"'
+    )
+    assert classify(operator_check) is ErrorClass.ROW

@@ -1,0 +1,642 @@
+"""The decode stage: payload contract (DESIGN.md §2 "Payloads") and topic templates."""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+import pytest
+
+from ingest.errors import ConfigError, DecodeError
+from ingest.formats import decode as decode_module
+from ingest.formats.decode import REASONS, TopicTemplate, decode
+from ingest.model import Decoded, Reading
+
+RECEIVED = datetime(2024, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+TEMPLATE = TopicTemplate("devices/{device_id}/telemetry")
+METRIC_TEMPLATE = TopicTemplate("devices/{device_id}/{metric}")
+TOPIC = "devices/dev-00001/telemetry"
+TS = datetime(2023, 11, 14, 22, 13, 20, 123000, tzinfo=UTC)  # 1700000000123 ms
+
+
+def run(payload: bytes | str, topic: str = TOPIC, template: TopicTemplate = TEMPLATE) -> Any:
+    raw = payload.encode() if isinstance(payload, str) else payload
+    return decode(topic, raw, RECEIVED, template)
+
+
+def ok(payload: bytes | str, topic: str = TOPIC, template: TopicTemplate = TEMPLATE) -> Decoded:
+    result = run(payload, topic, template)
+    assert isinstance(result, Decoded), result
+    for reading in result.readings:
+        assert type(reading) is Reading
+        assert type(reading.value) is float
+        assert reading.ts.tzinfo is UTC
+    return result
+
+
+def values(payload: bytes | str) -> dict[str, float]:
+    return {r.metric: r.value for r in ok(payload).readings}
+
+
+def one_ts(payload: bytes | str) -> datetime:
+    (ts,) = {r.ts for r in ok(payload).readings}
+    return ts
+
+
+def reason(payload: bytes | str, topic: str = TOPIC, template: TopicTemplate = TEMPLATE) -> str:
+    result = run(payload, topic, template)
+    assert isinstance(result, DecodeError), result
+    assert result.reason in REASONS
+    assert result.message
+    return result.reason
+
+
+# --- topic template ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("template", "filter_", "has_metric"),
+    [
+        ("devices/{device_id}/telemetry", "devices/+/telemetry", False),
+        ("{device_id}", "+", False),
+        ("a/b/{device_id}", "a/b/+", False),
+        ("{device_id}/x", "+/x", False),
+        ("devices/{device_id}/{metric}", "devices/+/+", True),
+        ("site/{metric}/x/{device_id}", "site/+/x/+", True),
+        ("/lead/{device_id}", "/lead/+", False),
+    ],
+)
+def test_template_filter(template: str, filter_: str, has_metric: bool) -> None:
+    parsed = TopicTemplate(template)
+    assert parsed.filter == filter_
+    assert parsed.has_metric is has_metric
+    assert parsed.template == template
+    assert parsed == TopicTemplate(template)
+    assert repr(parsed) == f"TopicTemplate({template!r})"
+
+
+@pytest.mark.parametrize(
+    ("template", "topic", "expected"),
+    [
+        ("devices/{device_id}/telemetry", "devices/d1/telemetry", ("d1", None)),
+        ("devices/{device_id}/telemetry", "devices//telemetry", ("", None)),
+        ("devices/{device_id}/telemetry", "devices/d1/telemetryx", None),
+        ("devices/{device_id}/telemetry", "devices/d1/telemetry/", None),
+        ("devices/{device_id}/telemetry", "devices/telemetry", None),
+        ("devices/{device_id}/telemetry", "devices/a/b/telemetry", None),
+        ("devices/{device_id}/telemetry", "other/d1/telemetry", None),
+        ("devices/{device_id}/telemetry", "/devices/d1/telemetry", None),
+        ("devices/{device_id}/telemetry", "", None),
+        ("{device_id}", "d1", ("d1", None)),
+        ("{device_id}", "d1/x", None),
+        ("devices/{device_id}/{metric}", "devices/d1/temp", ("d1", "temp")),
+        ("devices/{device_id}/{metric}", "devices/d1/", ("d1", "")),
+        ("devices/{device_id}/{metric}", "devices/d1", None),
+        ("site/{metric}/x/{device_id}", "site/temp/x/d9", ("d9", "temp")),
+        ("site/{metric}/x/{device_id}", "site/temp/y/d9", None),
+    ],
+)
+def test_template_match(template: str, topic: str, expected: tuple[str, str | None] | None) -> None:
+    assert TopicTemplate(template).match(topic) == expected
+
+
+@pytest.mark.parametrize(
+    ("template", "words"),
+    [
+        ("", "empty"),
+        ("devices/telemetry", "no {device_id}"),
+        ("devices/{metric}", "no {device_id}"),
+        ("devices/+/telemetry", "wildcards"),
+        ("devices/{device_id}/#", "wildcards"),
+        ("devices/{device_id}+/x", "wildcards"),
+        ("devices/id-{device_id}/telemetry", "whole topic level"),
+        ("devices/{device_id}x/telemetry", "whole topic level"),
+        ("devices/{device_id/telemetry", "whole topic level"),
+        ("devices/device_id}/telemetry", "whole topic level"),
+        ("devices/{{device_id}}/telemetry", "whole topic level"),
+        ("devices/{device}/telemetry", "unknown placeholder"),
+        ("devices/{}/telemetry", "unknown placeholder"),
+        ("devices/{device_id}/{device_id}", "more than once"),
+        ("{metric}/{device_id}/{metric}", "more than once"),
+        ("devices/{device_id}/\x00", "NUL"),
+        ("$share/g/devices/{device_id}", "INGEST_SHARE_GROUP"),
+    ],
+)
+def test_template_invalid(template: str, words: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        TopicTemplate(template)
+    assert info.value.setting == "INGEST_TOPIC"
+    assert words in info.value.message
+    assert str(info.value).startswith("INGEST_TOPIC: ")
+
+
+# --- the typical message -------------------------------------------------------------------
+
+
+def test_typical_payload() -> None:
+    payload = (
+        b'{"ts": 1700000000123, "seq": 42, "temperature": 21.5, "humidity": 40.1,'
+        b' "battery": 3.71, "rssi": -67, "fw": "1.2.3"}'
+    )
+    assert run(payload) == Decoded(
+        [
+            Reading("dev-00001", "seq", TS, 42.0),
+            Reading("dev-00001", "temperature", TS, 21.5),
+            Reading("dev-00001", "humidity", TS, 40.1),
+            Reading("dev-00001", "battery", TS, 3.71),
+            Reading("dev-00001", "rssi", TS, -67.0),
+        ],
+        1,
+    )
+
+
+def test_same_result_twice() -> None:
+    # The names cache must not change the outcome of a second decode.
+    payload = b'{"a": 1, "b": 2.5, "c": true}'
+    assert (
+        run(payload)
+        == run(payload)
+        == Decoded(
+            [
+                Reading("dev-00001", "a", RECEIVED, 1.0),
+                Reading("dev-00001", "b", RECEIVED, 2.5),
+                Reading("dev-00001", "c", RECEIVED, 1.0),
+            ],
+            0,
+        )
+    )
+
+
+@pytest.mark.parametrize(
+    ("payload", "expected"),
+    [
+        ('{"on": true, "off": false}', {"on": 1.0, "off": 0.0}),
+        (
+            '{"i": 7, "neg": -3, "zero": 0, "f": 0.25}',
+            {"i": 7.0, "neg": -3.0, "zero": 0.0, "f": 0.25},
+        ),
+        ('{"negzero": -0.0}', {"negzero": -0.0}),
+        ('{"tiny": 1e-400}', {"tiny": 0.0}),  # underflow is finite: a reading
+        ('{"big": 1.7e308}', {"big": 1.7e308}),
+        ('{"i53": 9007199254740993}', {"i53": 9007199254740992.0}),  # beyond 2**53: rounded
+        ('{"u64": 18446744073709551615}', {"u64": 18446744073709551616.0}),
+        ('{"i65": 36893488147419103232}', {"i65": 36893488147419103232.0}),
+        ('{"e": 12e3}', {"e": 12000.0}),
+        ('{"a.b": 1}', {"a.b": 1.0}),
+        ('{"unicode µ°": 1}', {"unicode µ°": 1.0}),
+        ('{"' + "m" * 128 + '": 1}', {"m" * 128: 1.0}),
+    ],
+)
+def test_numbers_and_booleans(payload: str, expected: dict[str, float]) -> None:
+    assert values(payload) == expected
+
+
+@pytest.mark.parametrize(
+    ("payload", "n_readings", "skipped"),
+    [
+        ('{"a": 1, "s": "text"}', 1, 1),
+        ('{"a": 1, "n": null}', 1, 1),
+        ('{"a": 1, "l": [1, 2, 3]}', 1, 1),
+        ('{"a": 1, "e": {}}', 1, 1),
+        ('{"a": 1, "inf": 1e400}', 1, 1),
+        ('{"a": 1, "ninf": -1e400}', 1, 1),
+        ('{"a": 1, "huge": 1' + "0" * 400 + "}", 1, 1),
+        ('{"a": 1, "huge": -1' + "0" * 5000 + "}", 1, 1),
+        ('{"a": 1, "x": "1", "y": null, "z": [], "w": {"v": "s"}}', 1, 4),
+        ('{"a": 1, "ts": null}', 1, 0),
+        ('{"ts": 1700000000, "a": 1}', 1, 0),  # ts is neither a reading nor skipped
+        ('{"ts": "2023-11-14T22:13:20Z", "a": 1}', 1, 0),
+        ('[{"a": 1, "s": "x"}, {"b": 2, "t": null}]', 2, 2),
+        ('{"env": {"t": 1, "s": "x", "l": [], "n": null}}', 1, 3),
+    ],
+)
+def test_skipped_fields(payload: str, n_readings: int, skipped: int) -> None:
+    result = ok(payload)
+    assert (len(result.readings), result.skipped) == (n_readings, skipped)
+
+
+def test_orjson_rejects_out_of_range_numbers() -> None:
+    # Why decode has a second parser: orjson refuses these, the contract skips them.
+    for text in (b"1e400", b"1" + b"0" * 400):
+        with pytest.raises(orjson.JSONDecodeError):
+            orjson.loads(text)
+
+
+def test_duplicate_json_key_keeps_last() -> None:
+    assert values('{"a": 1, "a": 2}') == {"a": 2.0}
+    # Also on the second parser's path (taken because of 1e400).
+    assert values('{"a": 1, "a": 2, "x": 1e400}') == {"a": 2.0}
+
+
+# --- nested objects ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("payload", "expected"),
+    [
+        ('{"env": {"temp": 20}}', {"env.temp": 20.0}),
+        (
+            '{"a": 1, "env": {"temp": 20, "hum": 50.5}, "z": 3}',
+            {"a": 1, "env.temp": 20, "env.hum": 50.5, "z": 3},
+        ),
+        ('{"a": {"b": {"c": {"d": true}}}}', {"a.b.c.d": 1.0}),
+        ('{"a": {"ts": 5}}', {"a.ts": 5.0}),  # only the top-level ts is the time
+        ('{"a": {"": 1}}', {"a.": 1.0}),
+        ('{"": {"x": 1}}', {".x": 1.0}),
+        ('{"a": {"b": 1}, "a.c": 2}', {"a.b": 1.0, "a.c": 2.0}),
+    ],
+)
+def test_nested_flattening(payload: str, expected: dict[str, float]) -> None:
+    assert values(payload) == expected
+
+
+def test_nested_keeps_document_order_and_ts() -> None:
+    result = ok('{"ts": 1700000000123, "a": 1, "b": {"c": 2, "d": {"e": 3}}, "f": 4}')
+    assert [(r.metric, r.ts) for r in result.readings] == [
+        ("a", TS),
+        ("b.c", TS),
+        ("b.d.e", TS),
+        ("f", TS),
+    ]
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        '{"a.b": 1, "a": {"b": 2}}',
+        '{"a": {"b": 2}, "a.b": 1}',
+        '{"a": {"b.c": 1, "b": {"c": 2}}}',
+        '{"a.b": "text", "a": {"b": 2}}',  # a skipped field still owns its name
+        '{"a.b": {}, "a": {"b": 2}}',
+        '[{"x": 1}, {"a.b": 1, "a": {"b": 2}}]',
+    ],
+)
+def test_duplicate_metric(payload: str) -> None:
+    assert reason(payload) == "duplicate_metric"
+
+
+def test_same_name_in_two_samples_is_fine() -> None:
+    assert len(ok('[{"ts": 1, "a": {"b": 1}}, {"ts": 2, "a.b": 2}]').readings) == 2
+
+
+def test_deep_nesting_never_crashes() -> None:
+    assert len(ok('{"k":' * 64 + "1" + "}" * 64).readings[0].metric) == 127
+    for depth in (65, 200, 1000, 1500, 5000):
+        deep = '{"k":' * depth + "1" + "}" * depth
+        result = run(deep)
+        # Deep enough, the name is over 128 characters; deeper, the parsers refuse it.
+        assert isinstance(result, DecodeError)
+        assert result.reason in ("bad_metric", "not_json"), (depth, result)
+    assert reason('{"a": 1, "ts": ' + "[" * 1000 + "]" * 1000 + "}") == "bad_ts"
+    assert reason('{"a": 1, "ts": ' + '{"k":' * 1000 + "1" + "}" * 1001) == "bad_ts"
+    skipped_only = '{"a": 1, "k":' + '{"k":' * 300 + '"s"' + "}" * 301
+    assert ok(skipped_only).skipped == 1
+
+
+# --- timestamps ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("ts", "expected"),
+    [
+        ("1700000000", datetime(2023, 11, 14, 22, 13, 20, tzinfo=UTC)),
+        ("1700000000.5", datetime(2023, 11, 14, 22, 13, 20, 500000, tzinfo=UTC)),
+        ("1700000000.123", datetime(2023, 11, 14, 22, 13, 20, 123000, tzinfo=UTC)),
+        ("1700000000.1234567", datetime(2023, 11, 14, 22, 13, 20, 123457, tzinfo=UTC)),
+        ("1700000000123", TS),
+        ("1700000000123.0", TS),
+        ("1700000000123.456", datetime(2023, 11, 14, 22, 13, 20, 123456, tzinfo=UTC)),
+        ("0", datetime(1970, 1, 1, tzinfo=UTC)),
+        ("-86400", datetime(1969, 12, 31, tzinfo=UTC)),
+        ("-1.5", datetime(1969, 12, 31, 23, 59, 58, 500000, tzinfo=UTC)),
+        ("100000000000", datetime(5138, 11, 16, 9, 46, 40, tzinfo=UTC)),  # 1e11: seconds
+        ("100000000001", datetime(1973, 3, 3, 9, 46, 40, 1000, tzinfo=UTC)),  # above: ms
+        ("-100000000001", datetime(1966, 10, 31, 14, 13, 19, 999000, tzinfo=UTC)),  # ms
+        ("253402300799999", datetime(9999, 12, 31, 23, 59, 59, 999000, tzinfo=UTC)),
+        ("-62135596800", datetime(1, 1, 1, tzinfo=UTC)),
+        ('"2023-11-14T22:13:20Z"', datetime(2023, 11, 14, 22, 13, 20, tzinfo=UTC)),
+        ('"2023-11-14t22:13:20z"', datetime(2023, 11, 14, 22, 13, 20, tzinfo=UTC)),
+        ('"2023-11-14 22:13:20Z"', datetime(2023, 11, 14, 22, 13, 20, tzinfo=UTC)),
+        ('"2023-11-14T22:13:20"', datetime(2023, 11, 14, 22, 13, 20, tzinfo=UTC)),
+        ('"2023-11-14T22:13:20.123Z"', TS),
+        (
+            '"2023-11-14T22:13:20.123456789Z"',
+            datetime(2023, 11, 14, 22, 13, 20, 123456, tzinfo=UTC),
+        ),
+        ('"2023-11-14T23:13:20.123+01:00"', TS),
+        ('"2023-11-14T17:13:20.123-05:00"', TS),
+        ('"2023-11-14T22:13:20.123-00:00"', TS),
+        ('"2023-11-14T22:13:20.123+00:00"', TS),
+        ('"2023-11-15T03:43:20.123+0530"', TS),
+        ('"1969-07-20T20:17:40Z"', datetime(1969, 7, 20, 20, 17, 40, tzinfo=UTC)),
+    ],
+)
+def test_ts_forms(ts: str, expected: datetime) -> None:
+    got = one_ts(f'{{"ts": {ts}, "a": 1}}')
+    assert got == expected
+    assert got.tzinfo is UTC
+
+
+@pytest.mark.parametrize("payload", ['{"a": 1}', '{"ts": null, "a": 1}', '[{"a": 1}]'])
+def test_ts_absent_or_null_is_received_at(payload: str) -> None:
+    assert one_ts(payload) == RECEIVED
+
+
+def test_ms_timestamps_round_trip_exactly() -> None:
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    rng = random.Random(1)
+    samples = [1700000000000 + i for i in range(2000)]
+    samples += [rng.randrange(100_000_000_001, 253402300799999) for _ in range(3000)]
+    samples += [2**33 * 1000 - 1, 2**33 * 1000, 2**33 * 1000 + 1]
+    for ms in samples:
+        assert one_ts(f'{{"ts": {ms}, "a": 1}}') == epoch + timedelta(milliseconds=ms), ms
+        assert one_ts(f'{{"ts": {ms}.0, "a": 1}}') == epoch + timedelta(milliseconds=ms), ms
+
+
+def test_every_sample_has_its_own_ts() -> None:
+    result = ok('[{"ts": 1700000000123, "a": 1}, {"ts": 1700000000124, "a": 2}, {"a": 3}]')
+    assert [(r.ts, r.value) for r in result.readings] == [
+        (TS, 1.0),
+        (TS + timedelta(milliseconds=1), 2.0),
+        (RECEIVED, 3.0),
+    ]
+
+
+@pytest.mark.parametrize(
+    "ts",
+    [
+        "true",
+        "false",
+        "[]",
+        "[1700000000]",
+        "{}",
+        '{"s": 1}',
+        '""',
+        '"yesterday"',
+        '"1700000000"',
+        '"2023-11-14"',
+        '"2023-11-14T22:13"',
+        '"2023-11-14T22:13:60Z"',
+        '"2023-11-14T24:00:00Z"',
+        '"2023-02-30T00:00:00Z"',
+        '"2023-11-14T22:13:20 "',
+        '"2023-11-14X22:13:20Z"',
+        '"2023-11-14T22:13:20+25:00"',
+        '"0001-01-01T00:00:00+01:00"',
+        '"9999-12-31T23:00:00-05:00"',
+        "1e400",
+        "-1e400",
+        "1" + "0" * 400,
+        "1e300",
+        "-1e300",
+        "-100000000000",  # seconds (not above 1e11), before year 1
+        "-62135596801",
+        "253402300800000",  # ms, year 10000
+        "99999999999999999999",
+    ],
+)
+def test_bad_ts(ts: str) -> None:
+    assert reason(f'{{"ts": {ts}, "a": 1}}') == "bad_ts"
+    assert reason(f'[{{"a": 1}}, {{"ts": {ts}, "a": 1}}]') == "bad_ts"
+
+
+# --- arrays --------------------------------------------------------------------------------
+
+
+def test_array_of_samples() -> None:
+    payload = (
+        b"["
+        + b",".join(b'{"ts": %d, "seq": %d, "t": 1.5}' % (1700000000123 + i, i) for i in range(10))
+        + b"]"
+    )
+    result = ok(payload)
+    assert len(result.readings) == 20
+    assert result.readings[2] == Reading("dev-00001", "seq", TS + timedelta(milliseconds=1), 1.0)
+
+
+@pytest.mark.parametrize(
+    "payload", ['[{"a": 1}, 2]', '[{"a": 1}, [{"a": 1}]]', "[null]", '["x"]', '[{"a": 1}, true]']
+)
+def test_bad_sample(payload: str) -> None:
+    assert reason(payload) == "bad_sample"
+
+
+def test_array_with_a_sample_without_readings_is_fine() -> None:
+    assert ok('[{"a": 1}, {"ts": 1700000000}, {}]').skipped == 0
+
+
+# --- malformed messages --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("payload", "expected"),
+    [
+        (b"\xff\xfe", "invalid_utf8"),
+        (b'{"a": 1, "s": "caf\xe9"}', "invalid_utf8"),
+        (b'{"a": 1, "s": "\xed\xa0\x80"}', "invalid_utf8"),  # an encoded surrogate
+        (b"", "not_json"),
+        (b"   ", "not_json"),
+        (b"{", "not_json"),
+        (b'{"a": 1,}', "not_json"),
+        (b"{'a': 1}", "not_json"),
+        (b'{"a": NaN}', "not_json"),
+        (b'{"a": Infinity}', "not_json"),
+        (b'{"a": -Infinity, "b": 1e400}', "not_json"),
+        (b'{"a": 1} {"b": 2}', "not_json"),
+        (b'{"a": 1, "s": "tab\there"}', "not_json"),
+        (b'\xef\xbb\xbf{"a": 1}', "not_json"),  # byte order mark
+        (b'{"\\ud800": 1}', "not_json"),  # lone surrogate in a key
+        (b'{"\\ud800": 1, "x": 1e400}', "not_json"),
+        (b"[" * 100_000, "not_json"),
+        (b"1", "not_object"),
+        (b"1.5", "not_object"),
+        (b"1e400", "not_object"),
+        (b"true", "not_object"),
+        (b"null", "not_object"),
+        (b'"text"', "not_object"),
+        (b"[]", "no_readings"),
+        (b"{}", "no_readings"),
+        (b'{"ts": 1700000000}', "no_readings"),
+        (b'{"s": "x", "n": null, "l": [1]}', "no_readings"),
+        (b'{"inf": 1e400}', "no_readings"),
+        (b'{"e": {}}', "no_readings"),
+        (b"[{}, {}]", "no_readings"),
+        (b'{"": 1}', "bad_metric"),
+        (b'{"a\\u0000b": 1}', "bad_metric"),
+        (b'{"' + b"m" * 129 + b'": 1}', "bad_metric"),
+        (b'{"a": {"": 1}, "": {"b": 2}, "x": {"' + b"m" * 127 + b'": 1}}', "bad_metric"),
+        (b'{"env": {"a\\u0000": 1}}', "bad_metric"),
+        (b'[{"a": 1}, {"": 1}]', "bad_metric"),
+    ],
+)
+def test_malformed(payload: bytes, expected: str) -> None:
+    assert reason(payload) == expected
+
+
+def test_lone_surrogate_in_a_string_value_is_skipped() -> None:
+    # orjson refuses it, the second parser takes it: a string is never stored anyway.
+    assert ok(b'{"a": 1, "x": "\\udc00"}').skipped == 1
+    assert ok(b'{"a": 1, "x": "\\ud800", "y": 1e400}').skipped == 2
+    assert reason(b'{"ts": "2023-11-14T22:13:20\\ud800", "a": 1}') == "bad_ts"
+
+
+@pytest.mark.parametrize("name", ["", "\x00", "a\x00b", "m" * 129, "é" * 129])
+def test_bad_metric_name_never_cached(name: str) -> None:
+    payload = orjson.dumps({name: 1})
+    assert reason(payload) == "bad_metric"
+    assert reason(payload) == "bad_metric"
+    assert reason(orjson.dumps({"ok": 1, "n": {"": 2}, name: 3})) == "bad_metric"
+
+
+def test_name_cache_is_bounded_and_owned_by_the_template() -> None:
+    template = TopicTemplate("devices/{device_id}/telemetry")
+    for i in range(decode_module._GOOD_NAMES_MAX + 10):
+        ok(f'{{"m{i}": 1}}', template=template)
+    assert 0 < len(template.checked_names) <= decode_module._GOOD_NAMES_MAX
+    assert "m0" not in TopicTemplate("devices/{device_id}/telemetry").checked_names
+
+
+@pytest.mark.parametrize(
+    ("topic", "expected"),
+    [
+        ("devices/dev-1/other", "bad_topic"),
+        ("devices/dev-1", "bad_topic"),
+        ("devices/a/b/telemetry", "bad_topic"),
+        ("", "bad_topic"),
+        ("devices//telemetry", "bad_device_id"),
+        ("devices/a\x00b/telemetry", "bad_device_id"),
+        (f"devices/{'d' * 129}/telemetry", "bad_device_id"),
+    ],
+)
+def test_bad_topic_and_device_id(topic: str, expected: str) -> None:
+    assert reason(b'{"a": 1}', topic=topic) == expected
+
+
+def test_device_id_limits() -> None:
+    assert (
+        ok(b'{"a": 1}', topic=f"devices/{'d' * 128}/telemetry").readings[0].device_id == "d" * 128
+    )
+    assert ok(b'{"a": 1}', topic="devices/é/telemetry").readings[0].device_id == "é"
+
+
+def test_topic_is_checked_before_the_payload() -> None:
+    assert reason(b"\xff", topic="nope") == "bad_topic"
+    assert reason(b"\xff", topic="devices//telemetry") == "bad_device_id"
+
+
+def test_messages_are_whole_or_nothing() -> None:
+    # Good readings in the same message do not survive a bad part.
+    assert reason('[{"a": 1}, {"ts": true, "b": 2}]') == "bad_ts"
+    assert reason('{"a": 1, "b": 2, "": 3}') == "bad_metric"
+    assert reason('{"a": 1, "b": {"c": 1}, "b.c": 2}') == "duplicate_metric"
+
+
+def test_error_messages_are_short_and_name_the_sample() -> None:
+    result = run('[{"a": 1}, {"ts": "' + "x" * 1000 + '", "a": 1}]')
+    assert isinstance(result, DecodeError)
+    assert result.message.startswith("sample 1: ts ")
+    assert len(result.message) < 200
+
+
+def test_internal_error_never_escapes(monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom(*args: object) -> None:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(decode_module, "_decode", boom)
+    result = run(b'{"a": 1}')
+    assert isinstance(result, DecodeError)
+    assert result.reason == "internal"
+    assert "RuntimeError" in result.message
+
+
+def test_random_garbage_never_raises() -> None:
+    rng = random.Random(42)
+    seeds = [
+        b'{"ts": 1700000000123, "a": 1, "b": {"c": [1, "x"]}, "d": true, "e": null}',
+        b'[{"ts": "2023-11-14T22:13:20Z", "a": 1.5}, {"b": -2}]',
+        b'{"a": 1e400, "b": 123456789012345678901234567890}',
+    ]
+    alphabet = b'{}[]":,.-+eE0123456789 tsabnulrfx\\\x00\xff'
+    for _ in range(5000):
+        data = bytearray(rng.choice(seeds))
+        for _ in range(rng.randint(1, 4)):
+            i = rng.randrange(len(data) + 1)
+            data[i:i] = bytes([rng.choice(alphabet)])
+            if data and rng.random() < 0.5:
+                del data[rng.randrange(len(data))]
+        for template in (TEMPLATE, METRIC_TEMPLATE):
+            topic = "devices/d/telemetry"
+            result = decode(topic, bytes(data), RECEIVED, template)
+            if isinstance(result, DecodeError):
+                assert result.reason in REASONS and result.reason != "internal", result
+            else:
+                assert result.readings
+                assert all(r.ts.tzinfo is UTC and type(r.value) is float for r in result.readings)
+
+
+# --- {metric} in the template --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("payload", "expected", "skipped"),
+    [
+        ("21.5", [("temp", RECEIVED, 21.5)], 0),
+        ("-3", [("temp", RECEIVED, -3.0)], 0),
+        ("true", [("temp", RECEIVED, 1.0)], 0),
+        ("false", [("temp", RECEIVED, 0.0)], 0),
+        ('{"value": 7}', [("temp", RECEIVED, 7.0)], 0),
+        ('{"ts": 1700000000123, "value": 7}', [("temp", TS, 7.0)], 0),
+        ('{"ts": null, "value": 7}', [("temp", RECEIVED, 7.0)], 0),
+        ('{"ts": "2023-11-14T22:13:20.123Z", "value": false}', [("temp", TS, 0.0)], 0),
+        ('{"value": 7, "unit": "C", "other": 5}', [("temp", RECEIVED, 7.0)], 2),
+        (
+            '[{"ts": 1700000000123, "value": 1}, {"ts": 1700000000124, "value": 2}]',
+            [("temp", TS, 1.0), ("temp", TS + timedelta(milliseconds=1), 2.0)],
+            0,
+        ),
+        ('[{"value": 1}, {"value": "x"}, {"ts": 1}]', [("temp", RECEIVED, 1.0)], 1),
+    ],
+)
+def test_metric_template(
+    payload: str, expected: list[tuple[str, datetime, float]], skipped: int
+) -> None:
+    result = ok(payload, topic="devices/dev-7/temp", template=METRIC_TEMPLATE)
+    assert [(r.metric, r.ts, r.value) for r in result.readings] == expected
+    assert all(r.device_id == "dev-7" for r in result.readings)
+    assert result.skipped == skipped
+
+
+@pytest.mark.parametrize(
+    ("payload", "topic", "expected"),
+    [
+        ("1", "devices/dev-7/", "bad_metric"),
+        ("1", "devices/dev-7/a\x00", "bad_metric"),
+        ("1", f"devices/dev-7/{'m' * 129}", "bad_metric"),
+        ("1", "devices//temp", "bad_device_id"),
+        ("1", "devices/dev-7", "bad_topic"),
+        ('"21.5"', "devices/dev-7/temp", "no_readings"),
+        ("null", "devices/dev-7/temp", "no_readings"),
+        ("1e400", "devices/dev-7/temp", "no_readings"),
+        ("{}", "devices/dev-7/temp", "no_readings"),
+        ('{"ts": 1700000000}', "devices/dev-7/temp", "no_readings"),
+        ('{"value": null}', "devices/dev-7/temp", "no_readings"),
+        ('{"value": {"a": 1}}', "devices/dev-7/temp", "no_readings"),
+        ("[]", "devices/dev-7/temp", "no_readings"),
+        ("[1, 2]", "devices/dev-7/temp", "bad_sample"),
+        ('{"ts": true, "value": 1}', "devices/dev-7/temp", "bad_ts"),
+        ('[{"value": 1}, {"ts": "x", "value": 1}]', "devices/dev-7/temp", "bad_ts"),
+        ("NaN", "devices/dev-7/temp", "not_json"),
+        (b"\xff", "devices/dev-7/temp", "invalid_utf8"),
+    ],
+)
+def test_metric_template_malformed(payload: str | bytes, topic: str, expected: str) -> None:
+    assert reason(payload, topic=topic, template=METRIC_TEMPLATE) == expected
+
+
+def test_received_at_passes_through_unchanged() -> None:
+    other = datetime(2020, 5, 6, 7, 8, 9, 123456, tzinfo=UTC)
+    result = decode(TOPIC, b'{"a": 1}', other, TEMPLATE)
+    assert isinstance(result, Decoded)
+    assert result.readings[0].ts is other
