@@ -44,6 +44,9 @@ class DeadLetter(NamedTuple):
     payload: bytes
     error: str
     reason: str
+    #: bytes the message had on the wire when ``payload`` holds only its start (``too_large``);
+    #: None means ``len(payload)``.
+    payload_size: int | None = None
 
 
 class Envelope(NamedTuple):
@@ -57,3 +60,6 @@ class Envelope(NamedTuple):
     payload: bytes
     received_at: datetime
     result: Decoded | DecodeError
+    #: bytes the message had on the wire when ``payload`` holds only its start (a payload over
+    #: the size limit is not kept whole); None means ``len(payload)``.
+    size: int | None = None

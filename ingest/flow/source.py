@@ -213,7 +213,12 @@ class Source:
                     self.fields_skipped += result.skipped
                 delivery = build(
                     Delivery,
-                    (build(Envelope, (topic, payload, received_at, result)), session, mid, qos),
+                    (
+                        build(Envelope, (topic, payload, received_at, result, None)),
+                        session,
+                        mid,
+                        qos,
+                    ),
                 )
                 self.received += 1
                 acker.received()
