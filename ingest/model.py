@@ -6,6 +6,7 @@ and millions of them are built per minute.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import NamedTuple
 
@@ -63,3 +64,73 @@ class Envelope(NamedTuple):
     #: bytes the message had on the wire when ``payload`` holds only its start (a payload over
     #: the size limit is not kept whole); None means ``len(payload)``.
     size: int | None = None
+
+
+# --- statistics: what each stage reports (anyio MemoryObjectStreamStatistics style) -------
+
+
+@dataclass(frozen=True, slots=True)
+class SourceStatistics:
+    received: int
+    decode_errors: dict[str, int]
+    fields_skipped: int
+    connected: bool
+    subscribed: bool
+    connects: int
+    inbox: int = 0  # received by the MQTT client, not yet decoded (bounded by the window)
+    disconnects: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class BatcherStatistics:
+    batches: int
+    cut_by_rows: int
+    cut_by_delay: int
+    cut_by_window: int
+    window: int
+    observed_window: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class AckStatistics:
+    outstanding: int
+    acknowledged: int
+    lost_connection: int
+    held_batches: int
+
+
+@dataclass(frozen=True, slots=True)
+class WriterStatistics:
+    """Totals since the writer was created (anyio ``MemoryObjectStreamStatistics`` style).
+
+    ``retries_by_class`` is keyed by :class:`ErrorClass` value (``transient``, ``row``);
+    ``connected`` is whether the last database round trip succeeded; ``last_commit`` is a
+    ``time.monotonic()`` value.
+    """
+
+    batches: int
+    rows_inserted: int
+    duplicates: int
+    dead_letters: int
+    retries_by_class: dict[str, int]
+    connected: bool
+    last_commit: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineStatistics:
+    received: int
+    acknowledged: int
+    outstanding: int
+    rows_inserted: int
+    duplicates: int
+    dead_letters: int
+    dead_reasons: dict[str, int]
+    fields_skipped: int
+    batches: int
+    channel_depth: int
+    channel_capacity: int
+    window: int
+    last_commit_lag: float | None
+    subscribed: bool
+    inbox: int = 0  # received by the MQTT client, not yet decoded

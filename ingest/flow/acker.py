@@ -10,12 +10,11 @@ broker redelivers them on the next connection and the idempotent write absorbs t
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
-from ingest.model import Envelope
+from ingest.model import AckStatistics, Envelope
 
-__all__ = ["AckStatistics", "Acker", "Acknowledger", "Delivery"]
+__all__ = ["Acker", "Acknowledger", "Delivery"]
 
 
 class Acknowledger(Protocol):
@@ -32,14 +31,6 @@ class Delivery(NamedTuple):
     session: Acknowledger
     mid: int
     qos: int
-
-
-@dataclass(frozen=True, slots=True)
-class AckStatistics:
-    outstanding: int
-    acknowledged: int
-    lost_connection: int
-    held_batches: int
 
 
 class Acker:

@@ -20,31 +20,20 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from ingest.flow.acker import Delivery
-from ingest.model import Decoded
+from ingest.model import BatcherStatistics, Decoded
 
-__all__ = ["Batcher", "BatcherStatistics", "rows_of"]
+__all__ = ["Batcher", "rows_of"]
 
 
 def rows_of(d: Delivery) -> int:
     """Rows a delivery adds to a batch: its readings, or one dead letter."""
     result = d.envelope.result
     return len(result.readings) if isinstance(result, Decoded) else 1
-
-
-@dataclass(frozen=True, slots=True)
-class BatcherStatistics:
-    batches: int
-    cut_by_rows: int
-    cut_by_delay: int
-    cut_by_window: int
-    window: int
-    observed_window: int | None
 
 
 class Batcher:

@@ -13,7 +13,6 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import anyio
 
@@ -22,31 +21,13 @@ from ingest.flow.batcher import Batcher
 from ingest.flow.source import Source
 from ingest.flow.writer import Writer, WriteResult
 from ingest.logs import log_context
+from ingest.model import PipelineStatistics
 from ingest.settings import Settings
 
 # (batch, result, seconds the write took, time.time() at commit): see ingest.observability.metrics.
 CommitHook = Callable[[Sequence[Delivery], WriteResult, float, float], None]
 
-__all__ = ["Pipeline", "PipelineStatistics"]
-
-
-@dataclass(frozen=True, slots=True)
-class PipelineStatistics:
-    received: int
-    acknowledged: int
-    outstanding: int
-    rows_inserted: int
-    duplicates: int
-    dead_letters: int
-    dead_reasons: dict[str, int]
-    fields_skipped: int
-    batches: int
-    channel_depth: int
-    channel_capacity: int
-    window: int
-    last_commit_lag: float | None
-    subscribed: bool
-    inbox: int = 0  # received by the MQTT client, not yet decoded
+__all__ = ["Pipeline"]
 
 
 class Pipeline:

@@ -18,7 +18,6 @@ import asyncio
 import logging
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import aiomqtt
@@ -29,23 +28,11 @@ from ingest.backoff import Backoff
 from ingest.errors import DecodeError
 from ingest.flow.acker import Acker, Delivery
 from ingest.formats.decode import TopicTemplate, decode
-from ingest.model import Envelope, build
+from ingest.model import Envelope, SourceStatistics, build
 from ingest.mqtt.session import MqttSession
 from ingest.settings import Settings
 
-__all__ = ["Source", "SourceStatistics"]
-
-
-@dataclass(frozen=True, slots=True)
-class SourceStatistics:
-    received: int
-    decode_errors: dict[str, int]
-    fields_skipped: int
-    connected: bool
-    subscribed: bool
-    connects: int
-    inbox: int = 0  # received by the MQTT client, not yet decoded (bounded by the window)
-    disconnects: dict[str, int] = field(default_factory=dict)
+__all__ = ["Source"]
 
 
 class Source:

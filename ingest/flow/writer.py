@@ -55,9 +55,9 @@ from ingest.errors import DecodeError, FatalError
 from ingest.flow.classify import ErrorClass, classify, sqlstate_of
 from ingest.flow.pgcopy import COLUMNS as _READING_COLUMNS
 from ingest.flow.pgcopy import encode_readings
-from ingest.model import DeadLetter, Envelope, Reading
+from ingest.model import DeadLetter, Envelope, Reading, WriterStatistics
 
-__all__ = ["WriteResult", "Writer", "WriterStatistics"]
+__all__ = ["WriteResult", "Writer"]
 
 _T = TypeVar("_T")
 if TYPE_CHECKING:
@@ -129,24 +129,6 @@ class WriteResult:
     dead_letters: int = 0
     dead_reasons: dict[str, int] = field(default_factory=dict)
     retries: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class WriterStatistics:
-    """Totals since the writer was created (anyio ``MemoryObjectStreamStatistics`` style).
-
-    ``retries_by_class`` is keyed by :class:`ErrorClass` value (``transient``, ``row``);
-    ``connected`` is whether the last database round trip succeeded; ``last_commit`` is a
-    ``time.monotonic()`` value.
-    """
-
-    batches: int
-    rows_inserted: int
-    duplicates: int
-    dead_letters: int
-    retries_by_class: dict[str, int]
-    connected: bool
-    last_commit: float | None
 
 
 @dataclass(slots=True)

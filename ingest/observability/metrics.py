@@ -48,16 +48,21 @@ from prometheus_client.registry import Collector
 
 from ingest._version import __version__
 from ingest.errors import ConfigError
-from ingest.flow.acker import AckStatistics, Delivery
-from ingest.flow.batcher import BatcherStatistics
-from ingest.flow.source import SourceStatistics
-from ingest.flow.writer import REJECTED_BY_DATABASE, WriteResult, WriterStatistics
+from ingest.flow.acker import Delivery
+from ingest.flow.writer import REJECTED_BY_DATABASE, WriteResult
 from ingest.formats.decode import REASONS
-from ingest.model import Decoded
+from ingest.model import (
+    AckStatistics,
+    BatcherStatistics,
+    Decoded,
+    SourceStatistics,
+    WriterStatistics,
+)
 
 if TYPE_CHECKING:
-    from ingest.flow.pipeline import Pipeline, PipelineStatistics
+    from ingest.flow.pipeline import Pipeline
     from ingest.flow.writer import Writer
+    from ingest.model import PipelineStatistics
     from ingest.settings import Settings
 
 __all__ = [

@@ -8,12 +8,18 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from ingest.errors import DecodeError
-from ingest.flow.acker import AckStatistics, Delivery
-from ingest.flow.batcher import BatcherStatistics
-from ingest.flow.pipeline import PipelineStatistics
-from ingest.flow.source import SourceStatistics
-from ingest.flow.writer import WriteResult, WriterStatistics
-from ingest.model import Decoded, Envelope, Reading
+from ingest.flow.acker import Delivery
+from ingest.flow.writer import WriteResult
+from ingest.model import (
+    AckStatistics,
+    BatcherStatistics,
+    Decoded,
+    Envelope,
+    PipelineStatistics,
+    Reading,
+    SourceStatistics,
+    WriterStatistics,
+)
 from ingest.observability.metrics import (
     CommitProgress,
     IngestCollector,
