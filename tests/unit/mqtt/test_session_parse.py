@@ -1,4 +1,4 @@
-"""The adapter's PUBLISH fast path (ingest.mqtt.session.take_publishes) against hand-built packets
+"""The adapter's PUBLISH fast path (ingest.mqtt.wire.take_publishes) against hand-built packets
 and against paho's own decoder."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 from paho.mqtt import _packet
 from paho.mqtt.enums import MQTTProtocolVersion
 
-from ingest.mqtt.session import Inbound, take_publishes
+from ingest.mqtt.wire import Inbound, take_publishes
 
 
 def varint(n: int) -> bytes:
