@@ -25,7 +25,7 @@ from ingest.db.migrate import migrate_dsn
 from ingest.errors import FatalError, IngestError
 from ingest.flow.pipeline import Pipeline
 from ingest.flow.writer import Writer
-from ingest.observability.metrics import Observability
+from ingest.observability.service import Observability
 from ingest.settings import Settings, redact_url
 
 __all__ = ["Daemon", "run_daemon"]

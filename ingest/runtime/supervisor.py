@@ -32,7 +32,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from ingest.backoff import Backoff
 from ingest.errors import ConfigError
-from ingest.observability.metrics import handle_http, merge_expositions
+from ingest.observability.http import handle_http
+from ingest.observability.merge import merge_expositions
 from ingest.settings import Settings
 
 __all__ = ["Supervisor", "run_supervisor"]

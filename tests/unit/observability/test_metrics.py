@@ -1,4 +1,4 @@
-"""ingest.observability.metrics without sockets: collector output, histograms, readiness verdicts, merging."""
+"""ingest.observability without sockets: collector output, histograms, readiness verdicts, merging."""
 
 from __future__ import annotations
 
@@ -20,14 +20,10 @@ from ingest.model import (
     SourceStatistics,
     WriterStatistics,
 )
-from ingest.observability.metrics import (
-    CommitProgress,
-    IngestCollector,
-    Observability,
-    Snapshot,
-    assess_readiness,
-    merge_expositions,
-)
+from ingest.observability.collector import IngestCollector, Snapshot
+from ingest.observability.health import CommitProgress, assess_readiness
+from ingest.observability.merge import merge_expositions
+from ingest.observability.service import Observability
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 

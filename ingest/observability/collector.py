@@ -1,0 +1,215 @@
+"""The counters and gauges of ``/metrics``, read from the stages' statistics at scrape time.
+
+Costs nothing per message. Counters and gauges are not incremented on the hot path: every
+stage already keeps plain integer totals for its ``statistics()`` (anyio style), and
+:class:`IngestCollector` turns a :class:`Snapshot` of them into metric families when Prometheus
+scrapes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from ingest._version import __version__
+from ingest.flow.writer import REJECTED_BY_DATABASE
+from ingest.formats.decode import REASONS
+from ingest.model import (
+    AckStatistics,
+    BatcherStatistics,
+    SourceStatistics,
+    WriterStatistics,
+)
+
+if TYPE_CHECKING:
+    from ingest.flow.pipeline import Pipeline
+    from ingest.flow.writer import Writer
+    from ingest.model import PipelineStatistics
+
+__all__ = ["IngestCollector", "Snapshot"]
+
+# Label values that exist before the first event, so rate() and alerts see a 0, not a gap.
+_DEAD_LETTER_REASONS = (*REASONS, REJECTED_BY_DATABASE)
+_RETRY_CLASSES = ("transient", "row")
+_DISCONNECT_CAUSES = ("refused", "timeout", "disconnected", "error")
+_CUT_CAUSES = ("rows", "delay", "window")
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """The statistics of every stage at one instant; ``last_commit_at`` is a ``time.time()``."""
+
+    pipeline: PipelineStatistics
+    source: SourceStatistics
+    acker: AckStatistics
+    batcher: BatcherStatistics
+    writer: WriterStatistics
+    last_commit_at: float | None
+
+    @classmethod
+    def of(cls, pipeline: Pipeline, writer: Writer) -> Snapshot:
+        return cls(
+            pipeline=pipeline.statistics(),
+            source=pipeline.source.statistics(),
+            acker=pipeline.acker.statistics(),
+            batcher=pipeline.batcher.statistics(),
+            writer=writer.statistics(),
+            last_commit_at=pipeline.last_commit_at,
+        )
+
+
+class _Families:
+    """Builds metric families that all carry the same constant labels (``worker``)."""
+
+    def __init__(self, const: Mapping[str, str]) -> None:
+        self._names = list(const)
+        self._values = list(const.values())
+
+    def counter(self, name: str, doc: str, value: float) -> Metric:
+        family = CounterMetricFamily(name, doc, labels=self._names)
+        family.add_metric(self._values, value)
+        return family
+
+    def counter_by(
+        self, name: str, doc: str, label: str, values: Mapping[str, int], known: Iterable[str]
+    ) -> Metric:
+        family = CounterMetricFamily(name, doc, labels=[*self._names, label])
+        for key in sorted({*known, *values}):
+            family.add_metric([*self._values, key], values.get(key, 0))
+        return family
+
+    def gauge(self, name: str, doc: str, value: float, **labels: str) -> Metric:
+        family = GaugeMetricFamily(name, doc, labels=[*self._names, *labels])
+        family.add_metric([*self._values, *labels.values()], value)
+        return family
+
+
+class IngestCollector(Collector):
+    """Counters and gauges of the pipeline, read from ``snapshot()`` at scrape time."""
+
+    def __init__(
+        self, snapshot: Callable[[], Snapshot | None], *, worker: str | None = None
+    ) -> None:
+        self._snapshot = snapshot
+        self._f = _Families({"worker": worker} if worker is not None else {})
+
+    def describe(self) -> list[Metric]:
+        # Tells the registry not to call collect() at registration (the pipeline may not exist).
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        f = self._f
+        yield f.gauge(
+            "ingest_build_info", "Version of iot-ingest running (always 1).", 1,
+            version=__version__,
+        )  # fmt: skip
+        s = self._snapshot()
+        if s is None:  # still waiting for the database at start-up
+            return
+        p, src, ack, b, w = s.pipeline, s.source, s.acker, s.batcher, s.writer
+        yield f.counter(
+            "ingest_messages_received", "MQTT messages received (decoded or not).", p.received
+        )
+        yield f.counter(
+            "ingest_messages_acknowledged",
+            "Messages acknowledged to the broker (PUBACK) after their batch committed.",
+            ack.acknowledged,
+        )
+        yield f.counter(
+            "ingest_messages_ack_lost",
+            "Committed messages whose connection closed before their PUBACK; the broker "
+            "redelivers them and the idempotent write absorbs them.",
+            ack.lost_connection,
+        )
+        yield f.counter(
+            "ingest_readings_written", "Readings inserted into the readings table.", w.rows_inserted
+        )
+        yield f.counter(
+            "ingest_readings_duplicates",
+            "Readings not inserted because (device_id, metric, ts) was already stored.",
+            w.duplicates,
+        )
+        yield f.counter_by(
+            "ingest_dead_letters",
+            "Messages stored as dead letters, by reason.",
+            "reason",
+            p.dead_reasons,
+            _DEAD_LETTER_REASONS,
+        )
+        yield f.counter(
+            "ingest_fields_skipped",
+            "Payload fields that are not readings (strings, nulls, lists, non-finite numbers).",
+            p.fields_skipped,
+        )
+        yield f.counter("ingest_batches", "Batches committed to the database.", w.batches)
+        yield f.counter_by(
+            "ingest_batches_cut",
+            "Batches cut by the batcher, by what ended them (rows: batch_max_rows reached, "
+            "delay: batch_max_delay passed, window: the broker's in-flight window is in hand).",
+            "cause",
+            {"rows": b.cut_by_rows, "delay": b.cut_by_delay, "window": b.cut_by_window},
+            _CUT_CAUSES,
+        )
+        yield f.counter_by(
+            "ingest_write_retries",
+            "Extra database transactions, by error class (transient: retried after a "
+            "connection loss, timeout, ...; row: spent narrowing a batch down to rejected rows).",
+            "class",
+            w.retries_by_class,
+            _RETRY_CLASSES,
+        )
+        yield f.counter(
+            "ingest_broker_connects",
+            "Successful broker connections (subscriptions); more than 1 means reconnects.",
+            src.connects,
+        )
+        yield f.counter_by(
+            "ingest_broker_disconnects",
+            "Broker connections lost, by cause.",
+            "cause",
+            src.disconnects,
+            _DISCONNECT_CAUSES,
+        )
+        yield f.gauge(
+            "ingest_channel_depth",
+            "Messages waiting in the bounded channel between source and batcher.",
+            p.channel_depth,
+        )
+        yield f.gauge(
+            "ingest_channel_capacity", "Capacity of that channel (backpressure bound).",
+            p.channel_capacity,
+        )  # fmt: skip
+        yield f.gauge(
+            "ingest_messages_unacknowledged",
+            "Messages received and not yet acknowledged (in the channel, the batch being "
+            "written, or waiting for earlier batches).",
+            ack.outstanding,
+        )
+        yield f.gauge(
+            "ingest_inflight_window",
+            "Unacknowledged messages the broker is expected to send at most (configured, or "
+            "smaller when the batcher observed a smaller broker window).",
+            b.window,
+        )
+        yield f.gauge(
+            "ingest_broker_connected", "1 when connected to the MQTT broker.", int(src.connected)
+        )
+        yield f.gauge(
+            "ingest_broker_subscribed", "1 when subscribed to the topic filter.",
+            int(src.subscribed),
+        )  # fmt: skip
+        yield f.gauge(
+            "ingest_database_connected",
+            "1 when the last database round trip succeeded.",
+            int(w.connected),
+        )
+        if s.last_commit_at is not None:
+            yield f.gauge(
+                "ingest_last_commit_timestamp_seconds",
+                "Unix time of the last committed batch.",
+                s.last_commit_at,
+            )

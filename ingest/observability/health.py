@@ -1,0 +1,95 @@
+"""Health verdicts: is the loop alive (``/healthz``), is the daemon ready (``/readyz``).
+
+* liveness: a heartbeat task stamps the time every 0.5 s and a stamp older than 5 s (the loop
+  was blocked) is not alive.
+* readiness: subscribed to the broker, the database accepted a write in the last few seconds
+  or answers a ping, and the receive-to-commit lag is under ``ready_max_lag``. The lag is that
+  of the last batch, or, while messages wait and no batch commits, how long that has lasted (so
+  a database that hangs shows up even before a batch completes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ingest.model import AckStatistics
+
+if TYPE_CHECKING:
+    from ingest.observability.collector import Snapshot
+
+__all__ = ["CommitProgress", "Readiness", "assess_readiness", "current_lag"]
+
+HEARTBEAT_INTERVAL = 0.5
+HEALTHY_HEARTBEAT_AGE = 5.0
+RECENT_WRITE = 5.0  # seconds: a commit this recent proves the database accepts writes
+
+
+@dataclass(frozen=True, slots=True)
+class Readiness:
+    ready: bool
+    reason: str
+    lag: float | None = None
+
+    def body(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"ready": self.ready, "reason": self.reason}
+        if self.lag is not None:
+            out["lag_seconds"] = round(self.lag, 3)
+        return out
+
+
+class CommitProgress:
+    """Follows, heartbeat by heartbeat, how long messages have waited with no batch released."""
+
+    def __init__(self) -> None:
+        self._released = -1
+        self._since: float | None = None
+
+    def observe(self, ack: AckStatistics, now: float) -> None:
+        released = ack.acknowledged + ack.lost_connection
+        if ack.outstanding == 0 or released != self._released:
+            self._since = None
+        elif self._since is None:
+            self._since = now
+        self._released = released
+
+    def stalled_for(self, now: float) -> float:
+        return 0.0 if self._since is None else now - self._since
+
+
+def current_lag(snapshot: Snapshot, stalled_for: float) -> float:
+    """Receive-to-commit lag now: 0 when nothing waits, else the last batch's lag or how long
+    messages have waited without any batch committing, whichever is longer."""
+    if snapshot.acker.outstanding == 0:
+        return 0.0
+    return max(snapshot.pipeline.last_commit_lag or 0.0, stalled_for)
+
+
+def assess_readiness(
+    snapshot: Snapshot | None,
+    *,
+    now: float,
+    stalled_for: float,
+    max_lag: float,
+    database_reachable: bool | None,
+    database_error: str = "",
+) -> Readiness | None:
+    """The verdict, or None when it depends on a database ping (``database_reachable`` None)."""
+    if snapshot is None:
+        return Readiness(False, "starting: waiting for the database")
+    if not snapshot.source.subscribed:
+        return Readiness(False, "not subscribed to the broker")
+    wrote_recently = (
+        snapshot.writer.connected
+        and snapshot.last_commit_at is not None
+        and now - snapshot.last_commit_at < RECENT_WRITE
+    )
+    if not wrote_recently:
+        if database_reachable is None:
+            return None
+        if not database_reachable:
+            return Readiness(False, f"database unreachable: {database_error}".rstrip(": "))
+    lag = current_lag(snapshot, stalled_for)
+    if lag >= max_lag:
+        return Readiness(False, f"receive-to-commit lag {lag:.1f}s is over {max_lag:g}s", lag=lag)
+    return Readiness(True, "ok", lag=lag)
