@@ -1,9 +1,9 @@
 """The servers a benchmark runs against: a throwaway Mosquitto, and a throwaway PostgreSQL
 cluster or an existing server; a fresh database for every measured run.
 
-Reuses the integration tests' ``tests.servers`` (run from the repository root). The throwaway
-cluster starts from the tests' template (fsync off, 32 MB shared buffers) and is then set to
-server defaults for a benchmark: durable (``fsync``, ``full_page_writes`` on) unless
+Uses the throwaway servers of ``ingest.devservers``. The throwaway cluster starts from the
+tests' template (fsync off, 32 MB shared buffers) and is then set to server defaults for a
+benchmark: durable (``fsync``, ``full_page_writes`` on) unless
 ``durable=False``, ``shared_buffers`` 128 MB, and ``track_commit_timestamp`` on, which gives
 the exact commit time of every row (``pg_xact_commit_timestamp(xmin)``) without a trigger.
 """
@@ -23,7 +23,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 
 from benchmarks._procstat import postmaster_pid
-from tests.servers import Mosquitto, PostgresCluster
+from ingest.devservers.throwaway import Mosquitto, PostgresCluster
 
 __all__ = ["Environment", "fetch", "fetchval", "open_environment"]
 

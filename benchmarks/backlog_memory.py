@@ -29,7 +29,7 @@ from benchmarks._backlog import make_backlog, publish, register_sessions
 from benchmarks._daemon import IngestProcess
 from benchmarks._env import fetch, fetchval
 from benchmarks._procstat import descendants
-from tests.servers import Mosquitto, PostgresCluster
+from ingest.devservers.throwaway import Mosquitto, PostgresCluster
 
 CLIENT_ID = "bench-memory"
 

@@ -19,8 +19,9 @@ dashboard tables costs the write path.
    per (device, metric) per batch (each reading its own rollup key, the worst case) and ten
    (messages carrying ten samples).
 
-By default everything runs on a throwaway cluster (``tests.servers.PostgresCluster``, set to
-``fsync`` on, 256 MB shared buffers) so the system server is not filled;
+By default everything runs on a throwaway cluster
+(``ingest.devservers.throwaway.PostgresCluster``, set to ``fsync`` on, 256 MB shared buffers)
+so the system server is not filled;
 ``--database-url`` uses an existing server instead (a fresh database, dropped at the end).
 """
 
@@ -48,9 +49,9 @@ import asyncpg
 from ingest.db.dashboard import DashboardMode, fold
 from ingest.db.migrate import migrate_dsn
 from ingest.db.partitions import ensure_partitions
+from ingest.devservers.throwaway import PostgresCluster
 from ingest.flow.writer import Writer
 from ingest.model import Decoded, Envelope, Reading
-from tests.servers import PostgresCluster
 
 __all__ = ["main"]
 

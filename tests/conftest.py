@@ -2,7 +2,7 @@
 
 Where the servers come from, first that works: the INGEST_TEST_DATABASE_URL /
 INGEST_TEST_MQTT_URL environment variables; throwaway servers from the local binaries
-(tests/servers.py); Docker through testcontainers; the embedded servers of the test extra
+(ingest/devservers); Docker through testcontainers; the embedded servers of the test extra
 (pgserver, iotcore); else the test is skipped with the reason, or fails when
 INGEST_REQUIRE_SERVICES=1 (CI), so CI can never go green without them.
 
@@ -29,16 +29,14 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from tests.servers import (
-    DockerMosquitto,
-    DockerPostgres,
+from ingest.devservers.docker import DockerMosquitto, DockerPostgres, docker_available
+from ingest.devservers.throwaway import (
     EmbeddedBroker,
     EmbeddedPostgres,
     Mosquitto,
     MosquittoFactory,
     PostgresCluster,
     PostgresFactory,
-    docker_available,
     embedded_broker_available,
     embedded_postgres_available,
     find_mosquitto,

@@ -37,8 +37,8 @@ from typing import IO, Any
 
 import asyncpg
 
-from ingest.devservers import embedded as _embedded
-from ingest.devservers.embedded import (
+from ingest import devservers as _embedded
+from ingest.devservers import (
     EmbeddedServerError,
     IotcoreBroker,
     MosquittoBroker,

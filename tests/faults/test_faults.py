@@ -14,6 +14,12 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
+from ingest.devservers.throwaway import (
+    Mosquitto,
+    MosquittoFactory,
+    PostgresCluster,
+    PostgresFactory,
+)
 from tests.faults.proxy import FaultProxy
 from tests.integration.support import (
     Daemon,
@@ -26,7 +32,6 @@ from tests.integration.support import (
     wait_rows,
     wait_until,
 )
-from tests.servers import Mosquitto, MosquittoFactory, PostgresCluster, PostgresFactory
 
 pytestmark = pytest.mark.slow
 

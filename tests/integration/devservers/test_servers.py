@@ -10,7 +10,7 @@ import anyio
 import asyncpg
 import pytest
 
-from tests.servers import MosquittoFactory, PostgresFactory
+from ingest.devservers.throwaway import MosquittoFactory, PostgresFactory
 
 pytestmark = pytest.mark.anyio
 

@@ -14,6 +14,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from ingest.devservers.throwaway import PostgresFactory
 from tests.integration.support import (
     Daemon,
     Publisher,
@@ -24,7 +25,6 @@ from tests.integration.support import (
     wait_rows,
     wait_until,
 )
-from tests.servers import PostgresFactory
 
 READINGS_PER_SAMPLE = 5  # tests.integration.support.sample: 5 numbers and one string ("fw")
 Metrics = dict[tuple[str, frozenset[tuple[str, str]]], float]

@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 
 import pytest
 
+from ingest.devservers.throwaway import MosquittoFactory, PostgresFactory
 from tests.integration.support import (
     Daemon,
     Publisher,
@@ -22,7 +23,6 @@ from tests.integration.support import (
     wait_rows,
     wait_until,
 )
-from tests.servers import MosquittoFactory, PostgresFactory
 
 READINGS_PER_SAMPLE = 5  # seq, temperature, humidity, battery, rssi ("fw" is skipped)
 

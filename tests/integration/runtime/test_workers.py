@@ -10,6 +10,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from ingest.devservers.throwaway import MosquittoFactory
 from tests.integration.support import (
     Daemon,
     Publisher,
@@ -19,7 +20,6 @@ from tests.integration.support import (
     wait_rows,
     wait_until,
 )
-from tests.servers import MosquittoFactory
 
 
 def free_port() -> int:

@@ -21,7 +21,7 @@ from typing import TypeVar
 
 import pytest
 
-from ingest.devservers import embedded as _embedded
+from ingest import devservers as _embedded
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ingest.devservers import embedded as _embedded
+from ingest.devservers import brokers as _embedded
 
 ROOT = Path(__file__).resolve().parents[3]
 

@@ -30,15 +30,14 @@ from typing import Literal, Protocol, Self
 
 import asyncpg
 
-from ingest.devservers import embedded as _embedded
-from ingest.devservers.embedded import _read, _tail
-from ingest.devservers.embedded import free_port as _free_port
-from ingest.devservers.embedded import port_open as _port_open
+from ingest.devservers import brokers as _brokers
+from ingest.devservers import postgres as _postgres
+from ingest.devservers._process import EmbeddedServerError, _read, _tail
+from ingest.devservers.ports import free_port as _free_port
+from ingest.devservers.ports import port_open as _port_open
 
 __all__ = [
     "PROJECT_MOSQUITTO_CONF",
-    "DockerMosquitto",
-    "DockerPostgres",
     "EmbeddedBroker",
     "EmbeddedPostgres",
     "Mosquitto",
@@ -46,7 +45,6 @@ __all__ = [
     "PostgresCluster",
     "PostgresFactory",
     "ServerError",
-    "docker_available",
     "embedded_broker_available",
     "embedded_postgres_available",
     "find_mosquitto",
@@ -54,7 +52,7 @@ __all__ = [
     "run_sql",
 ]
 
-PROJECT_MOSQUITTO_CONF = Path(__file__).resolve().parents[1] / "config" / "mosquitto.conf"
+PROJECT_MOSQUITTO_CONF = Path(__file__).resolve().parents[2] / "config" / "mosquitto.conf"
 
 # Set to 0 to ignore local server binaries (to prove the fallbacks on a machine that has them).
 _LOCAL_ENV = "INGEST_TEST_LOCAL_SERVERS"
@@ -464,101 +462,18 @@ def run_sql(dsn: str, *statements: str) -> None:
         pool.submit(lambda: asyncio.run(run())).result()
 
 
-# --- Docker fallback ---------------------------------------------------------------------------
-
-
-@functools.cache
-def docker_available() -> bool:
-    """A Docker daemon answers within a few seconds (the CLI alone is not enough)."""
-    docker = shutil.which("docker")
-    if docker is None:
-        return False
-    try:
-        r = subprocess.run(
-            [docker, "info", "--format", "{{.ServerVersion}}"],
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            timeout=5,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return r.returncode == 0
-
-
-class DockerPostgres:
-    """postgres:16 through testcontainers; `dsn` is the admin DSN (database `postgres`)."""
-
-    def __init__(self) -> None:
-        from testcontainers.community.postgres import PostgresContainer
-
-        self._container = PostgresContainer(
-            "postgres:16", username="postgres", password="postgres", dbname="postgres", driver=None
-        )
-        self.dsn = ""
-
-    def __enter__(self) -> Self:
-        self._container.start()
-        port = self._container.get_exposed_port(5432)
-        self.dsn = f"postgresql://postgres:postgres@127.0.0.1:{port}/postgres"
-        return self
-
-    def __exit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self._container.stop()
-
-
-class DockerMosquitto:
-    """eclipse-mosquitto:2 through testcontainers, with the project config mounted."""
-
-    def __init__(self) -> None:
-        from testcontainers.core.container import DockerContainer
-
-        self.dir = Path(tempfile.mkdtemp(prefix="mosquitto-docker-", dir=_root_dir()))
-        self.dir.chmod(0o755)
-        conf = self.dir / "mosquitto.conf"
-        conf.write_text(
-            _mosquitto_config(
-                PROJECT_MOSQUITTO_CONF.read_text(), {"persistence_location": "/mosquitto/data/"}
-            )
-            + "listener 1883 0.0.0.0\n"  # the container's interfaces; we connect via 127.0.0.1
-        )
-        conf.chmod(0o644)
-        self._container = (
-            DockerContainer("eclipse-mosquitto:2")
-            .with_exposed_ports(1883)
-            .with_volume_mapping(str(conf), "/mosquitto/config/mosquitto.conf", "ro")
-        )
-        self.url = ""
-
-    def __enter__(self) -> Self:
-        from testcontainers.core.waiting_utils import wait_for_logs
-
-        self._container.start()
-        wait_for_logs(self._container, r"mosquitto version \S+ running", timeout=60)
-        self.url = f"mqtt://127.0.0.1:{self._container.get_exposed_port(1883)}"
-        return self
-
-    def __exit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self._container.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
 # --- Embedded last resort (issue 7): the pgserver and iotcore wheels -----------------------------
 
 
 def embedded_postgres_available() -> bool:
-    return _embedded.pgserver_bindir() is not None
+    return _postgres.pgserver_bindir() is not None
 
 
 def embedded_broker_available() -> bool:
-    return _embedded.iotcore_available()
+    return _brokers.iotcore_available()
 
 
-class EmbeddedPostgres(_embedded.PostgresServer, PostgresCluster):
+class EmbeddedPostgres(_postgres.PostgresServer, PostgresCluster):
     """PostgreSQL 16 from the pgserver wheel, with `PostgresCluster`'s interface: restartable
     (fast or immediate) on the same port, `dsn()`, `create_database()`. As root it runs as user
     postgres, else as a system user pgserver created for it.
@@ -568,7 +483,7 @@ class EmbeddedPostgres(_embedded.PostgresServer, PostgresCluster):
     """
 
     def __init__(self) -> None:
-        bindir = _embedded.pgserver_bindir()
+        bindir = _postgres.pgserver_bindir()
         if bindir is None:
             raise ServerError("the pgserver wheel is not installed")
         directory = Path(tempfile.mkdtemp(prefix="pg-embedded-", dir=_root_dir()))
@@ -576,13 +491,13 @@ class EmbeddedPostgres(_embedded.PostgresServer, PostgresCluster):
 
     def close(self) -> None:
         """Stop (immediately: the data is thrown away) and delete the directory."""
-        with contextlib.suppress(_embedded.EmbeddedServerError, subprocess.TimeoutExpired):
+        with contextlib.suppress(EmbeddedServerError, subprocess.TimeoutExpired):
             self.stop("immediate")
         super().close()
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-class EmbeddedBroker(_embedded.IotcoreBroker, Mosquitto):
+class EmbeddedBroker(_brokers.IotcoreBroker, Mosquitto):
     """rumqttd from the iotcore wheel, MQTT 3.1.1 with the project's in-flight window. Every
     method comes from `IotcoreBroker`; `Mosquitto` is a base only so that it stands wherever
     tests annotate one.

@@ -1,0 +1,338 @@
+"""MQTT brokers in a child process of ours, on a free 127.0.0.1 port kept across restarts.
+
+* :class:`MosquittoBroker`: a ``mosquitto`` found on PATH, with the project's broker config.
+* :class:`IotcoreBroker`: rumqttd from the ``iotcore`` wheel, MQTT 3.1.1, in a child process
+  that exits by itself when its parent goes away. Limits, compared with mosquitto: no
+  persistence (sessions and queued messages are lost when it stops), it ignores the client's
+  Receive Maximum, and it drops a client that acknowledges out of order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Protocol, Self
+
+from ingest.devservers._process import (
+    START_TIMEOUT,
+    EmbeddedServerError,
+    _is_root,
+    _read,
+    _tail,
+    _track,
+    _untrack,
+)
+from ingest.devservers.ports import free_port, port_open
+
+__all__ = [
+    "Broker",
+    "IotcoreBroker",
+    "MosquittoBroker",
+    "find_mosquitto",
+    "iotcore_available",
+    "mosquitto_config",
+    "start_broker",
+]
+
+
+class Broker(Protocol):
+    """What the demo and the fixtures need of a broker."""
+
+    name: str
+    dir: Path
+    persistent: bool
+
+    @property
+    def url(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+    def start(self) -> Self: ...
+    def stop(self) -> None: ...
+    def kill(self) -> None: ...
+    def restart(self) -> Self: ...
+    def close(self) -> None: ...
+    def log_text(self) -> str: ...
+
+
+def find_mosquitto() -> str | None:
+    """A mosquitto on PATH (only there: hiding it from PATH must be enough to get iotcore)."""
+    return shutil.which("mosquitto")
+
+
+def iotcore_available() -> bool:
+    return importlib.util.find_spec("iotcore") is not None
+
+
+# The settings of config/mosquitto.conf (see the comments there), for installs that do not carry
+# the repository's config/ folder; tests/unit/devservers/test_embedded.py keeps the two equal.
+_MOSQUITTO_SETTINGS = """\
+max_inflight_messages 10000
+max_queued_messages 2000000
+max_queued_bytes 0
+queue_qos0_messages false
+persistence true
+autosave_interval 30
+persistent_client_expiration 7d
+allow_anonymous true
+"""
+
+
+def mosquitto_config() -> str:
+    """The project's broker config: config/mosquitto.conf in a source checkout, else the same
+    settings built in."""
+    path = Path(__file__).resolve().parents[2] / "config" / "mosquitto.conf"
+    if path.is_file():
+        return path.read_text()
+    return _MOSQUITTO_SETTINGS
+
+
+def _override_config(base: str, settings: dict[str, str]) -> str:
+    """``base`` with each key of ``settings`` replaced in place (or appended when absent)."""
+    pending = dict(settings)
+    out: list[str] = []
+    for line in base.splitlines():
+        words = line.split(maxsplit=1)
+        key = words[0] if words and not words[0].startswith("#") else ""
+        if key in settings:
+            if key in pending:
+                out.append(f"{key} {pending.pop(key)}")
+            continue
+        out.append(line)
+    out += [f"{key} {value}" for key, value in pending.items()]
+    return "\n".join(out) + "\n"
+
+
+class _ProcessBroker:
+    """A broker in a child process of ours, on a port it keeps across restarts."""
+
+    name = "broker"
+    persistent = False
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self._stderr = directory / f"{self.name}.stderr"
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._port = 0
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self._port}"
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def log_text(self) -> str:
+        return _read(self._stderr)
+
+    def _command(self) -> list[str]:
+        raise NotImplementedError
+
+    def start(self) -> Self:
+        if self.running:
+            return self
+        self.dir.mkdir(parents=True, exist_ok=True)
+        first = self._port == 0
+        for _ in range(5 if first else 1):
+            if first:
+                self._port = free_port()
+            if self._spawn():
+                _track(self)
+                return self
+            if not first or "in use" not in self.log_text():
+                break
+        raise EmbeddedServerError(
+            f"{self.name} did not start on port {self._port}:\n{_tail(self.log_text())}"
+        )
+
+    def _spawn(self) -> bool:
+        command = self._command()
+        with self._stderr.open("ab") as err:
+            self._proc = subprocess.Popen(
+                command,
+                stdin=subprocess.PIPE,  # iotcore's child exits when this pipe closes
+                stdout=err,
+                stderr=err,
+                cwd=self.dir,
+                start_new_session=True,  # a Ctrl-C reaches our handlers, not the broker
+            )
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                self._reap()
+                return False
+            if port_open(self._port):
+                return True
+            time.sleep(0.02)
+        self.kill()
+        return False
+
+    def _reap(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
+
+    def _signal_and_wait(self, sig: int) -> None:
+        proc = self._proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(sig)
+            try:
+                proc.wait(timeout=START_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self._reap()
+
+    def stop(self) -> None:
+        self._signal_and_wait(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self._signal_and_wait(signal.SIGKILL)
+
+    def restart(self) -> Self:
+        self.stop()
+        return self.start()
+
+    def close(self) -> None:
+        """Stop; the directory stays (it belongs to the caller)."""
+        self.stop()
+        _untrack(self)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.url} running={self.running}>"
+
+
+class MosquittoBroker(_ProcessBroker):
+    """mosquitto with the project config (in-flight window, queue limits, persistence in its
+    directory) plus a listener on 127.0.0.1; ``overrides`` replace settings of that config."""
+
+    name = "mosquitto"
+    persistent = True
+
+    def __init__(
+        self, directory: Path, *, binary: str | None = None, overrides: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(directory)
+        found = binary or find_mosquitto()
+        if found is None:
+            raise EmbeddedServerError("no mosquitto binary (PATH, /usr/sbin)")
+        self._binary = found
+        self._overrides = dict(overrides or {})
+
+    def log_text(self) -> str:
+        return _read(self.dir / "mosquitto.log") + super().log_text()
+
+    def _command(self) -> list[str]:
+        settings = {
+            "persistence_location": f"{self.dir}/",
+            "log_dest": f"file {self.dir / 'mosquitto.log'}",
+            **({"user": "root"} if _is_root() else {}),  # else it drops to user `mosquitto`
+            **self._overrides,
+        }
+        text = _override_config(mosquitto_config(), settings)
+        text += f"listener {self._port} 127.0.0.1\n"
+        config = self.dir / "mosquitto.conf"
+        config.write_text(text)
+        return [self._binary, "-c", str(config)]
+
+
+# rumqttd's equivalents of config/mosquitto.conf. Its commit log per subscription filter
+# (segments x segment size, in memory) is what bounds the backlog of an offline session, like
+# mosquitto's max_queued_messages: 16 x 64 MiB, a few million of our messages.
+_RUMQTTD_CONFIG = """\
+id = 0
+
+[router]
+id = 0
+max_connections = 10010
+max_outgoing_packet_count = 1000
+max_segment_size = 67108864
+max_segment_count = 16
+
+[v4.1]
+name = "v4-1"
+listen = "127.0.0.1:{port}"
+next_connection_delay_ms = 1
+
+[v4.1.connections]
+connection_timeout_ms = 60000
+max_payload_size = {max_payload}
+max_inflight_count = {inflight}
+dynamic_filters = true
+"""
+
+# The child: rumqttd has no shutdown API, so it runs in a process of its own that exits when
+# stdin (a pipe from us) closes, i.e. when we exit, whatever the way.
+_IOTCORE_MAIN = """\
+import logging, os, sys, threading
+logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+# rumqttd logs every packet as an ERROR span; keep only what is really wrong.
+logging.getLogger("rumqttd").setLevel(logging.CRITICAL)
+def _orphaned():
+    try:
+        sys.stdin.buffer.read()
+    finally:
+        os._exit(0)
+threading.Thread(target=_orphaned, daemon=True).start()
+from iotcore.iotcore import IotCoreBroker
+IotCoreBroker(config_path=sys.argv[1]).run_forever()
+"""
+
+
+class IotcoreBroker(_ProcessBroker):
+    """rumqttd from the ``iotcore`` wheel, MQTT 3.1.1 on 127.0.0.1.
+
+    ``persistent`` is False: a restart loses every session and queued message.
+    """
+
+    name = "iotcore"
+    persistent = False
+
+    def __init__(
+        self, directory: Path, *, inflight: int = 10000, max_payload: int = 16 * 1024 * 1024
+    ) -> None:
+        super().__init__(directory)
+        if not iotcore_available():
+            raise EmbeddedServerError(
+                "no MQTT broker: install the embedded extra (pip install 'iot-ingest[embedded]')"
+            )
+        self._inflight = inflight
+        self._max_payload = max_payload
+
+    def _command(self) -> list[str]:
+        config = self.dir / "rumqttd.toml"
+        config.write_text(
+            _RUMQTTD_CONFIG.format(
+                port=self._port, inflight=self._inflight, max_payload=self._max_payload
+            )
+        )
+        return [sys.executable, "-c", _IOTCORE_MAIN, str(config)]
+
+
+def start_broker(directory: Path) -> MosquittoBroker | IotcoreBroker:
+    """A started broker: mosquitto when it is installed, else iotcore."""
+    broker: MosquittoBroker | IotcoreBroker
+    broker = MosquittoBroker(directory) if find_mosquitto() else IotcoreBroker(directory)
+    return broker.start()
