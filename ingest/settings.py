@@ -8,18 +8,28 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import socket
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from ingest.errors import ConfigError
 
-__all__ = ["MqttEndpoint", "Settings", "load_settings", "parse_retention", "redact_url"]
+__all__ = [
+    "MqttEndpoint",
+    "Settings",
+    "format_duration",
+    "load_settings",
+    "parse_duration",
+    "parse_retention",
+    "parse_time",
+    "redact_url",
+]
 
 _PROTOCOLS = ("3.1.1", "5")
 _LOG_FORMATS = ("auto", "json", "text")
@@ -59,7 +69,8 @@ class Settings:
     shutdown_timeout: float = field(default=30.0, metadata={"env": "INGEST_SHUTDOWN_TIMEOUT"})
     stats_interval: float = field(default=30.0, metadata={"env": "INGEST_STATS_INTERVAL"})
     metrics_port: int = field(default=9600, metadata={"env": "INGEST_METRICS_PORT"})
-    metrics_host: str = field(default="0.0.0.0", metadata={"env": "INGEST_METRICS_HOST"})
+    # Loopback by default: the listener has no authentication. The container image sets 0.0.0.0.
+    metrics_host: str = field(default="127.0.0.1", metadata={"env": "INGEST_METRICS_HOST"})
     ready_max_lag: float = field(default=30.0, metadata={"env": "INGEST_READY_MAX_LAG"})
     log_level: str = field(default="INFO", metadata={"env": "INGEST_LOG_LEVEL"})
     log_format: str = field(default="auto", metadata={"env": "INGEST_LOG_FORMAT"})
@@ -73,6 +84,32 @@ class Settings:
     partition_days_ahead: int = field(default=3, metadata={"env": "INGEST_PARTITION_DAYS_AHEAD"})
     # Seconds between two folds of recent batches into the dashboard tables (ingest/db/dashboard.py).
     dashboard_interval: float = field(default=1.0, metadata={"env": "INGEST_DASHBOARD_INTERVAL"})
+    # Broker credentials and TLS files (explicit settings win over the URL's user info).
+    mqtt_username: str | None = field(default=None, metadata={"env": "INGEST_MQTT_USERNAME"})
+    mqtt_password: str | None = field(
+        default=None, metadata={"env": "INGEST_MQTT_PASSWORD", "secret": True}
+    )
+    mqtt_ca_file: str | None = field(default=None, metadata={"env": "INGEST_MQTT_CA_FILE"})
+    mqtt_cert_file: str | None = field(default=None, metadata={"env": "INGEST_MQTT_CERT_FILE"})
+    mqtt_key_file: str | None = field(default=None, metadata={"env": "INGEST_MQTT_KEY_FILE"})
+    mqtt_key_password: str | None = field(
+        default=None, metadata={"env": "INGEST_MQTT_KEY_PASSWORD", "secret": True}
+    )
+    # Limits on what one device message may cost (docs/design.md, Limits).
+    max_payload_bytes: int = field(default=1048576, metadata={"env": "INGEST_MAX_PAYLOAD_BYTES"})
+    max_readings_per_message: int = field(
+        default=10000, metadata={"env": "INGEST_MAX_READINGS_PER_MESSAGE"}
+    )
+    max_ts_ahead: timedelta = field(
+        default=timedelta(days=1), metadata={"env": "INGEST_MAX_TS_AHEAD"}
+    )
+    min_ts: datetime = field(
+        default=datetime(2000, 1, 1, tzinfo=UTC), metadata={"env": "INGEST_MIN_TS"}
+    )
+    max_text_bytes: int = field(default=1024, metadata={"env": "INGEST_MAX_TEXT_BYTES"})
+    dead_letter_retention: timedelta | None = field(
+        default=timedelta(days=30), metadata={"env": "INGEST_DEAD_LETTER_RETENTION"}
+    )
     # Set by the supervisor for each worker process (the ``worker`` label of its metrics).
     worker_id: str | None = field(default=None, metadata={"env": "INGEST_WORKER_ID"})
 
@@ -85,8 +122,11 @@ class Settings:
             "mqtt_keepalive", "mqtt_inflight", "channel_capacity", "batch_max_rows",
             "db_pool_size", "db_connect_timeout", "db_write_timeout", "retry_max_delay",
             "shutdown_timeout", "stats_interval", "ready_max_lag", "workers",
+            "max_payload_bytes", "max_readings_per_message", "max_text_bytes",
         ):  # fmt: skip
             positive(name)
+        self._check_limits()
+        self._check_mqtt_credentials()
         if self.batch_max_delay < 0:
             raise ConfigError(_env("batch_max_delay"), "must be >= 0")
         if self.mqtt_session_expiry < 0:
@@ -124,13 +164,58 @@ class Settings:
                 "what dashboards read once raw readings are gone",
             )
         self.mqtt_endpoint()  # validates the URL
+        self._check_no_plaintext_with_tls_files()
         # Imported here: decode imports settings' error type, not the other way round.
         from ingest.formats.decode import TopicTemplate
 
         TopicTemplate(self.topic)
 
+    def _check_limits(self) -> None:
+        if not isinstance(self.max_ts_ahead, timedelta) or self.max_ts_ahead < timedelta(0):
+            raise ConfigError(_env("max_ts_ahead"), "must be a duration >= 0")
+        if not isinstance(self.min_ts, datetime) or self.min_ts.utcoffset() is None:
+            raise ConfigError(_env("min_ts"), "must be a timezone-aware time (RFC 3339)")
+        if self.min_ts.utcoffset() != timedelta(0):
+            object.__setattr__(self, "min_ts", self.min_ts.astimezone(UTC))
+        keep = self.dead_letter_retention
+        if keep is not None and (not isinstance(keep, timedelta) or keep <= timedelta(0)):
+            raise ConfigError(_env("dead_letter_retention"), "must be a duration > 0, or forever")
+
+    def _check_mqtt_credentials(self) -> None:
+        for name in ("mqtt_username", "mqtt_ca_file", "mqtt_cert_file", "mqtt_key_file"):
+            if getattr(self, name) == "":
+                raise ConfigError(_env(name), "must not be empty (unset it instead)")
+        if self.mqtt_key_file is not None and self.mqtt_cert_file is None:
+            raise ConfigError(_env("mqtt_key_file"), f"needs {_env('mqtt_cert_file')} too")
+        if self.mqtt_key_password is not None and self.mqtt_cert_file is None:
+            raise ConfigError(_env("mqtt_key_password"), f"needs {_env('mqtt_cert_file')} too")
+
+    def _check_no_plaintext_with_tls_files(self) -> None:
+        # TLS files next to a plaintext URL mean the operator expects TLS: refuse, never
+        # fall back to plaintext silently.
+        endpoint = self.mqtt_endpoint()
+        for name in ("mqtt_ca_file", "mqtt_cert_file"):
+            if getattr(self, name) is not None and not endpoint.tls:
+                raise ConfigError(
+                    _env(name), f"is set but {_env('mqtt_url')} is plaintext (use mqtts://)"
+                )
+        if self.mqtt_password is not None and (self.mqtt_username or endpoint.username) is None:
+            raise ConfigError(_env("mqtt_password"), f"needs {_env('mqtt_username')} too")
+
     def mqtt_endpoint(self) -> MqttEndpoint:
         return MqttEndpoint.parse(self.mqtt_url)
+
+    def to_environ(self) -> dict[str, str]:
+        """The settings as ``INGEST_*`` variables that load back to these same settings
+        (what a worker process is given). Secrets included: never log this."""
+        env: dict[str, str] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None and str(f.type).startswith("timedelta"):
+                env[_env(f.name)] = "forever"
+            elif value is not None:
+                env[_env(f.name)] = _format_value(value)
+        return env
 
     def redacted(self) -> dict[str, Any]:
         """The settings as a dict with passwords masked, for logs."""
@@ -138,6 +223,9 @@ class Settings:
         for key in ("database_url", "mqtt_url"):
             if out[key]:
                 out[key] = redact_url(out[key])
+        for f in fields(self):
+            if f.metadata.get("secret") and out[f.name] is not None:
+                out[f.name] = "***"
         return out
 
 
@@ -219,6 +307,71 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
 
+_DURATION_UNITS = {
+    "s": timedelta(seconds=1),
+    "m": timedelta(minutes=1),
+    "h": timedelta(hours=1),
+    "d": timedelta(days=1),
+    "w": timedelta(weeks=1),
+}
+# ``str(timedelta)``'s own form ("1 day, 2:03:04"), so a value written out reads back.
+_CLOCK = re.compile(r"(?:(?P<days>\d+) days?, )?(?P<h>\d+):(?P<m>\d\d):(?P<s>\d\d(?:\.\d+)?)")
+
+
+def parse_duration(value: str | float, *, forever: bool = False) -> timedelta | None:
+    """``"36h"``, ``"1d"``, ``"90m"``, ``"45s"``, ``"2w"`` or plain seconds (``"30"``, 30.5).
+
+    With ``forever``, ``"forever"`` (or ``"none"``, ``"off"``, ``""``) gives None. Raises
+    ValueError on anything else, negative values included."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a duration, got {value!r}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        text = value.strip().lower()
+        if forever and text in _FOREVER:
+            return None
+        clock = _CLOCK.fullmatch(text)
+        if clock:
+            days, h, m, s = (float(clock[g] or 0) for g in ("days", "h", "m", "s"))
+            return timedelta(days=days, hours=h, minutes=m, seconds=s)
+        unit = _DURATION_UNITS.get(text[-1:])
+        try:
+            seconds = float(text[:-1]) * unit.total_seconds() if unit else float(text)
+        except ValueError:
+            seconds = float("nan")
+    if not 0 <= seconds < 1e12:  # also rejects nan and inf
+        hint = ", or forever" if forever else ""
+        raise ValueError(f"expected a duration such as 36h, 1d, 90m, 45s or seconds{hint}")
+    return timedelta(seconds=seconds)
+
+
+def format_duration(value: timedelta) -> str:
+    """The shortest exact form ``parse_duration`` reads back: ``1d``, ``36h``, ``90m``, ``2.5s``."""
+    if value.microseconds:
+        return f"{value.total_seconds():g}s"
+    seconds = int(value.total_seconds())
+    for unit in ("d", "h", "m"):
+        size = int(_DURATION_UNITS[unit].total_seconds())
+        if seconds and seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def parse_time(value: str | datetime) -> datetime:
+    """An RFC 3339 time with its offset (``2000-01-01T00:00:00Z``), returned in UTC."""
+    if isinstance(value, datetime):
+        when = value
+    else:
+        try:
+            when = datetime.fromisoformat(value.strip())
+        except ValueError:
+            raise ValueError("expected an RFC 3339 time such as 2000-01-01T00:00:00Z") from None
+    if when.utcoffset() is None:
+        raise ValueError("expected a time with its offset, such as 2000-01-01T00:00:00Z")
+    return when.astimezone(UTC)
+
+
 def _convert(name: str, raw: Any, kind: Any, source: str) -> Any:
     """Convert a value from the environment (str) or TOML (typed) to the field's type."""
     what = source
@@ -226,6 +379,10 @@ def _convert(name: str, raw: Any, kind: Any, source: str) -> Any:
     if raw is None:
         return None
     try:
+        if kind_s.startswith("timedelta"):
+            return parse_duration(raw, forever="None" in kind_s)
+        if kind_s.startswith("datetime"):
+            return parse_time(raw)
         if kind_s.startswith("bool"):
             if isinstance(raw, bool):
                 return raw
@@ -247,9 +404,27 @@ def _convert(name: str, raw: Any, kind: Any, source: str) -> Any:
         if "None" in kind_s and value == "":
             return None
         return value
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, AttributeError) as exc:
+        if _is_secret(name):  # never echo a secret, however wrong it is
+            raise ConfigError(what, "has an invalid value") from None
+        if kind_s.startswith(("timedelta", "datetime")):
+            raise ConfigError(what, f"{exc}; got {raw!r}") from None
         expected = kind_s.split(" ")[0]
         raise ConfigError(what, f"expected {expected}, got {raw!r}") from None
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, timedelta):
+        return format_duration(value)
+    if isinstance(value, datetime):
+        return value.isoformat().replace("+00:00", "Z")
+    return str(value)
+
+
+def _is_secret(name: str) -> bool:
+    return any(f.name == name and f.metadata.get("secret") for f in fields(Settings))
 
 
 def load_settings(

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -91,3 +92,112 @@ def test_backoff_is_capped_and_jittered() -> None:
     assert len(set(delays)) > 40  # jittered
     b.reset()
     assert b.next_delay() <= 0.1
+
+
+def test_limit_and_credential_defaults() -> None:
+    s = Settings()
+    assert s.metrics_host == "127.0.0.1"
+    assert s.max_payload_bytes == 1048576
+    assert s.max_readings_per_message == 10000
+    assert s.max_text_bytes == 1024
+    assert s.max_ts_ahead == timedelta(days=1)
+    assert s.min_ts == datetime(2000, 1, 1, tzinfo=UTC)
+    assert s.dead_letter_retention == timedelta(days=30)
+    assert s.mqtt_username is s.mqtt_password is s.mqtt_ca_file is None
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("36h", timedelta(hours=36)),
+        ("1d", timedelta(days=1)),
+        ("90m", timedelta(minutes=90)),
+        ("45s", timedelta(seconds=45)),
+        ("600", timedelta(seconds=600)),
+        (" 2W ", timedelta(weeks=2)),
+    ],
+)
+def test_durations(text: str, expected: timedelta) -> None:
+    assert load_settings(environ={"INGEST_MAX_TS_AHEAD": text}).max_ts_ahead == expected
+
+
+def test_dead_letter_retention_forever_and_min_ts_in_utc() -> None:
+    s = load_settings(
+        environ={
+            "INGEST_DEAD_LETTER_RETENTION": "forever",
+            "INGEST_MIN_TS": "2010-01-01T02:00:00+02:00",
+        }
+    )
+    assert s.dead_letter_retention is None
+    assert s.min_ts == datetime(2010, 1, 1, tzinfo=UTC)
+    assert s.min_ts.tzinfo is UTC
+
+
+def test_toml_takes_typed_durations_and_times(tmp_path: Path) -> None:
+    cfg = tmp_path / "x.toml"
+    cfg.write_text(
+        "max_ts_ahead = 90\nmin_ts = 2001-02-03T04:05:06Z\ndead_letter_retention = '7d'\n"
+    )
+    s = load_settings(environ={}, config_file=cfg)
+    assert s.max_ts_ahead == timedelta(seconds=90)
+    assert s.min_ts == datetime(2001, 2, 3, 4, 5, 6, tzinfo=UTC)
+    assert s.dead_letter_retention == timedelta(days=7)
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"INGEST_MAX_TS_AHEAD": "-1h"}, "INGEST_MAX_TS_AHEAD"),
+        ({"INGEST_MAX_TS_AHEAD": "forever"}, "INGEST_MAX_TS_AHEAD"),
+        ({"INGEST_MAX_TS_AHEAD": "1y"}, "INGEST_MAX_TS_AHEAD"),
+        ({"INGEST_MIN_TS": "2000-01-01T00:00:00"}, "INGEST_MIN_TS"),
+        ({"INGEST_MIN_TS": "yesterday"}, "INGEST_MIN_TS"),
+        ({"INGEST_DEAD_LETTER_RETENTION": "0s"}, "INGEST_DEAD_LETTER_RETENTION"),
+        ({"INGEST_MAX_PAYLOAD_BYTES": "0"}, "INGEST_MAX_PAYLOAD_BYTES"),
+        ({"INGEST_MAX_READINGS_PER_MESSAGE": "-5"}, "INGEST_MAX_READINGS_PER_MESSAGE"),
+        ({"INGEST_MAX_TEXT_BYTES": "1k"}, "INGEST_MAX_TEXT_BYTES"),
+        ({"INGEST_MQTT_KEY_FILE": "k.pem"}, "INGEST_MQTT_KEY_FILE"),
+        (
+            {"INGEST_MQTT_URL": "mqtt://h", "INGEST_MQTT_CA_FILE": "ca.pem"},
+            "INGEST_MQTT_CA_FILE",
+        ),
+        ({"INGEST_MQTT_PASSWORD": "pw"}, "INGEST_MQTT_PASSWORD"),
+    ],
+)
+def test_invalid_limits_and_credentials_name_the_variable(env: dict[str, str], named: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(environ=env)
+    assert info.value.setting == named
+
+
+def test_secrets_never_shown() -> None:
+    s = load_settings(
+        environ={
+            "INGEST_MQTT_URL": "mqtts://broker",
+            "INGEST_MQTT_USERNAME": "ingest",
+            "INGEST_MQTT_PASSWORD": "hunter2-pw",
+            "INGEST_MQTT_CERT_FILE": "c.pem",
+            "INGEST_MQTT_KEY_FILE": "k.pem",
+            "INGEST_MQTT_KEY_PASSWORD": "key-secret",
+        }
+    )
+    shown = str(s.redacted())
+    assert "hunter2-pw" not in shown and "key-secret" not in shown
+    assert s.redacted()["mqtt_password"] == "***"
+    assert s.redacted()["mqtt_username"] == "ingest"
+
+
+def test_to_environ_loads_back_to_the_same_settings() -> None:
+    s = load_settings(
+        environ={
+            "INGEST_DEAD_LETTER_RETENTION": "forever",
+            "INGEST_MAX_TS_AHEAD": "36h",
+            "INGEST_MIN_TS": "2010-01-01T00:00:00Z",
+            "INGEST_MIGRATE": "false",
+            "INGEST_BATCH_MAX_DELAY": "0.5",
+        }
+    )
+    assert load_settings(environ=s.to_environ()) == s
+    assert load_settings(environ=Settings().to_environ()) == Settings(
+        client_id=Settings().client_id
+    )
