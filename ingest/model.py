@@ -134,3 +134,21 @@ class PipelineStatistics:
     last_commit_lag: float | None
     subscribed: bool
     inbox: int = 0  # received by the MQTT client, not yet decoded
+
+
+@dataclass(frozen=True, slots=True)
+class DashboardStatistics:
+    """What the dashboard fold (``ingest.db.dashboard``) has done since the daemon started.
+
+    ``failing_since`` is the ``time.monotonic()`` of the first of the folds that have failed in
+    a row, None while folds succeed; ``last_error`` names the last failure's error (type and
+    message). ``set_aside`` counts the batches put aside because they could not be folded;
+    ``pending_batches`` is how many committed batches wait to be folded, as last seen.
+    """
+
+    folds: int
+    fold_failures: int
+    failing_since: float | None
+    set_aside: int
+    pending_batches: int
+    last_error: str | None = None
