@@ -7,9 +7,12 @@ optional TOML file given with ``--config``. Every field has one documented defau
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import socket
+import sys
+import textwrap
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -40,78 +43,238 @@ def _default_client_id() -> str:
     return f"ingest-{socket.gethostname()}"
 
 
+# The groups settings are listed under, in --help, the README and ingest.example.toml.
+CONNECTIONS = "Connections"
+FLOW = "Flow: buffers, batches, timeouts"
+LIMITS = "Limits on one device message"
+UPKEEP = "Database upkeep"
+OBSERVABILITY = "Observability"
+INTERNAL = "Internal"
+
+
+def _setting(
+    env: str,
+    default: Any,
+    *,
+    group: str,
+    help: str,
+    shown: str | None = None,
+    example: str | None = None,
+    secret: bool = False,
+    secret_url: bool = False,
+) -> Any:
+    """A field described once: its variable, help, group, how its default reads and whether
+    it is a secret (never shown); a URL may hold one (``secret_url``: shown redacted)."""
+    metadata = {
+        "env": env,
+        "help": help,
+        "group": group,
+        "shown": shown,
+        "example": example,
+        "secret": secret,
+        "secret_url": secret_url,
+    }
+    if callable(default):
+        return field(default_factory=default, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Settings:
-    """Everything the daemon can be told. ``env`` metadata names the environment variable."""
+    """Everything the daemon can be told, each field described once by ``_setting``: the
+    README table, ``--help`` and ``ingest.example.toml`` are written from that metadata."""
 
-    database_url: str | None = field(default=None, metadata={"env": "INGEST_DATABASE_URL"})
-    mqtt_url: str = field(default="mqtt://localhost:1883", metadata={"env": "INGEST_MQTT_URL"})
-    mqtt_protocol: str = field(default="3.1.1", metadata={"env": "INGEST_MQTT_PROTOCOL"})
-    topic: str = field(default="devices/{device_id}/telemetry", metadata={"env": "INGEST_TOPIC"})
-    client_id: str = field(default_factory=_default_client_id, metadata={"env": "INGEST_CLIENT_ID"})
-    share_group: str | None = field(default=None, metadata={"env": "INGEST_SHARE_GROUP"})
-    mqtt_keepalive: int = field(default=15, metadata={"env": "INGEST_MQTT_KEEPALIVE"})
-    # The most unacknowledged messages the broker may have in flight to us (v5: our Receive
-    # Maximum; 3.1.1: what the broker's max_inflight_messages is expected to be). Batches never
-    # wait for more messages than this; a smaller broker window is detected and warned about.
-    mqtt_inflight: int = field(default=10000, metadata={"env": "INGEST_MQTT_INFLIGHT"})
-    # v5 only: how long the broker keeps our session (and its queue) while we are away.
-    mqtt_session_expiry: int = field(
-        default=7 * 24 * 3600, metadata={"env": "INGEST_MQTT_SESSION_EXPIRY"}
+    # -- connections ----------------------------------------------------------------------
+    database_url: str | None = _setting(
+        "INGEST_DATABASE_URL", None, group=CONNECTIONS, secret_url=True,
+        shown="libpq defaults (`PGHOST`, `PGPORT`, `PGUSER`, ...)",
+        example="postgresql://ingest_app:secret@db:5432/ingest?sslmode=verify-full",
+        help="PostgreSQL DSN `postgresql://user:pass@host:port/db`; TLS as libpq does it: "
+        "`?sslmode=verify-full&sslrootcert=...&sslcert=...&sslkey=...`",
+    )  # fmt: skip
+    mqtt_url: str = _setting(
+        "INGEST_MQTT_URL", "mqtt://localhost:1883", group=CONNECTIONS, secret_url=True,
+        help="broker, `mqtt://[user:pass@]host[:port]` or `mqtts://...` (TLS, certificate and "
+        "host name always verified)",
+    )  # fmt: skip
+    mqtt_username: str | None = _setting(
+        "INGEST_MQTT_USERNAME", None, group=CONNECTIONS, example="ingest",
+        help="broker user name (wins over the URL's user info)",
+    )  # fmt: skip
+    mqtt_password: str | None = _setting(
+        "INGEST_MQTT_PASSWORD", None, group=CONNECTIONS, secret=True, example="secret",
+        help="broker password (wins over the URL's); best given as `INGEST_MQTT_PASSWORD_FILE`",
+    )  # fmt: skip
+    mqtt_ca_file: str | None = _setting(
+        "INGEST_MQTT_CA_FILE", None, group=CONNECTIONS, shown="the system's trust store",
+        example="/run/secrets/mqtt-ca.pem",
+        help="PEM bundle that verifies the broker's certificate (`mqtts://` only)",
+    )  # fmt: skip
+    mqtt_cert_file: str | None = _setting(
+        "INGEST_MQTT_CERT_FILE", None, group=CONNECTIONS, example="/run/secrets/mqtt-client.pem",
+        help="client certificate (PEM) for mutual TLS (`mqtts://` only)",
+    )  # fmt: skip
+    mqtt_key_file: str | None = _setting(
+        "INGEST_MQTT_KEY_FILE", None, group=CONNECTIONS, shown="the certificate file",
+        example="/run/secrets/mqtt-client.key",
+        help="the client certificate's private key (PEM)",
+    )  # fmt: skip
+    mqtt_key_password: str | None = _setting(
+        "INGEST_MQTT_KEY_PASSWORD", None, group=CONNECTIONS, secret=True, example="secret",
+        help="password of an encrypted client key",
+    )  # fmt: skip
+    mqtt_protocol: str = _setting(
+        "INGEST_MQTT_PROTOCOL", "3.1.1", group=CONNECTIONS,
+        help="`3.1.1` or `5` (3.1.1 is the default: paho's v5 path parses properties per "
+        "message in Python and halves throughput)",
+    )  # fmt: skip
+    topic: str = _setting(
+        "INGEST_TOPIC", "devices/{device_id}/telemetry", group=CONNECTIONS,
+        help="topic template; `{device_id}` (and optionally `{metric}`) name one level; it "
+        "also gives the subscription filter",
+    )  # fmt: skip
+    client_id: str = _setting(
+        "INGEST_CLIENT_ID", _default_client_id, group=CONNECTIONS, shown="`ingest-<hostname>`",
+        help="MQTT client id; stable, it names the persistent session",
+    )  # fmt: skip
+    share_group: str | None = _setting(
+        "INGEST_SHARE_GROUP", None, group=CONNECTIONS, example="ingest",
+        help="subscribe as `$share/<group>/<filter>` so several instances share the load",
+    )  # fmt: skip
+    mqtt_keepalive: int = _setting(
+        "INGEST_MQTT_KEEPALIVE", 15, group=CONNECTIONS,
+        help="seconds; how fast a dead broker link is noticed",
+    )  # fmt: skip
+    # Batches never wait for more messages than this; a smaller broker window is detected and
+    # warned about.
+    mqtt_inflight: int = _setting(
+        "INGEST_MQTT_INFLIGHT", 10000, group=CONNECTIONS,
+        help="unacknowledged messages the broker may have in flight to us (v5: our Receive "
+        "Maximum; 3.1.1: should match the broker's `max_inflight_messages`)",
+    )  # fmt: skip
+    mqtt_session_expiry: int = _setting(
+        "INGEST_MQTT_SESSION_EXPIRY", 7 * 24 * 3600, group=CONNECTIONS, shown="`604800` (7 days)",
+        help="v5: seconds the broker keeps our session (and its queue) while we are away",
+    )  # fmt: skip
+    # -- the flow: buffers, batches, timeouts -----------------------------------------------
+    channel_capacity: int = _setting(
+        "INGEST_CHANNEL_CAPACITY", 2000, group=FLOW,
+        help="messages buffered between the source and the batcher (the backpressure bound)",
+    )  # fmt: skip
+    batch_max_rows: int = _setting(
+        "INGEST_BATCH_MAX_ROWS", 5000, group=FLOW, help="rows per transaction at most"
     )
-    channel_capacity: int = field(default=2000, metadata={"env": "INGEST_CHANNEL_CAPACITY"})
-    batch_max_rows: int = field(default=5000, metadata={"env": "INGEST_BATCH_MAX_ROWS"})
-    batch_max_delay: float = field(default=0.02, metadata={"env": "INGEST_BATCH_MAX_DELAY"})
-    db_pool_size: int = field(default=3, metadata={"env": "INGEST_DB_POOL_SIZE"})
-    db_connect_timeout: float = field(default=10.0, metadata={"env": "INGEST_DB_CONNECT_TIMEOUT"})
-    db_write_timeout: float = field(default=30.0, metadata={"env": "INGEST_DB_WRITE_TIMEOUT"})
-    retry_max_delay: float = field(default=10.0, metadata={"env": "INGEST_RETRY_MAX_DELAY"})
-    shutdown_timeout: float = field(default=30.0, metadata={"env": "INGEST_SHUTDOWN_TIMEOUT"})
-    stats_interval: float = field(default=30.0, metadata={"env": "INGEST_STATS_INTERVAL"})
-    metrics_port: int = field(default=9600, metadata={"env": "INGEST_METRICS_PORT"})
+    batch_max_delay: float = _setting(
+        "INGEST_BATCH_MAX_DELAY", 0.02, group=FLOW,
+        help="seconds a batch may wait for more messages once the writer is free",
+    )  # fmt: skip
+    db_pool_size: int = _setting(
+        "INGEST_DB_POOL_SIZE", 3, group=FLOW,
+        help="database connections, and so batches written at once (their acknowledgements "
+        "still leave in receive order)",
+    )  # fmt: skip
+    db_connect_timeout: float = _setting(
+        "INGEST_DB_CONNECT_TIMEOUT", 10.0, group=FLOW,
+        help="seconds to wait for a database connection",
+    )  # fmt: skip
+    db_write_timeout: float = _setting(
+        "INGEST_DB_WRITE_TIMEOUT", 30.0, group=FLOW,
+        help="seconds one batch may take before its connection is considered dead (a "
+        "blackholed server sends no reset) and the batch is retried",
+    )  # fmt: skip
+    retry_max_delay: float = _setting(
+        "INGEST_RETRY_MAX_DELAY", 10.0, group=FLOW,
+        help="longest backoff between retries, seconds",
+    )  # fmt: skip
+    shutdown_timeout: float = _setting(
+        "INGEST_SHUTDOWN_TIMEOUT", 30.0, group=FLOW,
+        help="seconds to drain on SIGTERM/SIGINT before giving up (exit 1)",
+    )  # fmt: skip
+    workers: int = _setting(
+        "INGEST_WORKERS", 1, group=FLOW,
+        help="worker processes sharing one subscription (client ids `<client_id>-<i>`, shared "
+        "group `INGEST_SHARE_GROUP` or the client id); the parent supervises them",
+    )  # fmt: skip
+    # -- limits on what one device message may cost (docs/design.md, Limits) ----------------
+    max_payload_bytes: int = _setting(
+        "INGEST_MAX_PAYLOAD_BYTES", 1048576, group=LIMITS, shown="1048576 (1 MiB)",
+        help="a larger payload is a dead letter `too_large` (its first 64 KiB and its size kept)",
+    )  # fmt: skip
+    max_readings_per_message: int = _setting(
+        "INGEST_MAX_READINGS_PER_MESSAGE", 10000, group=LIMITS,
+        help="a message with more readings is a dead letter `too_many_readings`",
+    )  # fmt: skip
+    max_ts_ahead: timedelta = _setting(  # noqa: RUF009 - an immutable value
+        "INGEST_MAX_TS_AHEAD", timedelta(days=1), group=LIMITS,
+        help="a sample dated further ahead of its arrival is a dead letter `ts_out_of_range` "
+        "(`36h`, `1d`, `90m`, `45s` or seconds)",
+    )  # fmt: skip
+    min_ts: datetime = _setting(  # noqa: RUF009 - an immutable value
+        "INGEST_MIN_TS", datetime(2000, 1, 1, tzinfo=UTC), group=LIMITS,
+        help="a sample dated earlier is a dead letter `ts_out_of_range` (RFC 3339 with offset)",
+    )  # fmt: skip
+    max_text_bytes: int = _setting(
+        "INGEST_MAX_TEXT_BYTES", 1024, group=LIMITS,
+        help="a longer text value (UTF-8 bytes) is skipped and counted",
+    )  # fmt: skip
+    # -- database upkeep (ingest/db/partitions.py, ingest/db/dashboard.py) --------------------
+    migrate: bool = _setting(
+        "INGEST_MIGRATE", True, group=UPKEEP, help="apply pending migrations at start"
+    )
+    retention: str | None = _setting(
+        "INGEST_RETENTION", None, group=UPKEEP, shown="forever", example="30d",
+        help="how long raw readings are kept (`30d`, `12w`, `36h`); whole daily partitions "
+        "are dropped",
+    )  # fmt: skip
+    rollup_retention: str | None = _setting(
+        "INGEST_ROLLUP_RETENTION", None, group=UPKEEP, shown="forever", example="52w",
+        help="how long the one-minute rollups are kept (at least the retention)",
+    )  # fmt: skip
+    dead_letter_retention: timedelta | None = _setting(  # noqa: RUF009 - an immutable value
+        "INGEST_DEAD_LETTER_RETENTION", timedelta(days=30), group=UPKEEP,
+        help="how long dead letters are kept (`30d`, `12w`, `36h`, or `forever`)",
+    )  # fmt: skip
+    partition_days_ahead: int = _setting(
+        "INGEST_PARTITION_DAYS_AHEAD", 3, group=UPKEEP,
+        help="days of readings partitions created ahead of time",
+    )  # fmt: skip
+    dashboard_interval: float = _setting(
+        "INGEST_DASHBOARD_INTERVAL", 1.0, group=UPKEEP,
+        help="seconds between folds of committed batches into the dashboard tables (how far "
+        "dashboards lag behind)",
+    )  # fmt: skip
+    # -- observability --------------------------------------------------------------------
+    metrics_port: int = _setting(
+        "INGEST_METRICS_PORT", 9600, group=OBSERVABILITY,
+        help="port of `/metrics`, `/healthz`, `/readyz`; `0` disables; a port already taken "
+        "is a configuration error",
+    )  # fmt: skip
     # Loopback by default: the listener has no authentication. The container image sets 0.0.0.0.
-    metrics_host: str = field(default="127.0.0.1", metadata={"env": "INGEST_METRICS_HOST"})
-    ready_max_lag: float = field(default=30.0, metadata={"env": "INGEST_READY_MAX_LAG"})
-    log_level: str = field(default="INFO", metadata={"env": "INGEST_LOG_LEVEL"})
-    log_format: str = field(default="auto", metadata={"env": "INGEST_LOG_FORMAT"})
-    migrate: bool = field(default=True, metadata={"env": "INGEST_MIGRATE"})
-    workers: int = field(default=1, metadata={"env": "INGEST_WORKERS"})
-    # Dashboard database (ingest/db/partitions.py, ingest/db/dashboard.py): how long raw readings and
-    # one-minute rollups are kept ("30d", "12w", "36h"; unset: forever), how many days of
-    # partitions are created ahead.
-    retention: str | None = field(default=None, metadata={"env": "INGEST_RETENTION"})
-    rollup_retention: str | None = field(default=None, metadata={"env": "INGEST_ROLLUP_RETENTION"})
-    partition_days_ahead: int = field(default=3, metadata={"env": "INGEST_PARTITION_DAYS_AHEAD"})
-    # Seconds between two folds of recent batches into the dashboard tables (ingest/db/dashboard.py).
-    dashboard_interval: float = field(default=1.0, metadata={"env": "INGEST_DASHBOARD_INTERVAL"})
-    # Broker credentials and TLS files (explicit settings win over the URL's user info).
-    mqtt_username: str | None = field(default=None, metadata={"env": "INGEST_MQTT_USERNAME"})
-    mqtt_password: str | None = field(
-        default=None, metadata={"env": "INGEST_MQTT_PASSWORD", "secret": True}
-    )
-    mqtt_ca_file: str | None = field(default=None, metadata={"env": "INGEST_MQTT_CA_FILE"})
-    mqtt_cert_file: str | None = field(default=None, metadata={"env": "INGEST_MQTT_CERT_FILE"})
-    mqtt_key_file: str | None = field(default=None, metadata={"env": "INGEST_MQTT_KEY_FILE"})
-    mqtt_key_password: str | None = field(
-        default=None, metadata={"env": "INGEST_MQTT_KEY_PASSWORD", "secret": True}
-    )
-    # Limits on what one device message may cost (docs/design.md, Limits).
-    max_payload_bytes: int = field(default=1048576, metadata={"env": "INGEST_MAX_PAYLOAD_BYTES"})
-    max_readings_per_message: int = field(
-        default=10000, metadata={"env": "INGEST_MAX_READINGS_PER_MESSAGE"}
-    )
-    max_ts_ahead: timedelta = field(
-        default=timedelta(days=1), metadata={"env": "INGEST_MAX_TS_AHEAD"}
-    )
-    min_ts: datetime = field(
-        default=datetime(2000, 1, 1, tzinfo=UTC), metadata={"env": "INGEST_MIN_TS"}
-    )
-    max_text_bytes: int = field(default=1024, metadata={"env": "INGEST_MAX_TEXT_BYTES"})
-    dead_letter_retention: timedelta | None = field(
-        default=timedelta(days=30), metadata={"env": "INGEST_DEAD_LETTER_RETENTION"}
-    )
-    # Set by the supervisor for each worker process (the ``worker`` label of its metrics).
-    worker_id: str | None = field(default=None, metadata={"env": "INGEST_WORKER_ID"})
+    metrics_host: str = _setting(
+        "INGEST_METRICS_HOST", "127.0.0.1", group=OBSERVABILITY,
+        shown="`127.0.0.1` (the container image sets `0.0.0.0`)",
+        help="address the metrics listener binds (it has no authentication)",
+    )  # fmt: skip
+    ready_max_lag: float = _setting(
+        "INGEST_READY_MAX_LAG", 30.0, group=OBSERVABILITY,
+        help="receive-to-commit lag (seconds) above which `/readyz` says not ready",
+    )  # fmt: skip
+    stats_interval: float = _setting(
+        "INGEST_STATS_INTERVAL", 30.0, group=OBSERVABILITY,
+        help="seconds between stats log lines",
+    )  # fmt: skip
+    log_level: str = _setting(
+        "INGEST_LOG_LEVEL", "INFO", group=OBSERVABILITY,
+        help="`DEBUG`, `INFO`, `WARNING` or `ERROR`",
+    )  # fmt: skip
+    log_format: str = _setting(
+        "INGEST_LOG_FORMAT", "auto", group=OBSERVABILITY,
+        help="`auto` (key=value text on a terminal, JSON lines otherwise), `json` or `text`",
+    )  # fmt: skip
+    worker_id: str | None = _setting(
+        "INGEST_WORKER_ID", None, group=INTERNAL, example="0",
+        help="set by the supervisor for each worker process (its metrics' `worker` label)",
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:
@@ -218,14 +381,15 @@ class Settings:
         return env
 
     def redacted(self) -> dict[str, Any]:
-        """The settings as a dict with passwords masked, for logs."""
+        """The settings as a dict with secrets masked and URLs' passwords hidden, for logs."""
         out = dataclasses.asdict(self)
-        for key in ("database_url", "mqtt_url"):
-            if out[key]:
-                out[key] = redact_url(out[key])
         for f in fields(self):
-            if f.metadata.get("secret") and out[f.name] is not None:
+            if out[f.name] is None:
+                continue
+            if f.metadata["secret"]:
                 out[f.name] = "***"
+            elif f.metadata["secret_url"]:
+                out[f.name] = redact_url(out[f.name])
         return out
 
 
@@ -424,7 +588,10 @@ def _format_value(value: Any) -> str:
 
 
 def _is_secret(name: str) -> bool:
-    return any(f.name == name and f.metadata.get("secret") for f in fields(Settings))
+    return any(
+        f.name == name and (f.metadata["secret"] or f.metadata["secret_url"])
+        for f in fields(Settings)
+    )
 
 
 def load_settings(
@@ -463,3 +630,101 @@ def load_settings(
         flag = "--" + name.replace("_", "-")
         values[name] = _convert(name, raw, by_name[name].type, flag)
     return Settings(**values)
+
+
+# --------------------------------------------------------------------------- documentation
+# The README's configuration table, ``--help`` and ingest.example.toml are all written from the
+# fields' metadata, so a setting is described in exactly one place.
+
+MARKDOWN_BEGIN = "<!-- settings:begin (generated by `python -m ingest.settings --markdown`) -->"
+MARKDOWN_END = "<!-- settings:end -->"
+
+
+def default_text(f: dataclasses.Field[Any]) -> str:
+    """How a field's default reads for people: ``1d``, ``unset``, ``ingest-<hostname>``."""
+    if f.metadata["shown"] is not None:
+        return str(f.metadata["shown"])
+    if f.default is None:
+        return "unset"
+    return _format_value(f.default)
+
+
+def help_text(f: dataclasses.Field[Any]) -> str:
+    """The one-line help of ``--help``: the text without Markdown, then variable and default."""
+    plain = str(f.metadata["help"]).replace("`", "")
+    return f"{plain} [env {f.metadata['env']}; default {default_text(f).replace('`', '')}]"
+
+
+def _groups() -> dict[str, list[dataclasses.Field[Any]]]:
+    groups: dict[str, list[dataclasses.Field[Any]]] = {}
+    for f in fields(Settings):
+        groups.setdefault(str(f.metadata["group"]), []).append(f)
+    return groups
+
+
+def settings_markdown() -> str:
+    """The README table: one per group, variable, meaning and default."""
+    lines = [MARKDOWN_BEGIN]
+    for group, members in _groups().items():
+        lines += ["", f"**{group}**", "", "| variable | meaning | default |", "| --- | --- | --- |"]
+        for f in members:
+            shown = default_text(f)
+            if f.metadata["shown"] is None and f.default is not None:
+                shown = f"`{shown}`"
+            lines.append(f"| `{f.metadata['env']}` | {f.metadata['help']} | {shown} |")
+    lines += ["", MARKDOWN_END]
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, datetime):
+        return _format_value(value)  # a TOML offset date-time, unquoted
+    if isinstance(value, timedelta):
+        value = format_duration(value)
+    return json.dumps(str(value), ensure_ascii=False)
+
+
+def example_toml() -> str:
+    """ingest.example.toml: every setting commented out, with its help and default."""
+    lines = [
+        "# iot-ingest settings: `ingest run --config ingest.toml`. Every setting, commented out,",
+        "# with its default. Flags override INGEST_* variables, which override this file;",
+        "# INGEST_<NAME>_FILE reads a variable's value from a file (secrets).",
+        "# Generated by `python -m ingest.settings --toml`: edit the help in ingest/settings.py.",
+        "",
+        "[ingest]",
+    ]
+    for group, members in _groups().items():
+        lines += ["", f"# ---- {group}"]
+        for f in members:
+            lines += ["", *_toml_comment(help_text(f))]
+            if f.default is None or f.default_factory is not dataclasses.MISSING:
+                value = f.metadata["example"] if f.default is None else default_text(f).strip("`")
+                lines.append(f"# {f.name} = {_toml_value(value)}")
+            else:
+                lines.append(f"# {f.name} = {_toml_value(f.default)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_comment(text: str, width: int = 96) -> list[str]:
+    wrapped = textwrap.wrap(text, width - 2, break_long_words=False, break_on_hyphens=False)
+    return ["# " + line for line in wrapped]
+
+
+def _main(argv: list[str]) -> int:
+    if argv == ["--markdown"]:
+        sys.stdout.write(settings_markdown())
+    elif argv == ["--toml"]:
+        sys.stdout.write(example_toml())
+    else:
+        sys.stderr.write("usage: python -m ingest.settings --markdown | --toml\n")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
