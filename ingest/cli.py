@@ -9,74 +9,40 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
-from dataclasses import MISSING, fields
+from dataclasses import fields
 from typing import Any
 
 from ingest._version import __version__
 from ingest.errors import ConfigError, IngestError
 from ingest.logs import configure_logging
 from ingest.settings import Settings, load_settings
+from ingest.settings import help_text as settings_help
 
 __all__ = ["main"]
 
 EXIT_CONFIG = 2
 
-_HELP: dict[str, str] = {
-    "database_url": "PostgreSQL DSN postgresql://user:pass@host:port/db (default: libpq PG* env)",
-    "mqtt_url": "broker URL mqtt://[user:pass@]host[:port] or mqtts://...",
-    "mqtt_protocol": "MQTT protocol version: 3.1.1 (default, ~2x faster here) or 5",
-    "topic": "topic template; {device_id} (and optionally {metric}) name one level",
-    "client_id": "MQTT client id; stable, it names the persistent session",
-    "share_group": "subscribe as $share/<group>/<filter> (several instances share the load)",
-    "mqtt_keepalive": "MQTT keepalive in seconds (how fast a dead broker link is noticed)",
-    "mqtt_inflight": "unacknowledged messages the broker may have in flight to us "
-    "(v5 Receive Maximum; should match the broker's max_inflight_messages)",
-    "mqtt_session_expiry": "v5: seconds the broker keeps the session while we are away",
-    "channel_capacity": "messages buffered between source and batcher (backpressure bound)",
-    "batch_max_rows": "rows per database transaction at most",
-    "batch_max_delay": "seconds a batch may wait for more messages before it is written",
-    "db_pool_size": "database connections; up to this many batches are written at once",
-    "db_connect_timeout": "seconds to wait for a database connection",
-    "db_write_timeout": "seconds one batch write may take before its connection is "
-    "considered dead (a blackholed server sends no reset)",
-    "retry_max_delay": "longest backoff between retries, seconds",
-    "shutdown_timeout": "seconds to drain on SIGTERM/SIGINT before giving up (exit 1)",
-    "stats_interval": "seconds between stats log lines",
-    "metrics_port": "port for /metrics, /healthz, /readyz (0 disables)",
-    "metrics_host": "address the metrics server listens on",
-    "ready_max_lag": "receive-to-commit lag in seconds above which /readyz reports not ready",
-    "log_level": "DEBUG, INFO, WARNING or ERROR",
-    "log_format": "auto (text on a terminal, JSON lines otherwise), json or text",
-    "migrate": "apply pending migrations at start",
-    "workers": "worker processes sharing one subscription (client ids <client_id>-<i>, "
-    "shared group INGEST_SHARE_GROUP or the client id); the parent supervises them",
-    "worker_id": "set by the supervisor for each worker (its metrics' worker label)",
-    # Dashboard database (ingest/db/partitions.py, ingest/db/dashboard.py)
-    "retention": "how long raw readings are kept, e.g. 30d, 12w, 36h (whole daily partitions "
-    "are dropped; default: forever)",
-    "rollup_retention": "how long the one-minute rollups (readings_1m) are kept, at least "
-    "the retention (monthly partitions; default: forever)",
-    "partition_days_ahead": "days of readings partitions created ahead of time",
-    "dashboard_interval": "seconds between two folds of new batches into the dashboard "
-    "tables (how far dashboards lag behind)",
-}
-
 
 def _add_settings_flags(parser: argparse.ArgumentParser, only: set[str] | None = None) -> None:
+    """One flag per setting, grouped and described as the settings' metadata says."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
     for f in fields(Settings):
-        if only is not None and f.name not in only:
-            continue
+        if (only is not None and f.name not in only) or f.metadata["secret"]:
+            continue  # a secret on the command line is visible to every user through ps
+        group_name = str(f.metadata["group"])
+        if group_name not in groups:
+            groups[group_name] = parser.add_argument_group(f"settings: {group_name.lower()}")
         flag = "--" + f.name.replace("_", "-")
-        env = f.metadata["env"]
-        default = f.default if f.default is not MISSING else "(computed)"
-        help_text = f"{_HELP.get(f.name, '')} [env {env}; default {default}]"
+        help_text = settings_help(f).replace("%", "%%")
         if str(f.type) == "bool":
-            parser.add_argument(
+            groups[group_name].add_argument(
                 flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
                 help=help_text,
             )  # fmt: skip
         else:
-            parser.add_argument(flag, dest=f.name, default=None, metavar="VALUE", help=help_text)
+            groups[group_name].add_argument(
+                flag, dest=f.name, default=None, metavar="VALUE", help=help_text
+            )
 
 
 def _parser() -> argparse.ArgumentParser:
