@@ -21,6 +21,7 @@ from ingest.formats.decode import REASONS
 from ingest.model import (
     AckStatistics,
     BatcherStatistics,
+    DashboardStatistics,
     SourceStatistics,
     WriterStatistics,
 )
@@ -41,7 +42,8 @@ _CUT_CAUSES = ("rows", "delay", "window")
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    """The statistics of every stage at one instant; ``last_commit_at`` is a ``time.time()``."""
+    """The statistics of every stage at one instant; ``last_commit_at`` is a ``time.time()``;
+    ``dashboard`` is None when the daemon does not report its dashboard fold."""
 
     pipeline: PipelineStatistics
     source: SourceStatistics
@@ -49,9 +51,12 @@ class Snapshot:
     batcher: BatcherStatistics
     writer: WriterStatistics
     last_commit_at: float | None
+    dashboard: DashboardStatistics | None = None
 
     @classmethod
-    def of(cls, pipeline: Pipeline, writer: Writer) -> Snapshot:
+    def of(
+        cls, pipeline: Pipeline, writer: Writer, dashboard: DashboardStatistics | None = None
+    ) -> Snapshot:
         return cls(
             pipeline=pipeline.statistics(),
             source=pipeline.source.statistics(),
@@ -59,6 +64,7 @@ class Snapshot:
             batcher=pipeline.batcher.statistics(),
             writer=writer.statistics(),
             last_commit_at=pipeline.last_commit_at,
+            dashboard=dashboard,
         )
 
 
@@ -102,114 +108,163 @@ class IngestCollector(Collector):
         return []
 
     def collect(self) -> Iterator[Metric]:
-        f = self._f
-        yield f.gauge(
+        yield self._f.gauge(
             "ingest_build_info", "Version of iot-ingest running (always 1).", 1,
             version=__version__,
         )  # fmt: skip
         s = self._snapshot()
         if s is None:  # still waiting for the database at start-up
             return
-        p, src, ack, b, w = s.pipeline, s.source, s.acker, s.batcher, s.writer
-        yield f.counter(
-            "ingest_messages_received", "MQTT messages received (decoded or not).", p.received
-        )
-        yield f.counter(
-            "ingest_messages_acknowledged",
-            "Messages acknowledged to the broker (PUBACK) after their batch committed.",
-            ack.acknowledged,
-        )
-        yield f.counter(
-            "ingest_messages_ack_lost",
-            "Committed messages whose connection closed before their PUBACK; the broker "
-            "redelivers them and the idempotent write absorbs them.",
-            ack.lost_connection,
-        )
-        yield f.counter(
-            "ingest_readings_written", "Readings inserted into the readings table.", w.rows_inserted
-        )
-        yield f.counter(
-            "ingest_readings_duplicates",
-            "Readings not inserted because (device_id, metric, ts) was already stored.",
-            w.duplicates,
-        )
-        yield f.counter_by(
-            "ingest_dead_letters",
-            "Messages stored as dead letters, by reason.",
-            "reason",
-            p.dead_reasons,
-            _DEAD_LETTER_REASONS,
-        )
-        yield f.counter(
-            "ingest_fields_skipped",
-            "Payload fields that are not readings (strings, nulls, lists, non-finite numbers).",
-            p.fields_skipped,
-        )
-        yield f.counter("ingest_batches", "Batches committed to the database.", w.batches)
-        yield f.counter_by(
-            "ingest_batches_cut",
-            "Batches cut by the batcher, by what ended them (rows: batch_max_rows reached, "
-            "delay: batch_max_delay passed, window: the broker's in-flight window is in hand).",
-            "cause",
-            {"rows": b.cut_by_rows, "delay": b.cut_by_delay, "window": b.cut_by_window},
-            _CUT_CAUSES,
-        )
-        yield f.counter_by(
-            "ingest_write_retries",
-            "Extra database transactions, by error class (transient: retried after a "
-            "connection loss, timeout, ...; row: spent narrowing a batch down to rejected rows).",
-            "class",
-            w.retries_by_class,
-            _RETRY_CLASSES,
-        )
-        yield f.counter(
-            "ingest_broker_connects",
-            "Successful broker connections (subscriptions); more than 1 means reconnects.",
-            src.connects,
-        )
-        yield f.counter_by(
-            "ingest_broker_disconnects",
-            "Broker connections lost, by cause.",
-            "cause",
-            src.disconnects,
-            _DISCONNECT_CAUSES,
-        )
+        yield from _messages(self._f, s)
+        yield from _batches(self._f, s)
+        yield from _broker(self._f, s.source)
+        yield from _backlog(self._f, s)
+        yield from _database(self._f, s)
+        if s.dashboard is not None:
+            yield from _dashboard(self._f, s.dashboard)
+
+
+def _messages(f: _Families, s: Snapshot) -> Iterator[Metric]:
+    """What happened to the messages: received, acknowledged, stored, dead-lettered."""
+    yield f.counter(
+        "ingest_messages_received", "MQTT messages received (decoded or not).", s.pipeline.received
+    )
+    yield f.counter(
+        "ingest_messages_acknowledged",
+        "Messages acknowledged to the broker (PUBACK) after their batch committed.",
+        s.acker.acknowledged,
+    )
+    yield f.counter(
+        "ingest_messages_ack_lost",
+        "Committed messages whose connection closed before their PUBACK; the broker "
+        "redelivers them and the idempotent write absorbs them.",
+        s.acker.lost_connection,
+    )
+    yield f.counter(
+        "ingest_readings_written",
+        "Readings inserted into the readings table.",
+        s.writer.rows_inserted,
+    )
+    yield f.counter(
+        "ingest_readings_duplicates",
+        "Readings not inserted because (device_id, metric, ts) was already stored.",
+        s.writer.duplicates,
+    )
+    yield f.counter_by(
+        "ingest_dead_letters",
+        "Messages stored as dead letters, by reason.",
+        "reason",
+        s.pipeline.dead_reasons,
+        _DEAD_LETTER_REASONS,
+    )
+    yield f.counter(
+        "ingest_fields_skipped",
+        "Payload fields that are not readings (strings, nulls, lists, non-finite numbers).",
+        s.pipeline.fields_skipped,
+    )
+
+
+def _batches(f: _Families, s: Snapshot) -> Iterator[Metric]:
+    b = s.batcher
+    yield f.counter("ingest_batches", "Batches committed to the database.", s.writer.batches)
+    yield f.counter_by(
+        "ingest_batches_cut",
+        "Batches cut by the batcher, by what ended them (rows: batch_max_rows reached, "
+        "delay: batch_max_delay passed, window: the broker's in-flight window is in hand).",
+        "cause",
+        {"rows": b.cut_by_rows, "delay": b.cut_by_delay, "window": b.cut_by_window},
+        _CUT_CAUSES,
+    )
+    yield f.counter_by(
+        "ingest_write_retries",
+        "Extra database transactions, by error class (transient: retried after a "
+        "connection loss, timeout, ...; row: spent narrowing a batch down to rejected rows).",
+        "class",
+        s.writer.retries_by_class,
+        _RETRY_CLASSES,
+    )
+
+
+def _broker(f: _Families, src: SourceStatistics) -> Iterator[Metric]:
+    yield f.counter(
+        "ingest_broker_connects",
+        "Successful broker connections (subscriptions); more than 1 means reconnects.",
+        src.connects,
+    )
+    yield f.counter_by(
+        "ingest_broker_disconnects",
+        "Broker connections lost, by cause.",
+        "cause",
+        src.disconnects,
+        _DISCONNECT_CAUSES,
+    )
+    yield f.gauge(
+        "ingest_broker_connected", "1 when connected to the MQTT broker.", int(src.connected)
+    )
+    yield f.gauge(
+        "ingest_broker_subscribed", "1 when subscribed to the topic filter.", int(src.subscribed)
+    )
+
+
+def _backlog(f: _Families, s: Snapshot) -> Iterator[Metric]:
+    """What waits between the broker and the database, and the bounds on it."""
+    yield f.gauge(
+        "ingest_channel_depth",
+        "Messages waiting in the bounded channel between source and batcher.",
+        s.pipeline.channel_depth,
+    )
+    yield f.gauge(
+        "ingest_channel_capacity",
+        "Capacity of that channel (backpressure bound).",
+        s.pipeline.channel_capacity,
+    )
+    yield f.gauge(
+        "ingest_messages_unacknowledged",
+        "Messages received and not yet acknowledged (in the channel, the batch being "
+        "written, or waiting for earlier batches).",
+        s.acker.outstanding,
+    )
+    yield f.gauge(
+        "ingest_inflight_window",
+        "Unacknowledged messages the broker is expected to send at most (configured, or "
+        "smaller when the batcher observed a smaller broker window).",
+        s.batcher.window,
+    )
+
+
+def _database(f: _Families, s: Snapshot) -> Iterator[Metric]:
+    yield f.gauge(
+        "ingest_database_connected",
+        "1 when the last database round trip succeeded.",
+        int(s.writer.connected),
+    )
+    if s.last_commit_at is not None:
         yield f.gauge(
-            "ingest_channel_depth",
-            "Messages waiting in the bounded channel between source and batcher.",
-            p.channel_depth,
+            "ingest_last_commit_timestamp_seconds",
+            "Unix time of the last committed batch.",
+            s.last_commit_at,
         )
-        yield f.gauge(
-            "ingest_channel_capacity", "Capacity of that channel (backpressure bound).",
-            p.channel_capacity,
-        )  # fmt: skip
-        yield f.gauge(
-            "ingest_messages_unacknowledged",
-            "Messages received and not yet acknowledged (in the channel, the batch being "
-            "written, or waiting for earlier batches).",
-            ack.outstanding,
-        )
-        yield f.gauge(
-            "ingest_inflight_window",
-            "Unacknowledged messages the broker is expected to send at most (configured, or "
-            "smaller when the batcher observed a smaller broker window).",
-            b.window,
-        )
-        yield f.gauge(
-            "ingest_broker_connected", "1 when connected to the MQTT broker.", int(src.connected)
-        )
-        yield f.gauge(
-            "ingest_broker_subscribed", "1 when subscribed to the topic filter.",
-            int(src.subscribed),
-        )  # fmt: skip
-        yield f.gauge(
-            "ingest_database_connected",
-            "1 when the last database round trip succeeded.",
-            int(w.connected),
-        )
-        if s.last_commit_at is not None:
-            yield f.gauge(
-                "ingest_last_commit_timestamp_seconds",
-                "Unix time of the last committed batch.",
-                s.last_commit_at,
-            )
+
+
+def _dashboard(f: _Families, d: DashboardStatistics) -> Iterator[Metric]:
+    """The fold that keeps the latest values, devices and rollups current."""
+    yield f.counter(
+        "ingest_dashboard_folds", "Dashboard folds that succeeded (batches applied).", d.folds
+    )
+    yield f.counter(
+        "ingest_dashboard_fold_failures",
+        "Dashboard folds that failed (each is retried; /readyz turns not-ready when they "
+        "keep failing for longer than ready_max_lag).",
+        d.fold_failures,
+    )
+    yield f.counter(
+        "ingest_dashboard_set_aside",
+        "Committed batches set aside because they could not be folded into the dashboard "
+        "tables (their readings stay stored).",
+        d.set_aside,
+    )
+    yield f.gauge(
+        "ingest_dashboard_pending_batches",
+        "Committed batches waiting to be folded into the dashboard tables.",
+        d.pending_batches,
+    )

@@ -31,15 +31,20 @@ from anyio.abc import Process
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from ingest.backoff import Backoff
-from ingest.errors import ConfigError
-from ingest.observability.http import handle_http
+from ingest.observability.http import (
+    JSON,
+    METHOD_NOT_ALLOWED,
+    NOT_FOUND,
+    Response,
+    bind,
+    serve_http,
+)
 from ingest.observability.merge import merge_expositions
 from ingest.settings import Settings
 
 __all__ = ["Supervisor", "run_supervisor"]
 
 EXIT_CONFIG = 2
-_JSON = "application/json"
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
@@ -98,18 +103,8 @@ class Supervisor:
             self.workers.append(_Worker(i, env, port))
 
     async def run(self) -> int:
-        listener = None
-        if self.settings.metrics_port:
-            try:
-                listener = await anyio.create_tcp_listener(
-                    local_host=self.settings.metrics_host, local_port=self.settings.metrics_port
-                )
-            except OSError as exc:
-                raise ConfigError(
-                    "INGEST_METRICS_PORT",
-                    f"cannot listen on {self.settings.metrics_host}:{self.settings.metrics_port}:"
-                    f" {exc.strerror or exc}",
-                ) from None
+        # Bound before any task group, so a taken port is a plain ConfigError (exit 2).
+        listener = await bind(self.settings.metrics_host, self.settings.metrics_port)
         self.log.info(
             "starting %d workers (client ids %s-0..%d, shared subscription group %s)",
             len(self.workers),
@@ -205,8 +200,7 @@ class Supervisor:
             self.settings.metrics_host,
             self.settings.metrics_port,
         )
-        async with listener, anyio.create_task_group() as tg:
-            await listener.serve(lambda stream: handle_http(stream, self._route), tg)
+        await serve_http(listener, self._route)
 
     async def _fetch(self, w: _Worker, path: str) -> tuple[int, bytes]:
         with anyio.fail_after(2):
@@ -223,9 +217,9 @@ class Supervisor:
         status = int(head.split(b" ", 2)[1])
         return status, body
 
-    async def _route(self, method: str, path: str) -> tuple[int, str, bytes]:
+    async def _route(self, method: str, path: str) -> Response:
         if method not in ("GET", "HEAD"):
-            return 405, "text/plain; charset=utf-8", b"method not allowed\n"
+            return METHOD_NOT_ALLOWED
         results: dict[int, tuple[int, bytes]] = {}
 
         async def one(w: _Worker) -> None:
@@ -252,8 +246,8 @@ class Supervisor:
                 )
                 + b"}}\n"
             )
-            return (200 if ok else 503), _JSON, body
-        return 404, "text/plain; charset=utf-8", b"not found: try /metrics, /healthz, /readyz\n"
+            return (200 if ok else 503), JSON, body
+        return NOT_FOUND
 
 
 def run_supervisor(settings: Settings) -> int:

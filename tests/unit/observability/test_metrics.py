@@ -4,106 +4,15 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.parser import text_string_to_metric_families
-
 from ingest.errors import DecodeError
 from ingest.flow.acker import Delivery
 from ingest.flow.writer import WriteResult
-from ingest.model import (
-    AckStatistics,
-    BatcherStatistics,
-    Decoded,
-    Envelope,
-    PipelineStatistics,
-    Reading,
-    SourceStatistics,
-    WriterStatistics,
-)
-from ingest.observability.collector import IngestCollector, Snapshot
+from ingest.model import AckStatistics, Decoded, Envelope, Reading
+from ingest.observability.collector import Snapshot
 from ingest.observability.health import CommitProgress, assess_readiness
 from ingest.observability.merge import merge_expositions
 from ingest.observability.service import Observability
-
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def samples(text: bytes | str) -> Samples:
-    out: Samples = {}
-    for family in text_string_to_metric_families(
-        text.decode() if isinstance(text, bytes) else text
-    ):
-        for s in family.samples:
-            out[(s.name, frozenset(s.labels.items()))] = s.value
-    return out
-
-
-def value(found: Samples, name: str, **labels: str) -> float:
-    return found[(name, frozenset(labels.items()))]
-
-
-def snapshot(
-    *,
-    subscribed: bool = True,
-    db_connected: bool = True,
-    outstanding: int = 40,
-    last_commit_at: float | None = 1000.0,
-    last_commit_lag: float | None = 0.2,
-) -> Snapshot:
-    return Snapshot(
-        pipeline=PipelineStatistics(
-            received=1200,
-            acknowledged=1150,
-            outstanding=outstanding,
-            rows_inserted=5000,
-            duplicates=25,
-            dead_letters=7,
-            dead_reasons={"not_json": 5, "rejected_by_database": 2},
-            fields_skipped=1100,
-            batches=12,
-            channel_depth=30,
-            channel_capacity=2000,
-            window=20,
-            last_commit_lag=last_commit_lag,
-            subscribed=subscribed,
-        ),
-        source=SourceStatistics(
-            received=1200,
-            decode_errors={"not_json": 5},
-            fields_skipped=1100,
-            connected=subscribed,
-            subscribed=subscribed,
-            connects=3,
-            disconnects={"timeout": 1, "disconnected": 1},
-        ),
-        acker=AckStatistics(
-            outstanding=outstanding, acknowledged=1150, lost_connection=10, held_batches=0
-        ),
-        batcher=BatcherStatistics(
-            batches=13,
-            cut_by_rows=4,
-            cut_by_delay=6,
-            cut_by_window=3,
-            window=20,
-            observed_window=20,
-        ),
-        writer=WriterStatistics(
-            batches=12,
-            rows_inserted=5000,
-            duplicates=25,
-            dead_letters=7,
-            retries_by_class={"transient": 4},
-            connected=db_connected,
-            last_commit=123.0,
-        ),
-        last_commit_at=last_commit_at,
-    )
-
-
-def collect(snap: Snapshot | None, worker: str | None = None) -> Samples:
-    registry = CollectorRegistry()
-    registry.register(IngestCollector(lambda: snap, worker=worker))
-    return samples(generate_latest(registry))
+from tests.unit.observability.support import collect, samples, snapshot, value
 
 
 def test_collector_reads_every_stage() -> None:
@@ -154,7 +63,7 @@ def test_connection_state_gauges() -> None:
 
 def test_worker_label_on_every_family() -> None:
     obs = Observability(host="127.0.0.1", port=0, ready_max_lag=30, worker="3")
-    obs.batch_committed([], WriteResult(inserted=5), 0.01, 1000.0)
+    obs.record_commit([], WriteResult(inserted=5), 0.01, 1000.0)
     found = samples(obs.exposition())
     ingest = [labels for name, labels in found if name.startswith("ingest_")]
     assert ingest and all(("worker", "3") in labels for labels in ingest)
@@ -177,7 +86,7 @@ def test_histograms_observed_once_per_batch_with_first_and_last_message() -> Non
         _delivery(commit - timedelta(seconds=1.5), None),  # middle: not sampled
         _delivery(commit - timedelta(seconds=1), commit + timedelta(seconds=5)),  # clock ahead
     ]
-    obs.batch_committed(batch, WriteResult(inserted=2, dead_letters=1), 0.04, commit.timestamp())
+    obs.record_commit(batch, WriteResult(inserted=2, dead_letters=1), 0.04, commit.timestamp())
     found = samples(obs.exposition())
     assert value(found, "ingest_batch_size_rows_count") == 1
     assert value(found, "ingest_batch_size_rows_sum") == 3
@@ -195,6 +104,7 @@ def test_readiness_verdicts() -> None:
     def verdict(snap: Snapshot | None, **kw: object) -> object:
         args: dict[str, object] = {
             "now": now,
+            "monotonic": 50.0,
             "stalled_for": 0.0,
             "max_lag": 30.0,
             "database_reachable": None,
@@ -262,7 +172,7 @@ def test_merge_expositions_groups_families_across_workers() -> None:
         obs = Observability(
             host="127.0.0.1", port=0, ready_max_lag=30, worker=worker, process_metrics=False
         )
-        obs.batch_committed([], WriteResult(inserted=10), 0.01, 1000.0)
+        obs.record_commit([], WriteResult(inserted=10), 0.01, 1000.0)
         texts.append(obs.exposition().decode())
     merged = merge_expositions(texts).decode()
     assert merged.count("# TYPE ingest_batch_size_rows histogram") == 1
