@@ -9,10 +9,12 @@ INGEST_REQUIRE_SERVICES=1 (CI), so CI can never go green without them.
 - `postgres_server` (session): admin DSN of a server where tests may CREATE DATABASE.
 - `database_url`: DSN of a fresh empty database, dropped after the test.
 - `mqtt_url` (session): `mqtt://127.0.0.1:<port>` of a broker with the project config.
-- `mosquitto_factory(overrides=None)`, `postgres_factory()`: own started, restartable local
-  servers for tests that stop, kill or reconfigure them; all closed at test end. Without the
-  local binaries they are the embedded ones. The embedded broker (iotcore) cannot stand in for
-  mosquitto everywhere: a test that passes mosquitto.conf overrides, restarts the broker
+- `mosquitto_factory(overrides=None, *, listeners=(), password_file=None, acl_file=None,
+  allow_anonymous=None)`, `postgres_factory()`: own started, restartable local servers for
+  tests that stop, kill or reconfigure them (arguments: ingest.devservers.throwaway.Mosquitto);
+  all closed at test end. Without the local binaries they are the embedded ones. The embedded
+  broker (iotcore) cannot stand in for mosquitto everywhere: a test that passes mosquitto
+  settings (overrides, listeners, passwords, ACLs), restarts the broker
   (iotcore keeps no sessions across a restart) or runs the daemon with MQTT v5 (a
   `protocol` parameter of "5": the embedded listener speaks 3.1.1) is skipped with that reason,
   also under INGEST_REQUIRE_SERVICES=1: it is a limit of that broker, not a missing server.
@@ -22,13 +24,14 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import ExitStack
-from typing import NoReturn
+from typing import Any, NoReturn, Self
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
+from ingest.devservers.brokers import Broker
 from ingest.devservers.docker import DockerMosquitto, DockerPostgres, docker_available
 from ingest.devservers.throwaway import (
     EmbeddedBroker,
@@ -101,6 +104,15 @@ def mqtt_url() -> Iterator[str]:
         )
 
 
+class _EmbeddedBrokerForTests(EmbeddedBroker):
+    def restart(self) -> Self:
+        # What a test restarts a broker for is its sessions and queues, which iotcore loses.
+        pytest.skip(
+            "the embedded broker (iotcore) keeps no sessions or queued messages across a"
+            " restart; this test needs mosquitto"
+        )
+
+
 @pytest.fixture
 def mosquitto_factory(request: pytest.FixtureRequest) -> Iterator[MosquittoFactory]:
     embedded = find_mosquitto() is None
@@ -115,12 +127,13 @@ def mosquitto_factory(request: pytest.FixtureRequest) -> Iterator[MosquittoFacto
             pytest.skip("the embedded broker (iotcore) listens for MQTT 3.1.1; v5 needs mosquitto")
     with ExitStack() as stack:
 
-        def factory(overrides: dict[str, str] | None = None) -> Mosquitto:
+        def factory(overrides: Mapping[str, str] | None = None, **config: Any) -> Broker:
             if not embedded:
-                return stack.enter_context(Mosquitto(overrides))
-            if overrides:
-                pytest.skip(f"mosquitto.conf overrides {overrides} need mosquitto, not iotcore")
-            return stack.enter_context(EmbeddedBroker())
+                return stack.enter_context(Mosquitto(overrides, **config))
+            asked = [*(overrides or {}), *(k for k, v in config.items() if v not in (None, ()))]
+            if asked:
+                pytest.skip(f"mosquitto settings ({', '.join(asked)}) need mosquitto, not iotcore")
+            return stack.enter_context(_EmbeddedBrokerForTests())
 
         yield factory
 

@@ -22,6 +22,7 @@ from ingest.devservers._process import EmbeddedServerError
 from ingest.devservers.brokers import (
     Broker,
     IotcoreBroker,
+    Listener,
     MosquittoBroker,
     find_mosquitto,
     iotcore_available,
@@ -35,6 +36,7 @@ __all__ = [
     "Broker",
     "EmbeddedServerError",
     "IotcoreBroker",
+    "Listener",
     "MosquittoBroker",
     "PostgresServer",
     "find_mosquitto",

@@ -13,6 +13,9 @@ from ingest.errors import IngestError
 
 START_TIMEOUT = 30.0
 
+# Set to 0 to ignore local server binaries (to prove the fallbacks on a machine that has them).
+LOCAL_SERVERS_ENV = "INGEST_TEST_LOCAL_SERVERS"
+
 
 class EmbeddedServerError(IngestError):
     """A server did not start or stop; the message carries the tail of its log."""
@@ -59,3 +62,8 @@ def _read(path: Path) -> str:
 
 def _is_root() -> bool:
     return os.geteuid() == 0
+
+
+def local_servers_allowed() -> bool:
+    """Whether server binaries installed on this machine may be used (see LOCAL_SERVERS_ENV)."""
+    return os.environ.get(LOCAL_SERVERS_ENV, "1") != "0"

@@ -16,6 +16,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Protocol, Self
@@ -28,12 +30,14 @@ from ingest.devservers._process import (
     _tail,
     _track,
     _untrack,
+    local_servers_allowed,
 )
 from ingest.devservers.ports import free_port, port_open
 
 __all__ = [
     "Broker",
     "IotcoreBroker",
+    "Listener",
     "MosquittoBroker",
     "find_mosquitto",
     "iotcore_available",
@@ -53,6 +57,10 @@ class Broker(Protocol):
     def url(self) -> str: ...
     @property
     def port(self) -> int: ...
+    @property
+    def ports(self) -> tuple[int, ...]: ...
+    @property
+    def running(self) -> bool: ...
     def start(self) -> Self: ...
     def stop(self) -> None: ...
     def kill(self) -> None: ...
@@ -62,8 +70,11 @@ class Broker(Protocol):
 
 
 def find_mosquitto() -> str | None:
-    """A mosquitto on PATH (only there: hiding it from PATH must be enough to get iotcore)."""
-    return shutil.which("mosquitto")
+    """A mosquitto on PATH or in the usual sbin folders; None when ``INGEST_TEST_LOCAL_SERVERS``
+    is ``0`` (to prove the fallbacks on a machine that has one)."""
+    if not local_servers_allowed():
+        return None
+    return shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin:/usr/local/sbin")
 
 
 def iotcore_available() -> bool:
@@ -93,7 +104,7 @@ def mosquitto_config() -> str:
     return _MOSQUITTO_SETTINGS
 
 
-def _override_config(base: str, settings: dict[str, str]) -> str:
+def _override_config(base: str, settings: Mapping[str, str]) -> str:
     """``base`` with each key of ``settings`` replaced in place (or appended when absent)."""
     pending = dict(settings)
     out: list[str] = []
@@ -136,6 +147,13 @@ class _ProcessBroker:
     def log_text(self) -> str:
         return _read(self._stderr)
 
+    @property
+    def ports(self) -> tuple[int, ...]:
+        return (self._port,)
+
+    def _pick_ports(self) -> None:
+        self._port = free_port()
+
     def _command(self) -> list[str]:
         raise NotImplementedError
 
@@ -146,7 +164,7 @@ class _ProcessBroker:
         first = self._port == 0
         for _ in range(5 if first else 1):
             if first:
-                self._port = free_port()
+                self._pick_ports()
             if self._spawn():
                 _track(self)
                 return self
@@ -172,7 +190,7 @@ class _ProcessBroker:
             if self._proc.poll() is not None:
                 self._reap()
                 return False
-            if port_open(self._port):
+            if all(port_open(port) for port in self.ports):
                 return True
             time.sleep(0.02)
         self.kill()
@@ -224,15 +242,73 @@ class _ProcessBroker:
         return f"<{type(self).__name__} {self.url} running={self.running}>"
 
 
+@dataclass(frozen=True, kw_only=True)
+class Listener:
+    """One more mosquitto listener on 127.0.0.1, next to the plain one every broker has.
+
+    ``port`` 0 picks a free port at the first start (kept across restarts). TLS when
+    ``certfile`` and ``keyfile`` are given (PEM files, readable by whoever runs the broker);
+    ``require_certificate`` makes clients present a certificate signed by ``cafile``.
+    """
+
+    port: int = 0
+    cafile: Path | None = None
+    certfile: Path | None = None
+    keyfile: Path | None = None
+    require_certificate: bool = False
+
+    def __post_init__(self) -> None:
+        if (self.certfile is None) != (self.keyfile is None):
+            raise ValueError("Listener: certfile and keyfile go together")
+        if self.require_certificate and self.cafile is None:
+            raise ValueError("Listener: require_certificate needs cafile")
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"Listener: port must be 0..65535, not {self.port}")
+
+    def config(self, port: int) -> str:
+        """This listener's lines of mosquitto.conf, listening on ``port``."""
+        lines = [f"listener {port} 127.0.0.1"]
+        lines += [
+            f"{key} {value}"
+            for key, value in (
+                ("cafile", self.cafile),
+                ("certfile", self.certfile),
+                ("keyfile", self.keyfile),
+            )
+            if value is not None
+        ]
+        if self.require_certificate:
+            lines.append("require_certificate true")
+        return "\n".join(lines) + "\n"
+
+
 class MosquittoBroker(_ProcessBroker):
     """mosquitto with the project config (in-flight window, queue limits, persistence in its
-    directory) plus a listener on 127.0.0.1; ``overrides`` replace settings of that config."""
+    directory) and a plain listener on 127.0.0.1 (``port``, ``url``).
+
+    Extra configuration, all optional:
+
+    * ``overrides``: settings of config/mosquitto.conf replaced (``{"max_inflight_messages":
+      "20"}``), or appended when the config lacks them.
+    * ``listeners``: more listeners (:class:`Listener`, e.g. TLS); ``ports`` lists every port
+      bound, the plain one first, then one per listener in the order given.
+    * ``password_file``, ``acl_file`` (made with ``mosquitto_passwd``; they apply to every
+      listener) and ``allow_anonymous`` (the project config allows anonymous clients).
+    """
 
     name = "mosquitto"
     persistent = True
 
     def __init__(
-        self, directory: Path, *, binary: str | None = None, overrides: dict[str, str] | None = None
+        self,
+        directory: Path,
+        *,
+        binary: str | None = None,
+        overrides: Mapping[str, str] | None = None,
+        listeners: Sequence[Listener] = (),
+        password_file: Path | None = None,
+        acl_file: Path | None = None,
+        allow_anonymous: bool | None = None,
     ) -> None:
         super().__init__(directory)
         found = binary or find_mosquitto()
@@ -240,9 +316,26 @@ class MosquittoBroker(_ProcessBroker):
             raise EmbeddedServerError("no mosquitto binary (PATH, /usr/sbin)")
         self._binary = found
         self._overrides = dict(overrides or {})
+        if password_file is not None:
+            self._overrides["password_file"] = str(password_file)
+        if acl_file is not None:
+            self._overrides["acl_file"] = str(acl_file)
+        if allow_anonymous is not None:
+            self._overrides["allow_anonymous"] = "true" if allow_anonymous else "false"
+        self._listeners = tuple(listeners)
+        self._extra_ports: list[int] = []
+
+    @property
+    def ports(self) -> tuple[int, ...]:
+        """Every port bound: the plain listener's, then each extra listener's in order."""
+        return (self._port, *self._extra_ports)
 
     def log_text(self) -> str:
         return _read(self.dir / "mosquitto.log") + super().log_text()
+
+    def _pick_ports(self) -> None:
+        super()._pick_ports()
+        self._extra_ports = [listener.port or free_port() for listener in self._listeners]
 
     def _command(self) -> list[str]:
         settings = {
@@ -253,6 +346,8 @@ class MosquittoBroker(_ProcessBroker):
         }
         text = _override_config(mosquitto_config(), settings)
         text += f"listener {self._port} 127.0.0.1\n"
+        for listener, port in zip(self._listeners, self._extra_ports, strict=True):
+            text += listener.config(port)
         config = self.dir / "mosquitto.conf"
         config.write_text(text)
         return [self._binary, "-c", str(config)]

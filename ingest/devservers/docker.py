@@ -11,7 +11,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from ingest.devservers.throwaway import PROJECT_MOSQUITTO_CONF, _mosquitto_config, _root_dir
+from ingest.devservers.brokers import _override_config, mosquitto_config
+from ingest.devservers.throwaway import _root_dir
 
 __all__ = ["DockerMosquitto", "DockerPostgres", "docker_available"]
 
@@ -68,9 +69,7 @@ class DockerMosquitto:
         self.dir.chmod(0o755)
         conf = self.dir / "mosquitto.conf"
         conf.write_text(
-            _mosquitto_config(
-                PROJECT_MOSQUITTO_CONF.read_text(), {"persistence_location": "/mosquitto/data/"}
-            )
+            _override_config(mosquitto_config(), {"persistence_location": "/mosquitto/data/"})
             + "listener 1883 0.0.0.0\n"  # the container's interfaces; we connect via 127.0.0.1
         )
         conf.chmod(0o644)

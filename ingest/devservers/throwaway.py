@@ -20,10 +20,9 @@ import glob
 import os
 import pwd
 import shutil
-import signal
 import subprocess
 import tempfile
-import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Literal, Protocol, Self
@@ -32,14 +31,19 @@ import asyncpg
 
 from ingest.devservers import brokers as _brokers
 from ingest.devservers import postgres as _postgres
-from ingest.devservers._process import EmbeddedServerError, _read, _tail
+from ingest.devservers._process import (
+    EmbeddedServerError,
+    _read,
+    _tail,
+    local_servers_allowed,
+)
+from ingest.devservers.brokers import Broker, Listener, find_mosquitto
 from ingest.devservers.ports import free_port as _free_port
-from ingest.devservers.ports import port_open as _port_open
 
 __all__ = [
-    "PROJECT_MOSQUITTO_CONF",
     "EmbeddedBroker",
     "EmbeddedPostgres",
+    "Listener",
     "Mosquitto",
     "MosquittoFactory",
     "PostgresCluster",
@@ -52,10 +56,6 @@ __all__ = [
     "run_sql",
 ]
 
-PROJECT_MOSQUITTO_CONF = Path(__file__).resolve().parents[2] / "config" / "mosquitto.conf"
-
-# Set to 0 to ignore local server binaries (to prove the fallbacks on a machine that has them).
-_LOCAL_ENV = "INGEST_TEST_LOCAL_SERVERS"
 _START_TIMEOUT = 30.0
 
 
@@ -64,7 +64,17 @@ class ServerError(RuntimeError):
 
 
 class MosquittoFactory(Protocol):
-    def __call__(self, overrides: dict[str, str] | None = None) -> Mosquitto: ...
+    """The ``mosquitto_factory`` fixture: a started :class:`Mosquitto`, closed at test end."""
+
+    def __call__(
+        self,
+        overrides: Mapping[str, str] | None = None,
+        *,
+        listeners: Sequence[Listener] = (),
+        password_file: Path | None = None,
+        acl_file: Path | None = None,
+        allow_anonymous: bool | None = None,
+    ) -> Broker: ...
 
 
 class PostgresFactory(Protocol):
@@ -75,10 +85,6 @@ class PostgresFactory(Protocol):
 
 _live: list[Mosquitto | PostgresCluster] = []
 _root: Path | None = None
-
-
-def _local_allowed() -> bool:
-    return os.environ.get(_LOCAL_ENV, "1") != "0"
 
 
 def _is_root() -> bool:
@@ -107,148 +113,34 @@ def _cleanup() -> None:
 # --- Mosquitto ---------------------------------------------------------------------------------
 
 
-def find_mosquitto() -> str | None:
-    if not _local_allowed():
-        return None
-    return shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin:/usr/local/sbin")
+class Mosquitto(_brokers.MosquittoBroker):
+    """A :class:`~ingest.devservers.brokers.MosquittoBroker` (same arguments: overrides,
+    listeners, password and ACL files) in a folder of its own under the process-wide temp dir,
+    deleted on close; restartable on the same ports."""
 
-
-def _mosquitto_config(base: str, settings: dict[str, str]) -> str:
-    """`base` with each key of `settings` replaced in place (or appended when absent)."""
-    pending = dict(settings)
-    out: list[str] = []
-    for line in base.splitlines():
-        words = line.split(maxsplit=1)
-        key = words[0] if words and not words[0].startswith("#") else ""
-        if key in settings:
-            if key in pending:
-                out.append(f"{key} {pending.pop(key)}")
-            continue  # a repeated key: the first occurrence already carries the override
-        out.append(line)
-    out += [f"{key} {value}" for key, value in pending.items()]
-    return "\n".join(out) + "\n"
-
-
-class Mosquitto:
-    """A local mosquitto with the project config on a free port; restartable, same port."""
-
-    def __init__(self, overrides: dict[str, str] | None = None) -> None:
-        binary = find_mosquitto()
-        if binary is None:
-            raise ServerError("no mosquitto binary (PATH, /usr/sbin)")
-        self._binary = binary
-        self.dir = Path(tempfile.mkdtemp(prefix="mosquitto-", dir=_root_dir()))
-        self._overrides = dict(overrides or {})
-        self._log = self.dir / "mosquitto.log"
-        self._stderr = self.dir / "mosquitto.stderr"
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._port = 0
-
-    @property
-    def port(self) -> int:
-        return self._port
-
-    @property
-    def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self._port}"
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    def log_text(self) -> str:
-        return _read(self._log) + _read(self._stderr)
-
-    def _write_config(self) -> Path:
-        settings = {
-            "persistence_location": f"{self.dir}/",
-            "log_dest": f"file {self._log}",
-            **({"user": "root"} if _is_root() else {}),  # else it drops to user `mosquitto`
-            **self._overrides,
-        }
-        text = _mosquitto_config(PROJECT_MOSQUITTO_CONF.read_text(), settings)
-        text += f"listener {self._port} 127.0.0.1\n"
-        path = self.dir / "mosquitto.conf"
-        path.write_text(text)
-        return path
-
-    def start(self) -> Self:
-        if self.running:
-            return self
-        first = self._port == 0
-        for _ in range(5 if first else 1):
-            if first:
-                self._port = _free_port()
-            if self._spawn():
-                if self not in _live:
-                    _live.append(self)
-                return self
-            if not first or "Address already in use" not in self.log_text():
-                break
-        log = _tail(self.log_text())
-        raise ServerError(f"mosquitto did not start on port {self._port}:\n{log}")
-
-    def _spawn(self) -> bool:
-        config = self._write_config()
-        with self._stderr.open("ab") as err:
-            self._proc = subprocess.Popen(
-                [self._binary, "-c", str(config)],
-                stdin=subprocess.DEVNULL,
-                stdout=err,
-                stderr=err,
-                cwd=self.dir,
-                start_new_session=True,  # a Ctrl-C in pytest reaches our finalizers, not the broker
-            )
-        deadline = time.monotonic() + _START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                return False
-            if _port_open(self._port):
-                return True
-            time.sleep(0.01)
-        self.kill()
-        return False
-
-    def _signal_and_wait(self, sig: int) -> None:
-        proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout=_START_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-    def stop(self) -> None:
-        """SIGTERM: the broker saves its persistence file (sessions, queued messages)."""
-        self._signal_and_wait(signal.SIGTERM)
-
-    def kill(self) -> None:
-        """SIGKILL: whatever was not autosaved is lost, like a crash."""
-        self._signal_and_wait(signal.SIGKILL)
-
-    def restart(self) -> Self:
-        self.stop()
-        return self.start()
+    def __init__(
+        self,
+        overrides: Mapping[str, str] | None = None,
+        *,
+        listeners: Sequence[Listener] = (),
+        password_file: Path | None = None,
+        acl_file: Path | None = None,
+        allow_anonymous: bool | None = None,
+    ) -> None:
+        super().__init__(
+            Path(tempfile.mkdtemp(prefix="mosquitto-", dir=_root_dir())),
+            overrides=overrides,
+            listeners=listeners,
+            password_file=password_file,
+            acl_file=acl_file,
+            allow_anonymous=allow_anonymous,
+        )
 
     def close(self) -> None:
-        """Stop and delete the directory (persistence and log included)."""
+        """Stop (SIGKILL: nothing of it is kept) and delete the directory."""
         self.kill()
-        if self in _live:
-            _live.remove(self)
+        super().close()
         shutil.rmtree(self.dir, ignore_errors=True)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"<Mosquitto {self.url} running={self.running}>"
 
 
 # --- PostgreSQL --------------------------------------------------------------------------------
@@ -256,7 +148,7 @@ class Mosquitto:
 
 def find_postgres_bindir() -> Path | None:
     """A directory holding initdb and pg_ctl: PATH first, then the usual Debian/RHEL places."""
-    if not _local_allowed():
+    if not local_servers_allowed():
         return None
     if _is_root():
         try:
@@ -497,27 +389,17 @@ class EmbeddedPostgres(_postgres.PostgresServer, PostgresCluster):
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-class EmbeddedBroker(_brokers.IotcoreBroker, Mosquitto):
-    """rumqttd from the iotcore wheel, MQTT 3.1.1 with the project's in-flight window. Every
-    method comes from `IotcoreBroker`; `Mosquitto` is a base only so that it stands wherever
-    tests annotate one.
+class EmbeddedBroker(_brokers.IotcoreBroker):
+    """rumqttd from the iotcore wheel, MQTT 3.1.1 with the project's in-flight window, in a
+    folder of its own under the process-wide temp dir, deleted on close.
 
     Restartable on the same port, but it keeps no sessions or queued messages across a restart
-    (no persistence): `restart()` skips the test that asks for it, since that is what a test
-    restarts a broker for. It also ignores Receive Maximum and drops a client that acknowledges
-    out of order.
+    (no persistence: ``persistent`` is False). It also ignores Receive Maximum and drops a client
+    that acknowledges out of order.
     """
 
     def __init__(self) -> None:
         super().__init__(Path(tempfile.mkdtemp(prefix="iotcore-", dir=_root_dir())))
-
-    def restart(self) -> Self:
-        import pytest
-
-        pytest.skip(
-            "the embedded broker (iotcore) keeps no sessions or queued messages across a"
-            " restart; this test needs mosquitto"
-        )
 
     def close(self) -> None:
         super().close()

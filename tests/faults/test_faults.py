@@ -14,8 +14,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
+from ingest.devservers.brokers import Broker
 from ingest.devservers.throwaway import (
-    Mosquitto,
     MosquittoFactory,
     PostgresCluster,
     PostgresFactory,
@@ -142,12 +142,12 @@ def pg(postgres_factory: PostgresFactory) -> Iterator[tuple[PostgresCluster, str
 
 
 @pytest.fixture
-def broker(mosquitto_factory: MosquittoFactory) -> Mosquitto:
+def broker(mosquitto_factory: MosquittoFactory) -> Broker:
     return mosquitto_factory()
 
 
 def test_sigkill_under_load_three_times(
-    database_url: str, broker: Mosquitto, fault_report: list[dict[str, Any]]
+    database_url: str, broker: Broker, fault_report: list[dict[str, Any]]
 ) -> None:
     topic = unique_topic()
     devices, count = 20, 1500
@@ -182,7 +182,7 @@ def test_sigkill_under_load_three_times(
 
 
 def test_postgres_fast_restart(
-    pg: tuple[PostgresCluster, str], broker: Mosquitto, fault_report: list[dict[str, Any]]
+    pg: tuple[PostgresCluster, str], broker: Broker, fault_report: list[dict[str, Any]]
 ) -> None:
     cluster, url = pg
     topic = unique_topic()
@@ -216,7 +216,7 @@ def test_postgres_fast_restart(
 
 
 def test_postgres_blackholed_for_30s(
-    pg: tuple[PostgresCluster, str], broker: Mosquitto, fault_report: list[dict[str, Any]]
+    pg: tuple[PostgresCluster, str], broker: Broker, fault_report: list[dict[str, Any]]
 ) -> None:
     _cluster, url = pg
     port = urlsplit(url).port
@@ -260,7 +260,7 @@ def test_postgres_blackholed_for_30s(
 
 
 def test_broker_restart_mid_drain(
-    database_url: str, broker: Mosquitto, fault_report: list[dict[str, Any]]
+    database_url: str, broker: Broker, fault_report: list[dict[str, Any]]
 ) -> None:
     topic = unique_topic()
     # Large enough that the drain (~20k msg/s) is still under way when the broker restarts
@@ -297,7 +297,7 @@ def test_broker_restart_mid_drain(
 
 
 def test_broker_blackholed_keepalive_notices(
-    database_url: str, broker: Mosquitto, fault_report: list[dict[str, Any]]
+    database_url: str, broker: Broker, fault_report: list[dict[str, Any]]
 ) -> None:
     topic = unique_topic()
     devices, count = 5, 400
@@ -338,7 +338,7 @@ def test_broker_blackholed_keepalive_notices(
 
 
 def test_slow_database_200ms_per_round_trip(
-    pg: tuple[PostgresCluster, str], broker: Mosquitto, fault_report: list[dict[str, Any]]
+    pg: tuple[PostgresCluster, str], broker: Broker, fault_report: list[dict[str, Any]]
 ) -> None:
     _cluster, url = pg
     port = urlsplit(url).port
@@ -413,7 +413,7 @@ def test_poison_rows_rejected_by_postgres_only_those_dead_lettered(
 
 
 def test_flood_of_malformed_mixed_with_good(
-    database_url: str, broker: Mosquitto, fault_report: list[dict[str, Any]]
+    database_url: str, broker: Broker, fault_report: list[dict[str, Any]]
 ) -> None:
     topic = unique_topic()
     devices, count = 10, 1000
@@ -468,7 +468,7 @@ def test_flood_of_malformed_mixed_with_good(
 
 
 def test_sigterm_under_heavy_load_exits_0_then_resumes(
-    database_url: str, broker: Mosquitto, fault_report: list[dict[str, Any]]
+    database_url: str, broker: Broker, fault_report: list[dict[str, Any]]
 ) -> None:
     topic = unique_topic()
     devices, count = 20, 1500

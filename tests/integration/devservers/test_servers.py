@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import aiomqtt
@@ -10,7 +11,9 @@ import anyio
 import asyncpg
 import pytest
 
+from ingest.devservers.brokers import Listener
 from ingest.devservers.throwaway import MosquittoFactory, PostgresFactory
+from ingest.devservers.tls import make_tls_files, mosquitto_password_file
 
 pytestmark = pytest.mark.anyio
 
@@ -113,3 +116,44 @@ async def test_persistent_session_keeps_queued_messages_across_broker_restart(
     # No subscribe: the session and its queue come back from the broker.
     async with _client(broker.url, identifier=client_id, clean_session=False) as sub:
         assert await _receive(sub, 10) == [str(i).encode() for i in range(10)]
+
+
+async def test_factory_mosquitto_tls_listener_and_password_file(
+    mosquitto_factory: MosquittoFactory, tmp_path: Path
+) -> None:
+    tls = make_tls_files(tmp_path / "tls")
+    passwords = mosquitto_password_file(tmp_path / "passwd", {"ingest": "s3cret"})
+    broker = mosquitto_factory(
+        listeners=[
+            Listener(
+                cafile=tls.ca,
+                certfile=tls.server_cert,
+                keyfile=tls.server_key,
+                require_certificate=True,
+            )
+        ],
+        password_file=passwords,
+        allow_anonymous=False,
+    )
+    plain, secure = broker.ports
+    assert plain == broker.port and secure not in (0, plain)
+    client_tls = aiomqtt.TLSParameters(
+        ca_certs=str(tls.ca), certfile=str(tls.client_cert), keyfile=str(tls.client_key)
+    )
+    async with aiomqtt.Client(
+        "127.0.0.1", secure, username="ingest", password="s3cret", tls_params=client_tls
+    ) as client:
+        await client.subscribe("test/tls", qos=1)
+        await client.publish("test/tls", b"sealed", qos=1)
+        assert await _receive(client, 1) == [b"sealed"]
+    with pytest.raises(aiomqtt.MqttError):  # no anonymous clients any more
+        async with _client(broker.url):
+            pass
+    with pytest.raises(aiomqtt.MqttError):  # the TLS listener wants a client certificate
+        no_cert = aiomqtt.TLSParameters(ca_certs=str(tls.ca))
+        async with aiomqtt.Client(
+            "127.0.0.1", secure, username="ingest", password="s3cret", tls_params=no_cert
+        ):
+            pass
+    broker.restart()
+    assert broker.ports == (plain, secure)

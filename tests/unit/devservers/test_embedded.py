@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -63,3 +64,30 @@ def test_demo_rejects_a_non_positive_duration() -> None:
         timeout=30,
     )
     assert r.returncode == 2 and "--duration" in r.stderr
+
+
+def test_listener_config_lines() -> None:
+    listener = _embedded.Listener(
+        cafile=Path("/c/ca.crt"),
+        certfile=Path("/c/s.crt"),
+        keyfile=Path("/c/s.key"),
+        require_certificate=True,
+    )
+    assert listener.config(8883) == (
+        "listener 8883 127.0.0.1\ncafile /c/ca.crt\ncertfile /c/s.crt\nkeyfile /c/s.key\n"
+        "require_certificate true\n"
+    )
+    assert _embedded.Listener().config(1) == "listener 1 127.0.0.1\n"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [
+        ({"certfile": Path("c")}, "certfile and keyfile"),
+        ({"require_certificate": True}, "cafile"),
+        ({"port": 70000}, "port"),
+    ],
+)
+def test_listener_rejects_what_mosquitto_would(kwargs: dict[str, Any], words: str) -> None:
+    with pytest.raises(ValueError, match=words):
+        _embedded.Listener(**kwargs)
