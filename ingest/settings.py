@@ -19,9 +19,9 @@ from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from ingest.errors import ConfigError
+from ingest.urls import MqttEndpoint, UrlError, check_database_url, parse_mqtt_url, redact_url
 
 __all__ = [
     "MqttEndpoint",
@@ -309,11 +309,10 @@ class Settings:
         ):
             raise ConfigError(_env("share_group"), "must be a non-empty name without / + #")
         if self.database_url is not None:
-            parts = urlsplit(self.database_url)
-            if parts.scheme not in ("postgresql", "postgres"):
-                raise ConfigError(
-                    _env("database_url"), "must look like postgresql://user:pass@host:port/db"
-                )
+            try:
+                check_database_url(self.database_url)
+            except UrlError as exc:  # its message never quotes the URL
+                raise ConfigError(_env("database_url"), str(exc)) from None
         if not 0 < self.dashboard_interval <= 3600:
             raise ConfigError(_env("dashboard_interval"), "must be > 0 and at most 3600")
         if not 0 <= self.partition_days_ahead <= 366:
@@ -366,7 +365,11 @@ class Settings:
             raise ConfigError(_env("mqtt_password"), f"needs {_env('mqtt_username')} too")
 
     def mqtt_endpoint(self) -> MqttEndpoint:
-        return MqttEndpoint.parse(self.mqtt_url)
+        """The broker as the URL gives it (ingest/urls.py); raises ConfigError."""
+        try:
+            return parse_mqtt_url(self.mqtt_url)
+        except UrlError as exc:  # its message never quotes the URL
+            raise ConfigError(_env("mqtt_url"), str(exc)) from None
 
     def to_environ(self) -> dict[str, str]:
         """The settings as ``INGEST_*`` variables that load back to these same settings
@@ -391,50 +394,6 @@ class Settings:
             elif f.metadata["secret_url"]:
                 out[f.name] = redact_url(out[f.name])
         return out
-
-
-@dataclass(frozen=True, slots=True)
-class MqttEndpoint:
-    host: str
-    port: int
-    tls: bool
-    username: str | None
-    password: str | None
-
-    @classmethod
-    def parse(cls, url: str) -> MqttEndpoint:
-        parts = urlsplit(url)
-        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-            raise ConfigError(
-                "INGEST_MQTT_URL", "must look like mqtt://[user:pass@]host[:port] or mqtts://..."
-            )
-        try:
-            port = parts.port
-        except ValueError:
-            raise ConfigError("INGEST_MQTT_URL", "has an invalid port") from None
-        tls = parts.scheme == "mqtts"
-        return cls(
-            host=parts.hostname,
-            port=port or (8883 if tls else 1883),
-            tls=tls,
-            username=unquote(parts.username) if parts.username else None,
-            password=unquote(parts.password) if parts.password else None,
-        )
-
-
-def redact_url(url: str) -> str:
-    """``scheme://user:***@host/...``: never log a password."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable url>"
-    if parts.password is None:
-        return url
-    user = quote(unquote(parts.username or ""), safe="")
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, f"{user}:***@{host}", parts.path, parts.query, parts.fragment))
 
 
 _RETENTION_UNITS = {"h": timedelta(hours=1), "d": timedelta(days=1), "w": timedelta(weeks=1)}
