@@ -1,10 +1,24 @@
-"""Wires the stages of DESIGN.md §1: source -> channel -> batcher -> writer -> acker.
+"""Wires the stages of the flow: source -> channel -> batcher -> writer -> acker.
+
+The delivery contract this module keeps (docs/contract.md names and tests each clause):
+
+* C1 ack-after-commit: a message is acknowledged only once the transaction holding its rows
+  or its dead letter committed. A batch is handed to the acker after ``writer.write``
+  returned, never before; a write that raises acknowledges nothing.
+* C2 receive-order: batches are numbered as they are cut and the acker releases them in that
+  order, whichever commits first.
+* C3, C4 are the writer's (duplicates collapse on their key; a bad message is one dead letter
+  in its batch's transaction); C5 follows from C1 and C3; C6 is the acker's and the session's
+  (a closed connection acknowledges nothing).
 
 The channel is a bounded anyio memory object stream; its capacity is the only buffer the
 pipeline owns (the broker's in-flight window bounds what the MQTT client holds). Draining is
 done by closing the channel's send side, never with flags: the batcher sees ``EndOfStream``,
 the last batch is written and acknowledged, then ``drained`` is set for the source to
 disconnect.
+
+Collaborators are passed in (writer, acker, source factory, commit hook), so a test can hand
+the pipeline a writer that blocks or raises and an acknowledger that records what it sends.
 """
 
 from __future__ import annotations
@@ -13,31 +27,71 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import anyio
+from anyio.streams.memory import MemoryObjectSendStream
 
 from ingest.flow.acker import Acker, Delivery
 from ingest.flow.batcher import Batcher
 from ingest.flow.source import Source
-from ingest.flow.writer import Writer, WriteResult
+from ingest.flow.writer import WriteResult
 from ingest.logs import log_context
-from ingest.model import PipelineStatistics
+from ingest.model import Envelope, PipelineStatistics, SourceStatistics
 from ingest.settings import Settings
 
-# (batch, result, seconds the write took, time.time() at commit): see ingest.observability.metrics.
+__all__ = ["BatchWriter", "CommitHook", "Pipeline", "PipelineSource", "SourceFactory"]
+
+#: Called once per committed batch: (batch, result, seconds the write took, ``time.time()`` at
+#: commit). The daemon passes the observability's recorder here.
 CommitHook = Callable[[Sequence[Delivery], WriteResult, float, float], None]
 
-__all__ = ["Pipeline"]
+
+class BatchWriter(Protocol):
+    """What the pipeline needs of the writer: store one batch in one transaction (or narrow
+    it down), return what happened; raise when it cannot (nothing is acknowledged then)."""
+
+    async def write(self, envelopes: Sequence[Envelope], /) -> WriteResult: ...
+
+
+class PipelineSource(Protocol):
+    """What the pipeline needs of the source (``ingest.flow.source.Source``)."""
+
+    async def run(self, send: MemoryObjectSendStream[Delivery], /) -> None: ...
+
+    def stop_reading(self) -> None: ...
+
+    def statistics(self) -> SourceStatistics: ...
+
+
+#: Builds the source, given the acker it reports received messages to and the event the
+#: pipeline sets once everything is written and acknowledged (the source disconnects then).
+SourceFactory = Callable[[Acker, anyio.Event], PipelineSource]
 
 
 class Pipeline:
-    def __init__(self, settings: Settings, writer: Writer, *, log: logging.Logger) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        writer: BatchWriter,
+        *,
+        acker: Acker | None = None,
+        source: SourceFactory | None = None,
+        on_commit: CommitHook | None = None,
+        log: logging.Logger,
+    ) -> None:
         self._settings = settings
         self._writer = writer
         self._log = log
-        self.acker = Acker()
+        self._on_commit = on_commit
+        self.acker = acker if acker is not None else Acker()
         self.drained = anyio.Event()
-        self.source = Source(settings, acker=self.acker, drained=self.drained, log=log)
+        if source is None:
+            self.source: PipelineSource = Source(
+                settings, acker=self.acker, drained=self.drained, log=log
+            )
+        else:
+            self.source = source(self.acker, self.drained)
         self._send, self._receive = anyio.create_memory_object_stream[Delivery](
             settings.channel_capacity
         )
@@ -59,7 +113,6 @@ class Pipeline:
         self.dead_reasons: Counter[str] = Counter()
         self.last_commit_lag: float | None = None
         self.last_commit_at: float | None = None
-        self.on_commit: CommitHook | None = None  # set by ingest.observability.metrics (histograms)
 
     def stop_reading(self) -> None:
         self.source.stop_reading()
@@ -100,8 +153,8 @@ class Pipeline:
         now = time.time()
         self.last_commit_at = now
         self.last_commit_lag = now - batch[0].envelope.received_at.timestamp()
-        if self.on_commit is not None:
-            self.on_commit(batch, result, time.perf_counter() - started, now)
+        if self._on_commit is not None:
+            self._on_commit(batch, result, time.perf_counter() - started, now)
 
     def statistics(self) -> PipelineStatistics:
         src = self.source.statistics()
