@@ -32,6 +32,7 @@ __all__ = [
     "parse_retention",
     "parse_time",
     "redact_url",
+    "worker_environ",
 ]
 
 _PROTOCOLS = ("3.1.1", "5")
@@ -495,8 +496,9 @@ def parse_time(value: str | datetime) -> datetime:
     return when.astimezone(UTC)
 
 
-def _convert(name: str, raw: Any, kind: Any, source: str) -> Any:
-    """Convert a value from the environment (str) or TOML (typed) to the field's type."""
+def _convert(name: str, raw: Any, kind: Any, source: str, *, show: bool = True) -> Any:
+    """Convert a value from the environment (str) or TOML (typed) to the field's type.
+    Errors quote the value only when ``show`` and the setting is not a secret."""
     what = source
     kind_s = str(kind)
     if raw is None:
@@ -528,7 +530,7 @@ def _convert(name: str, raw: Any, kind: Any, source: str) -> Any:
             return None
         return value
     except (TypeError, ValueError, AttributeError) as exc:
-        if _is_secret(name):  # never echo a secret, however wrong it is
+        if _is_secret(name) or not show:  # never echo a secret, however wrong it is
             raise ConfigError(what, "has an invalid value") from None
         if kind_s.startswith(("timedelta", "datetime")):
             raise ConfigError(what, f"{exc}; got {raw!r}") from None
@@ -543,6 +545,8 @@ def _format_value(value: Any) -> str:
         return format_duration(value)
     if isinstance(value, datetime):
         return value.isoformat().replace("+00:00", "Z")
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
     return str(value)
 
 
@@ -559,28 +563,14 @@ def load_settings(
     environ: Mapping[str, str] | None = None,
     config_file: str | Path | None = None,
 ) -> Settings:
-    """Merge TOML file < environment < ``overrides`` (flags; None values ignored)."""
+    """Merge TOML file < environment (``INGEST_X`` or ``INGEST_X_FILE``) < ``overrides``
+    (flags; None values ignored)."""
     env = os.environ if environ is None else environ
     values: dict[str, Any] = {}
-    by_name = {f.name: f for f in fields(Settings)}
     if config_file is not None:
-        path = Path(config_file)
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError("--config", f"file not found: {path}") from None
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigError("--config", f"cannot read {path}: {exc}") from None
-        table = data.get("ingest", data)
-        for key, raw in table.items():
-            name = key.replace("-", "_")
-            if name not in by_name:
-                raise ConfigError(f"{path}: {key}", "unknown setting")
-            values[name] = _convert(name, raw, by_name[name].type, f"{path}: {key}")
-    for name, f in by_name.items():
-        var = str(f.metadata["env"])
-        if var in env:
-            values[name] = _convert(name, env[var], f.type, var)
+        values.update(_from_file(Path(config_file)))
+    values.update(_from_environ(env))
+    by_name = {f.name: f for f in fields(Settings)}
     for name, raw in (overrides or {}).items():
         if raw is None:
             continue
@@ -589,6 +579,78 @@ def load_settings(
         flag = "--" + name.replace("_", "-")
         values[name] = _convert(name, raw, by_name[name].type, flag)
     return Settings(**values)
+
+
+# Top-level tables of the config file that are not settings: each is read by its own loader.
+_OTHER_TABLES = frozenset({"routes"})
+
+
+def _from_file(path: Path) -> dict[str, Any]:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError("--config", f"file not found: {path}") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError("--config", f"cannot read {path}: {exc}") from None
+    nested = isinstance(data.get("ingest"), dict)
+    table = data["ingest"] if nested else data
+    for key in data:
+        if nested and key != "ingest" and key not in _OTHER_TABLES:
+            raise ConfigError(
+                f"{path}: {key}", "unknown table or setting (settings go in [ingest])"
+            )
+    by_name = {f.name: f for f in fields(Settings)}
+    values: dict[str, Any] = {}
+    for key, raw in table.items():
+        name = key.replace("-", "_")
+        if not nested and name in _OTHER_TABLES:
+            continue
+        if name not in by_name:
+            raise ConfigError(f"{path}: {key}", "unknown setting")
+        values[name] = _convert(name, raw, by_name[name].type, f"{path}: {key}")
+    return values
+
+
+def _from_environ(env: Mapping[str, str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for f in fields(Settings):
+        var = str(f.metadata["env"])
+        file_var = f"{var}_FILE"
+        if var in env and file_var in env:
+            raise ConfigError(f"{var} and {file_var}", "both are set; set only one")
+        if var in env:
+            values[f.name] = _convert(f.name, env[var], f.type, var)
+        elif file_var in env:
+            raw = _read_value_file(file_var, env[file_var])
+            values[f.name] = _convert(f.name, raw, f.type, file_var, show=False)
+    return values
+
+
+def _read_value_file(var: str, path: str) -> str:
+    """A value mounted as a file (Docker and Kubernetes secrets): its text without the one
+    trailing newline editors and ``echo`` add. Errors name the variable and the path, never
+    what the file holds."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(var, f"{path} is not UTF-8 text") from None
+    except OSError as exc:
+        raise ConfigError(
+            var, f"cannot read {path}: {exc.strerror or type(exc).__name__}"
+        ) from None
+    return text.removesuffix("\n").removesuffix("\r")
+
+
+def worker_environ(settings: Settings, inherited: Mapping[str, str]) -> dict[str, str]:
+    """The environment of a worker process: ``inherited`` without any ``INGEST_<NAME>`` or
+    ``INGEST_<NAME>_FILE`` of a setting (a file and its value would clash), plus the
+    settings as resolved here (``Settings.to_environ``)."""
+    ours = {str(f.metadata["env"]) for f in fields(Settings)}
+    ours |= {f"{var}_FILE" for var in ours}
+    return {
+        **{k: v for k, v in inherited.items() if k not in ours},
+        **settings.to_environ(),
+    }
 
 
 # --------------------------------------------------------------------------- documentation
@@ -638,10 +700,8 @@ def settings_markdown() -> str:
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, datetime):
-        return _format_value(value)  # a TOML offset date-time, unquoted
+    if isinstance(value, int | float | datetime):
+        return _format_value(value)  # a TOML number or offset date-time, unquoted
     if isinstance(value, timedelta):
         value = format_duration(value)
     return json.dumps(str(value), ensure_ascii=False)
