@@ -7,7 +7,7 @@ import pytest
 
 from ingest.backoff import Backoff
 from ingest.errors import ConfigError
-from ingest.settings import MqttEndpoint, Settings, load_settings, redact_url
+from ingest.settings import MqttEndpoint, Settings, load_settings, redact_url, worker_environ
 
 
 def test_defaults_are_valid() -> None:
@@ -201,3 +201,91 @@ def test_to_environ_loads_back_to_the_same_settings() -> None:
     assert load_settings(environ=Settings().to_environ()) == Settings(
         client_id=Settings().client_id
     )
+
+
+def test_every_setting_reads_from_a_file(tmp_path: Path) -> None:
+    secret = tmp_path / "mqtt_password"
+    secret.write_text("pa ss\n")  # as `echo "pa ss" > file` writes it
+    rows = tmp_path / "rows"
+    rows.write_text("250")
+    s = load_settings(
+        environ={
+            "INGEST_MQTT_USERNAME": "ingest",
+            "INGEST_MQTT_PASSWORD_FILE": str(secret),
+            "INGEST_BATCH_MAX_ROWS_FILE": str(rows),
+        }
+    )
+    assert s.mqtt_password == "pa ss"
+    assert s.batch_max_rows == 250
+
+
+def test_value_and_file_both_set_is_an_error(tmp_path: Path) -> None:
+    secret = tmp_path / "pw"
+    secret.write_text("x")
+    with pytest.raises(ConfigError) as info:
+        load_settings(
+            environ={"INGEST_MQTT_PASSWORD": "y", "INGEST_MQTT_PASSWORD_FILE": str(secret)}
+        )
+    assert "INGEST_MQTT_PASSWORD and INGEST_MQTT_PASSWORD_FILE" in str(info.value)
+
+
+def test_unreadable_file_names_the_variable_not_the_content(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(environ={"INGEST_MQTT_PASSWORD_FILE": str(tmp_path / "missing")})
+    assert info.value.setting == "INGEST_MQTT_PASSWORD_FILE"
+    binary = tmp_path / "binary"
+    binary.write_bytes(b"\xff\xfehunter2")
+    with pytest.raises(ConfigError) as info:
+        load_settings(environ={"INGEST_DATABASE_URL_FILE": str(binary)})
+    assert info.value.setting == "INGEST_DATABASE_URL_FILE"
+    assert "hunter2" not in str(info.value)
+
+
+def test_a_bad_value_in_a_file_is_not_quoted(tmp_path: Path) -> None:
+    bad = tmp_path / "rows"
+    bad.write_text("s3cret-looking\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(environ={"INGEST_BATCH_MAX_ROWS_FILE": str(bad)})
+    assert info.value.setting == "INGEST_BATCH_MAX_ROWS_FILE"
+    assert "s3cret" not in str(info.value)
+
+
+def test_a_bad_secret_is_never_quoted(tmp_path: Path) -> None:
+    cfg = tmp_path / "x.toml"
+    cfg.write_text('[ingest]\nmqtt_password = ["hunter2"]\n')
+    with pytest.raises(ConfigError) as info:
+        load_settings(environ={}, config_file=cfg)
+    assert "hunter2" not in str(info.value)
+
+
+def test_worker_environ_replaces_files_by_resolved_values(tmp_path: Path) -> None:
+    secret = tmp_path / "pw"
+    secret.write_text("from-file\n")
+    parent = {
+        "PATH": "/bin",
+        "INGEST_MQTT_USERNAME": "ingest",
+        "INGEST_MQTT_PASSWORD_FILE": str(secret),
+        "INGEST_SHARE_GROUP": "g",
+    }
+    s = load_settings(environ=parent, overrides={"share_group": None, "batch_max_rows": "7"})
+    child = worker_environ(s, parent)
+    assert child["PATH"] == "/bin"
+    assert "INGEST_MQTT_PASSWORD_FILE" not in child
+    assert load_settings(environ=child) == s
+
+
+def test_routes_tables_are_not_settings(tmp_path: Path) -> None:
+    """[[routes]] is read by its own loader; the settings loader leaves it alone."""
+    top = tmp_path / "top.toml"
+    top.write_text('batch_max_rows = 9\n[[routes]]\ntopic = "a/{device_id}"\nformat = "json"\n')
+    assert load_settings(environ={}, config_file=top).batch_max_rows == 9
+    nested = tmp_path / "nested.toml"
+    nested.write_text('[ingest]\nbatch_max_rows = 8\n[[routes]]\ntopic = "a/{device_id}"\n')
+    assert load_settings(environ={}, config_file=nested).batch_max_rows == 8
+
+
+def test_a_setting_outside_the_ingest_table_is_an_error(tmp_path: Path) -> None:
+    cfg = tmp_path / "x.toml"
+    cfg.write_text("batch_max_rows = 9\n[ingest]\nbatch_max_delay = 0.1\n")
+    with pytest.raises(ConfigError, match="batch_max_rows"):
+        load_settings(environ={}, config_file=cfg)
