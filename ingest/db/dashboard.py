@@ -10,7 +10,7 @@ Two ways, chosen with the writer's ``dashboard`` argument:
   LOCKED``), reads their rows back (BRIN index on ``batch``, partitions pruned by the time
   range), upserts the dashboard tables and deletes the pending rows, all in one transaction:
   each committed batch is applied once, a rolled-back batch (a rejected row, bisection) never
-  is, and duplicates were never inserted. :func:`fold_forever` runs it every
+  is, and duplicates were never inserted. A :class:`Folder` runs it every
   ``INGEST_DASHBOARD_INTERVAL`` seconds in the daemon, so dashboards lag by about that much.
   The write path pays a few percent; the upserts cost one row per (device, metric, minute),
   (device, metric) and device *per fold*, not per batch.
@@ -20,20 +20,37 @@ Two ways, chosen with the writer's ``dashboard`` argument:
 
 Either way the upserts read their input sorted by key, so concurrent writers and folders take
 row locks in one order and never deadlock on them.
+
+No value can wedge the fold (docs/design.md, "Limits"): the rollups' sums saturate at
++/-1.7976931348623157e308 instead of overflowing (values of magnitude 1e290 or more are summed in
+numeric, with the 15 significant digits PostgreSQL keeps of a double). A batch that still cannot
+be folded (a constraint or trigger added by hand rejects its rows) is set aside in
+``dashboard_failed`` and every other batch is folded; see :func:`fold`.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Final, Literal
 
 import anyio
 import asyncpg
 
+from ingest.model import DashboardStatistics
 from ingest.settings import Settings
 
-__all__ = ["PLANNER_SETTINGS", "DashboardMode", "FoldResult", "fold", "fold_forever", "upsert_ctes"]
+__all__ = [
+    "PLANNER_SETTINGS",
+    "DashboardMode",
+    "FoldResult",
+    "Folder",
+    "describe_error",
+    "fold",
+    "fold_forever",
+    "upsert_ctes",
+]
 
 DashboardMode = Literal["deferred", "inline", "off"]
 
@@ -45,6 +62,30 @@ RETRY_INTERVAL: Final = 5.0
 FOLD_TIMEOUT: Final = 600.0
 
 _BUCKET = "date_bin('1 minute', ts, timestamptz '2000-01-01 00:00:00+00')"
+
+# Sums saturate at +/- the largest double instead of failing with "value out of range:
+# overflow" (which would stop the fold for the whole fleet). Values below _HUGE in magnitude are
+# summed as doubles, exactly as before (1.8e18 of them cannot overflow); the rare larger ones in
+# numeric, brought back into range by ingest_saturate (migrations/0004_limits.sql).
+_HUGE = "1e290"
+# Two doubles below this in magnitude add without overflow.
+_HALF_MAX = "8.98e307"
+
+
+def _saturating_sum(column: str) -> str:
+    small = f"sum({column}) FILTER (WHERE abs({column}) < {_HUGE})"
+    huge = f"sum({column}::numeric) FILTER (WHERE abs({column}) >= {_HUGE})"
+    return (
+        f"CASE WHEN {huge} IS NULL THEN {small}"
+        f" ELSE ingest_saturate(coalesce({small}, 0)::numeric + {huge}) END"
+    )
+
+
+def _saturating_add(a: str, b: str) -> str:
+    return (
+        f"CASE WHEN abs({a}) < {_HALF_MAX} AND abs({b}) < {_HALF_MAX} THEN {a} + {b}"
+        f" ELSE ingest_saturate({a}::numeric + {b}::numeric) END"
+    )
 
 
 def upsert_ctes(rows: str, *, devices: str) -> str:
@@ -62,21 +103,21 @@ def upsert_ctes(rows: str, *, devices: str) -> str:
     return f"""
 , agg AS (
     SELECT device_id, metric, {_BUCKET} AS bucket,
-           count(*)::integer AS n, sum(value) AS sum, min(value) AS min, max(value) AS max,
-           max(ts) AS last_ts
+           count(*)::integer AS n, {_saturating_sum("value")} AS sum,
+           min(value) AS min, max(value) AS max, max(ts) AS last_ts
     FROM {rows} GROUP BY 1, 2, 3
 ), rollup AS (
     INSERT INTO readings_1m AS r (device_id, metric, bucket, n, sum, min, max)
     SELECT device_id, metric, bucket, n, sum, min, max FROM agg ORDER BY 1, 2, 3
     ON CONFLICT (device_id, metric, bucket) DO UPDATE
-    SET n = r.n + excluded.n, sum = r.sum + excluded.sum,
+    SET n = r.n + excluded.n, sum = {_saturating_add("r.sum", "excluded.sum")},
         min = least(r.min, excluded.min), max = greatest(r.max, excluded.max)
 ), fleet AS (
     INSERT INTO readings_fleet_1m AS f (metric, bucket, n, sum, min, max)
-    SELECT metric, bucket, sum(n), sum(sum), min(min), max(max)
+    SELECT metric, bucket, sum(n), {_saturating_sum("sum")}, min(min), max(max)
     FROM agg GROUP BY 1, 2 ORDER BY 2, 1
     ON CONFLICT (bucket, metric) DO UPDATE
-    SET n = f.n + excluded.n, sum = f.sum + excluded.sum,
+    SET n = f.n + excluded.n, sum = {_saturating_add("f.sum", "excluded.sum")},
         min = least(f.min, excluded.min), max = greatest(f.max, excluded.max)
 ), latest AS (
     INSERT INTO latest_readings AS l (device_id, metric, ts, value)
@@ -120,6 +161,27 @@ _CLAIM_SQL = """
     DELETE FROM dashboard_pending p USING claim c WHERE p.batch = c.batch
     RETURNING p.batch, p.stored_at, p.min_ts, p.max_ts
 """
+# The same for the given batches only (a fold that failed is retried in parts, to find the
+# batches that cannot be folded).
+_CLAIM_THESE_SQL = """
+    WITH claim AS MATERIALIZED (
+        SELECT batch FROM dashboard_pending WHERE batch = ANY ($1::bigint[])
+        ORDER BY batch FOR UPDATE SKIP LOCKED
+    )
+    DELETE FROM dashboard_pending p USING claim c WHERE p.batch = c.batch
+    RETURNING p.batch, p.stored_at, p.min_ts, p.max_ts
+"""
+# A batch that cannot be folded on its own leaves the queue for dashboard_failed.
+_SET_ASIDE_SQL = """
+    WITH gone AS (DELETE FROM dashboard_pending WHERE batch = $1 RETURNING *)
+    INSERT INTO dashboard_failed (batch, stored_at, min_ts, max_ts, error)
+    SELECT batch, stored_at, min_ts, max_ts, $2 FROM gone
+    ON CONFLICT (batch) DO NOTHING
+"""
+# Counted up to a bound: the count runs after every fold, and a huge backlog must not make
+# it expensive.
+PENDING_COUNT_LIMIT: Final = 1_000_000
+_PENDING_SQL = f"SELECT count(*) FROM (SELECT FROM dashboard_pending LIMIT {PENDING_COUNT_LIMIT}) p"
 # $1/$2: the claimed batches and when each was stored; $3..$6: their batch and time ranges,
 # which let the BRIN index on batch and partition pruning find the rows without a full scan.
 # A device's first/last seen: when the first/last claimed batch holding it was stored.
@@ -145,83 +207,242 @@ PLANNER_SETTINGS: Final = "SET LOCAL enable_nestloop = off; SET LOCAL enable_mer
 _FOLD_SETTINGS = f"SET LOCAL work_mem = '64MB'; SET LOCAL enable_seqscan = off; {PLANNER_SETTINGS}"
 
 
+#: SQLSTATE classes of errors that come from the data being folded (a value out of range, a
+#: constraint or a trigger rejecting a row): the fold is retried in parts, and only a batch
+#: that fails on its own is set aside. Any other error (connection, permission, a missing
+#: relation, a timeout) says nothing about the batches: the fold fails and is retried whole.
+_DATA_ERROR_CLASSES: Final = frozenset({"22", "23", "P0"})
+
+
 @dataclass(frozen=True, slots=True)
 class FoldResult:
-    """What one :func:`fold` applied: pending batches, and the readings rows they held."""
+    """What one :func:`fold` applied: pending batches, and the readings rows they held; and the
+    batches it set aside (``dashboard_failed``) with the error of the last of them."""
 
     batches: int = 0
     rows: int = 0
+    set_aside: int = 0
+    error: str | None = None
+
+    def __add__(self, other: FoldResult) -> FoldResult:
+        return FoldResult(
+            self.batches + other.batches,
+            self.rows + other.rows,
+            self.set_aside + other.set_aside,
+            other.error or self.error,
+        )
 
 
 async def fold(
     conn: asyncpg.Connection[asyncpg.Record], *, max_batches: int = FOLD_MAX_BATCHES
 ) -> FoldResult:
     """Apply up to ``max_batches`` committed pending batches to the dashboard tables, in one
-    transaction (see the module docstring). Safe to run from several connections at once."""
+    transaction (see the module docstring). Safe to run from several connections at once.
+
+    When the data makes it fail (:data:`_DATA_ERROR_CLASSES`), the claimed batches are folded
+    again in halves, down to single batches: a batch that fails on its own moves to
+    ``dashboard_failed`` with its error, every other one is folded. Other errors propagate and
+    leave every batch pending."""
+    claimed: list[int] = []
+    try:
+        return await _fold_claimed(conn, _CLAIM_SQL, max_batches, claimed)
+    except asyncpg.PostgresError as exc:
+        if not _is_data_error(exc) or not claimed:
+            raise
+        return await _bisect(conn, claimed, exc)
+
+
+async def _fold_claimed(
+    conn: asyncpg.Connection[asyncpg.Record], claim_sql: str, arg: object, claimed: list[int]
+) -> FoldResult:
+    """Claim with ``claim_sql`` (its ids go to ``claimed``, even when the fold then fails) and
+    apply the batches, in one transaction."""
     async with conn.transaction():
-        claimed = await conn.fetch(_CLAIM_SQL, max_batches)
-        if not claimed:
+        rows = await conn.fetch(claim_sql, arg)
+        if not rows:
             return FoldResult()
+        batches = [r["batch"] for r in rows]
+        claimed.extend(batches)
         await conn.execute(_FOLD_SETTINGS)
-        batches = [r["batch"] for r in claimed]
-        rows = await conn.fetchval(
+        count = await conn.fetchval(
             _APPLY_SQL,
             batches,
-            [r["stored_at"] for r in claimed],
+            [r["stored_at"] for r in rows],
             min(batches),
             max(batches),
-            min(r["min_ts"] for r in claimed),
-            max(r["max_ts"] for r in claimed),
+            min(r["min_ts"] for r in rows),
+            max(r["max_ts"] for r in rows),
         )
-    return FoldResult(batches=len(batches), rows=int(rows))
+    return FoldResult(batches=len(batches), rows=int(count))
+
+
+async def _bisect(
+    conn: asyncpg.Connection[asyncpg.Record], batches: list[int], exc: asyncpg.PostgresError
+) -> FoldResult:
+    """``batches`` failed together with the data error ``exc``: fold each half on its own,
+    and set aside a single batch that still fails."""
+    if len(batches) == 1:
+        error = describe_error(exc)
+        await conn.execute(_SET_ASIDE_SQL, batches[0], error)
+        return FoldResult(set_aside=1, error=error)
+    total = FoldResult()
+    middle = len(batches) // 2
+    for part in (batches[:middle], batches[middle:]):
+        try:
+            total += await _fold_claimed(conn, _CLAIM_THESE_SQL, part, [])
+        except asyncpg.PostgresError as part_exc:
+            if not _is_data_error(part_exc):
+                raise
+            total += await _bisect(conn, part, part_exc)
+    return total
+
+
+def _is_data_error(exc: asyncpg.PostgresError) -> bool:
+    return str(getattr(exc, "sqlstate", ""))[:2] in _DATA_ERROR_CLASSES
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line naming an error: its type, message and, for a database error, SQLSTATE."""
+    sqlstate = getattr(exc, "sqlstate", None)
+    where = f" (SQLSTATE {sqlstate})" if sqlstate else ""
+    return f"{type(exc).__name__}: {exc}{where}"
+
+
+class _Throttle:
+    """Lets one log line through per ``interval`` seconds and counts the others."""
+
+    def __init__(self, interval: float) -> None:
+        self._interval = interval
+        self._last: float | None = None
+        self._held = 0
+
+    def allow(self) -> int | None:
+        """None: stay quiet; else how many were held back since the last line."""
+        now = time.monotonic()
+        if self._last is not None and now - self._last < self._interval:
+            self._held += 1
+            return None
+        held, self._held, self._last = self._held, 0, now
+        return held
+
+
+class Folder:
+    """Folds pending batches every ``settings.dashboard_interval`` seconds (at once again while
+    a backlog remains), forever: the daemon runs :meth:`run` as a task and cancels it at
+    shutdown; whatever is still pending then is folded by the next run (or another instance).
+
+    A failed fold (the database away, a permission, a timeout) is counted, logged each time
+    (at most one line per :data:`RETRY_INTERVAL`, saying how many were held back) and retried;
+    never fatal. Batches set aside by :func:`fold` are counted and logged the same way.
+    :meth:`statistics` shows it all (metrics, ``/readyz``)."""
+
+    def __init__(
+        self,
+        dsn: str | None,
+        settings: Settings,
+        log: logging.Logger,
+        *,
+        max_batches: int = FOLD_MAX_BATCHES,
+        retry_interval: float = RETRY_INTERVAL,
+    ) -> None:
+        self._dsn = dsn
+        self._settings = settings
+        self._log = log
+        self._max_batches = max_batches
+        self._retry_interval = retry_interval
+        self._failure_log = _Throttle(retry_interval)
+        self._set_aside_log = _Throttle(retry_interval)
+        self._folds = 0
+        self._failures = 0
+        self._in_a_row = 0
+        self._failing_since: float | None = None
+        self._set_aside = 0
+        self._pending = 0
+        self._last_error: str | None = None
+
+    def statistics(self) -> DashboardStatistics:
+        return DashboardStatistics(
+            folds=self._folds,
+            fold_failures=self._failures,
+            failing_since=self._failing_since,
+            set_aside=self._set_aside,
+            pending_batches=self._pending,
+            last_error=self._last_error,
+        )
+
+    async def run(self) -> None:
+        while True:
+            try:
+                conn = await asyncpg.connect(
+                    self._dsn,
+                    timeout=self._settings.db_connect_timeout,
+                    server_settings={"application_name": "iot-ingest dashboard"},
+                )
+            except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+                self._failed(exc)
+            else:
+                try:
+                    await self._fold_on(conn)
+                except (
+                    OSError,
+                    TimeoutError,
+                    asyncpg.PostgresError,
+                    asyncpg.InterfaceError,
+                ) as exc:
+                    self._failed(exc)
+                finally:
+                    # Cancelled or failed: never wait on a server that may not answer.
+                    conn.terminate()
+            await anyio.sleep(self._retry_interval)
+
+    async def _fold_on(self, conn: asyncpg.Connection[asyncpg.Record]) -> None:
+        while True:
+            with anyio.fail_after(FOLD_TIMEOUT):
+                result = await fold(conn, max_batches=self._max_batches)
+                pending = await conn.fetchval(_PENDING_SQL)
+            self._succeeded(result, int(pending))
+            if result.batches + result.set_aside < self._max_batches:
+                await anyio.sleep(self._settings.dashboard_interval)
+
+    def _succeeded(self, result: FoldResult, pending: int) -> None:
+        self._folds += 1
+        self._pending = pending
+        if self._in_a_row:
+            self._log.info("dashboard fold works again after %d failures", self._in_a_row)
+        self._in_a_row = 0
+        self._failing_since = None
+        if result.set_aside:
+            self._set_aside += result.set_aside
+            if (held := self._set_aside_log.allow()) is not None:
+                self._log.error(
+                    "dashboard fold set aside %d batch(es) it cannot fold, %d in all"
+                    " (table dashboard_failed; their readings are stored)%s: %s",
+                    result.set_aside,
+                    self._set_aside,
+                    _held(held),
+                    result.error,
+                )
+
+    def _failed(self, exc: BaseException) -> None:
+        self._failures += 1
+        self._in_a_row += 1
+        if self._failing_since is None:
+            self._failing_since = time.monotonic()
+        self._last_error = describe_error(exc)
+        if (held := self._failure_log.allow()) is not None:
+            self._log.warning(
+                "dashboard fold failed (%d in a row%s), retrying in %.0fs: %s",
+                self._in_a_row,
+                _held(held),
+                self._retry_interval,
+                self._last_error,
+            )
+
+
+def _held(count: int) -> str:
+    return f", {count} more not logged" if count else ""
 
 
 async def fold_forever(dsn: str | None, settings: Settings, log: logging.Logger) -> None:
-    """Fold pending batches every ``settings.dashboard_interval`` seconds (at once again while
-    a backlog remains), forever: the daemon runs it as a task and cancels it at shutdown.
-    Whatever is still pending then is folded by the next run (or by another instance). Losing
-    the database is logged and retried, never fatal."""
-    failures = 0
-    while True:
-        try:
-            conn = await asyncpg.connect(
-                dsn,
-                timeout=settings.db_connect_timeout,
-                server_settings={"application_name": "iot-ingest dashboard"},
-            )
-        except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
-            failures = _failed(log, failures, exc)
-            await anyio.sleep(RETRY_INTERVAL)
-            continue
-        try:
-            while True:
-                with anyio.fail_after(FOLD_TIMEOUT):
-                    result = await fold(conn)
-                failures = 0
-                if result.batches < FOLD_MAX_BATCHES:
-                    await anyio.sleep(settings.dashboard_interval)
-        except (
-            OSError,
-            TimeoutError,
-            asyncpg.PostgresError,
-            asyncpg.InterfaceError,
-        ) as exc:
-            failures = _failed(log, failures, exc)
-        finally:
-            # Cancelled or failed: never wait on a server that may not answer.
-            conn.terminate()
-        await anyio.sleep(RETRY_INTERVAL)
-
-
-def _failed(log: logging.Logger, failures: int, exc: BaseException) -> int:
-    failures += 1
-    level = logging.WARNING if failures == 1 or failures % 20 == 0 else logging.DEBUG
-    log.log(
-        level,
-        "dashboard fold failed (%d in a row), retrying in %.0fs: %s: %s",
-        failures,
-        RETRY_INTERVAL,
-        type(exc).__name__,
-        exc,
-    )
-    return failures
+    """:meth:`Folder.run` of a new :class:`Folder` (whose statistics nobody reads)."""
+    await Folder(dsn, settings, log).run()
