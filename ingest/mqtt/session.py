@@ -281,7 +281,8 @@ class MqttSession:
 
     def ack_many(self, acks: Sequence[tuple[int, int]]) -> int:
         """Acknowledge ``(mid, qos)`` pairs in this order with one write; returns how many
-        were sent (0 when the connection is gone)."""
+        were sent (0 when the connection is gone, and then nothing is written: a packet id of
+        a closed connection may name another message on the next one)."""
         if not self.connected:
             return 0
         packet = bytearray()
@@ -292,8 +293,13 @@ class MqttSession:
                 # v5, where reason code 0 (success) may be omitted.
                 packet += _PUBACK_HEAD + mid.to_bytes(2, "big")
                 sent += 1
-            elif qos == 2:  # not subscribed at QoS 2, but never leave one hanging
-                self._paho.ack(mid, qos)
+            elif qos == 2:
+                # Not subscribed at QoS 2, but never leave one hanging. paho answered the
+                # PUBLISH with PUBREC and handed the message on at PUBREL, so what is left is
+                # PUBCOMP (0x70, same shape as PUBACK, reason code omitted likewise). Encoded
+                # into the same write rather than through paho.ack, which would queue it ahead
+                # of the PUBACKs of earlier messages: acknowledgements leave in receive order.
+                packet += b"\x70\x02" + mid.to_bytes(2, "big")
                 sent += 1
         if packet:
             # paho's own queue keeps the write in order with its other packets and completes
