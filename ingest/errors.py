@@ -10,10 +10,14 @@ All of them derive from one root so callers can catch the package's errors in on
     └── FatalError           the daemon cannot go on (permission denied, missing table, ...)
 
 Whether a database error is worth retrying is decided in one place:
-``ingest.flow.classify.classify``.
+``ingest.flow.classify.classify``. How an error that stops a command is told to the operator
+is decided here, by :func:`root_cause` and :func:`describe_root`: one line naming what went
+wrong at the bottom, not the wrappers (task groups, ``raise ... from``) it travelled through.
 """
 
 from __future__ import annotations
+
+import asyncio
 
 
 class IngestError(Exception):
@@ -65,3 +69,43 @@ class MigrationError(IngestError):
 
 class FatalError(IngestError):
     """An error the daemon cannot recover from by retrying; it stops with this message."""
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The error at the bottom of ``exc``: out of exception groups (anyio task groups wrap
+    what their tasks raise) and down the ``raise ... from`` chain.
+
+    In a group, the first error that is not a cancellation is followed: a task group cancels
+    the sibling tasks of the one that failed, and their cancellations say nothing.
+    """
+    seen: set[int] = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, BaseExceptionGroup):
+            leaves = [e for e in exc.exceptions if not _is_cancellation(e)] or list(exc.exceptions)
+            exc = leaves[0]
+        elif exc.__cause__ is not None:
+            exc = exc.__cause__
+        else:
+            break
+    return exc
+
+
+def describe_root(exc: BaseException) -> str:
+    """One line for the operator: the root cause's message, with the SQLSTATE of a database
+    error (``permission denied for table t (SQLSTATE 42501)``). Errors of this package speak
+    for themselves; anything else is named by its type too (``ConnectionRefusedError: ...``).
+    """
+    root = root_cause(exc)
+    message = " ".join(str(root).split())  # one line, whatever the server sent
+    state = getattr(root, "sqlstate", None)  # asyncpg's server errors carry it
+    if isinstance(state, str) and state:
+        return f"{message or type(root).__name__} (SQLSTATE {state})"
+    if isinstance(root, IngestError) and message:
+        return message
+    return f"{type(root).__name__}: {message}" if message else type(root).__name__
+
+
+def _is_cancellation(exc: BaseException) -> bool:
+    # anyio's cancel scopes cancel with asyncio's CancelledError: a consequence, not a cause.
+    return isinstance(exc, asyncio.CancelledError)

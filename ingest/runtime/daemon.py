@@ -5,7 +5,10 @@
 * The first SIGTERM/SIGINT drains: stop reading, flush, commit, acknowledge, disconnect keeping
   the session, bounded by ``shutdown_timeout`` (exit 0; 1 if the timeout ran out: whatever was
   not acknowledged is redelivered next time). A second signal forces (exit 1), like uvicorn.
-* A fatal error (``FatalError``) stops the daemon with one clear line (exit 1).
+* A fatal error stops the daemon with one line naming its root cause, unwrapped from task
+  groups, with the SQLSTATE of a database error (exit 1): ``fatal: permission denied for
+  table dashboard_pending (SQLSTATE 42501)``. Anything that escapes the flow is fatal: the
+  stages retry what is transient themselves.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from anyio import CancelScope
 
 from ingest.db import dashboard, partitions
 from ingest.db.migrate import migrate_dsn
-from ingest.errors import FatalError, IngestError
+from ingest.errors import ConfigError, FatalError, IngestError, describe_root, root_cause
 from ingest.flow.pipeline import Pipeline
 from ingest.flow.writer import Writer
 from ingest.observability.service import Observability
@@ -64,11 +67,21 @@ class Daemon:
                         tg.start_soon(self._watch_parent, name="ingest[parent]")
                     await self._main()
                     tg.cancel_scope.cancel()
-        except* FatalError as group:
-            for exc in group.exceptions:
-                self.log.error("fatal: %s", exc)
-            self.exit_code = EXIT_FAILURE
+        except* Exception as group:
+            self._stop_on_error(group)
         return self.exit_code
+
+    def _stop_on_error(self, group: BaseExceptionGroup[Exception]) -> None:
+        """One line naming the root cause, out of the task groups it travelled through (their
+        own message, "unhandled errors in a TaskGroup", says nothing); exit status 1. A
+        configuration error found late is still one (exit 2, printed by the command line)."""
+        root = root_cause(group)
+        if isinstance(root, ConfigError):
+            raise root from None
+        self.log.error("fatal: %s", describe_root(group))
+        # The whole story for a developer, without cluttering an operator's log.
+        self.log.debug("fatal error in full", exc_info=group)
+        self.exit_code = EXIT_FAILURE
 
     async def _watch_parent(self) -> None:
         """A worker whose supervisor died drains and exits instead of running orphaned."""
@@ -113,6 +126,23 @@ class Daemon:
         outer.cancel()
 
     async def _main(self) -> None:
+        self._log_start()
+        async with self._open_writer() as writer:
+            self.writer = writer
+            await self._prepare_database()
+            pipeline = Pipeline(
+                self.settings,
+                writer,
+                on_commit=self.observability.record_commit,
+                log=logging.getLogger("ingest.pipeline"),
+            )
+            self.pipeline = pipeline
+            self.observability.attach(pipeline, writer)
+            await self._run_pipeline(pipeline)
+            await self._final_fold()
+            self._log_drained(pipeline)
+
+    def _log_start(self) -> None:
         s = self.settings
         self.log.info(
             "starting: database %s, broker %s, topic %s, client id %s",
@@ -121,66 +151,76 @@ class Daemon:
             s.topic,
             s.client_id,
         )
-        async with Writer(
+
+    def _open_writer(self) -> Writer:
+        s = self.settings
+        return Writer(
             dsn=s.database_url,
             pool_size=s.db_pool_size,
             connect_timeout=s.db_connect_timeout,
             write_timeout=s.db_write_timeout,
             backoff_max=s.retry_max_delay,
             logger=logging.getLogger("ingest.writer"),
-        ) as writer:
-            self.writer = writer
-            if s.migrate:
-                try:
-                    applied = await migrate_dsn(s.database_url)
-                except IngestError as exc:
-                    raise FatalError(str(exc)) from exc
-                if applied:
-                    self.log.info("migrations applied: %s", ", ".join(applied))
+        )
+
+    async def _prepare_database(self) -> None:
+        """Pending migrations (unless disabled), then partitions ahead: a failed migration is
+        fatal, failed partition maintenance only a warning (it is retried hourly)."""
+        s = self.settings
+        if s.migrate:
             try:
-                created, dropped = await partitions.run_once(s.database_url, s)
-            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                self.log.warning("partition maintenance failed at start (%s): retried hourly", exc)
-            else:
-                if created:
-                    self.log.info("partitions created: %s", ", ".join(created))
-                if dropped:
-                    self.log.info("partitions dropped (retention): %s", ", ".join(dropped))
-            pipeline = Pipeline(s, writer, log=logging.getLogger("ingest.pipeline"))
-            self.pipeline = pipeline
-            self.observability.attach(pipeline, writer)
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._stats_loop, pipeline, name="ingest[stats]")
-                # Partitions ahead + retention (hourly), and the dashboard tables folded from
-                # committed batches (every INGEST_DASHBOARD_INTERVAL): both safe from several
-                # instances at once, both retried and never fatal, both cancelled at shutdown.
-                tg.start_soon(
-                    partitions.maintain,
-                    s.database_url,
-                    s,
-                    logging.getLogger("ingest.partitions"),
-                    name="ingest[partitions]",
-                )
-                tg.start_soon(
-                    dashboard.fold_forever,
-                    s.database_url,
-                    s,
-                    logging.getLogger("ingest.dashboard"),
-                    name="ingest[dashboard]",
-                )
-                await pipeline.run()
-                tg.cancel_scope.cancel()
-            await self._final_fold()
-            st = pipeline.statistics()
-            self.log.info(
-                "drained: %d received, %d acknowledged, %d rows written, %d duplicates, "
-                "%d dead letters",
-                st.received,
-                st.acknowledged,
-                st.rows_inserted,
-                st.duplicates,
-                st.dead_letters,
+                applied = await migrate_dsn(s.database_url)
+            except IngestError as exc:
+                raise FatalError(str(exc)) from exc
+            if applied:
+                self.log.info("migrations applied: %s", ", ".join(applied))
+        try:
+            created, dropped = await partitions.run_once(s.database_url, s)
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            self.log.warning("partition maintenance failed at start (%s): retried hourly", exc)
+            return
+        if created:
+            self.log.info("partitions created: %s", ", ".join(created))
+        if dropped:
+            self.log.info("partitions dropped (retention): %s", ", ".join(dropped))
+
+    async def _run_pipeline(self, pipeline: Pipeline) -> None:
+        """The pipeline, with the stats line and the maintenance tasks beside it until it
+        has drained."""
+        s = self.settings
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._stats_loop, pipeline, name="ingest[stats]")
+            # Partitions ahead + retention (hourly), and the dashboard tables folded from
+            # committed batches (every INGEST_DASHBOARD_INTERVAL): both safe from several
+            # instances at once, both retried and never fatal, both cancelled at shutdown.
+            tg.start_soon(
+                partitions.maintain,
+                s.database_url,
+                s,
+                logging.getLogger("ingest.partitions"),
+                name="ingest[partitions]",
             )
+            tg.start_soon(
+                dashboard.fold_forever,
+                s.database_url,
+                s,
+                logging.getLogger("ingest.dashboard"),
+                name="ingest[dashboard]",
+            )
+            await pipeline.run()
+            tg.cancel_scope.cancel()
+
+    def _log_drained(self, pipeline: Pipeline) -> None:
+        st = pipeline.statistics()
+        self.log.info(
+            "drained: %d received, %d acknowledged, %d rows written, %d duplicates, "
+            "%d dead letters",
+            st.received,
+            st.acknowledged,
+            st.rows_inserted,
+            st.duplicates,
+            st.dead_letters,
+        )
 
     async def _final_fold(self) -> None:
         """Fold what the last batches recorded, so dashboards are current after a clean stop.

@@ -449,3 +449,52 @@ def test_second_sigint_forces_when_the_drain_cannot_finish(
         assert d.stop() == 0
     finally:
         d.close()
+
+
+def test_fatal_error_is_one_line_with_root_cause_and_sqlstate(
+    database_url: str, mqtt_url: str
+) -> None:
+    # The daemon's login role may not write the table each batch records itself in: the
+    # writer stops (class 42 is never data), and what reaches the operator is the server's
+    # own words and SQLSTATE, not "unhandled errors in a TaskGroup".
+    import uuid
+    from urllib.parse import urlsplit, urlunsplit
+
+    from tests.integration.support import migrate
+
+    migrate(database_url)
+    role = f"ingest_fatal_{uuid.uuid4().hex[:8]}"
+    for sql in (
+        f"CREATE ROLE {role} LOGIN",
+        f"GRANT USAGE, CREATE ON SCHEMA public TO {role}",
+        f"GRANT ALL ON ALL TABLES IN SCHEMA public TO {role}",
+        f"GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {role}",
+        f"GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA public TO {role}",
+        f"REVOKE INSERT ON dashboard_pending FROM {role}",
+    ):
+        query(database_url, sql)
+    parts = urlsplit(database_url)
+    as_role = urlunsplit(parts._replace(netloc=f"{role}@{parts.hostname}:{parts.port}"))
+    topic = unique_topic()
+    d = Daemon(
+        database_url=as_role,
+        mqtt_url=mqtt_url,
+        topic=topic,
+        extra_env={"INGEST_MIGRATE": "false"},
+    )
+    try:
+        d.start().wait_subscribed()
+        with Publisher(mqtt_url) as pub:
+            pub.publish_many(fleet(topic, devices=1, count=1))
+        assert d.wait(60) == 1
+        fatal = [r for r in d.log_records() if str(r.get("msg", "")).startswith("fatal")]
+        assert [(r["level"], r["msg"]) for r in fatal] == [
+            ("error", "fatal: permission denied for table dashboard_pending (SQLSTATE 42501)")
+        ]
+        assert "TaskGroup" not in d.log_text()
+        assert "Traceback" not in d.log_text()
+        assert scalar(database_url, "SELECT count(*) FROM dead_letters") == 0
+    finally:
+        d.close()
+        query(database_url, f"DROP OWNED BY {role}")
+        query(database_url, f"DROP ROLE {role}")
