@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, TypeAlias
@@ -57,6 +57,15 @@ async def database(dsn: str) -> AsyncIterator[Conn]:
         yield conn
     finally:
         await conn.close()
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Polls (the folder's statistics); the test's own timeout bounds it."""
+    for _ in range(2400):
+        if condition():
+            return
+        await anyio.sleep(0.05)
+    raise AssertionError("condition never met")
 
 
 async def settle(db: Conn) -> None:
@@ -207,12 +216,10 @@ async def test_the_folder_counts_logs_and_recovers(
         with caplog.at_level(logging.INFO, logger="test.folder"):
             async with anyio.create_task_group() as tg:
                 tg.start_soon(folder.run)
-                while folder.statistics().fold_failures < 3:
-                    await anyio.sleep(0.05)
+                await until(lambda: folder.statistics().fold_failures >= 3)
                 failing = folder.statistics()
                 await db.execute("ALTER TABLE readings_1m_away RENAME TO readings_1m")
-                while folder.statistics().failing_since is not None:
-                    await anyio.sleep(0.05)
+                await until(lambda: folder.statistics().failing_since is None)
                 tg.cancel_scope.cancel()
         done = folder.statistics()
         latest = await db.fetchval("SELECT count(*) FROM latest_readings")
