@@ -1,6 +1,6 @@
 """Decode stage: one MQTT message -> readings, or the reason it is a dead letter.
 
-Contract (DESIGN.md §2 "Payloads"). ``decode`` is pure and synchronous: no I/O, no logging,
+Contract: docs/design.md, "Routes and payload formats" and "Limits". ``decode`` is pure and synchronous: no I/O, no logging,
 and it never raises (a bug would come back as ``DecodeError("internal", ...)``).
 
 Topic: ``TopicTemplate`` names the topic levels holding ``{device_id}`` and optionally
@@ -26,6 +26,22 @@ timestamp comes out timezone-aware in ``datetime.UTC``, at microsecond precision
 fractions beyond microseconds are truncated; float epochs round half-even to the
 microsecond; integer milliseconds are exact).
 
+Every sample's time must then fall in the window ``[limits.min_ts, received_at +
+limits.max_ts_ahead]``, else the message is ``ts_out_of_range`` (replayable once the
+settings change). The seconds/milliseconds rule never makes a far-future seconds value
+plausible: a number above 1e11 in magnitude is milliseconds, and as seconds it would be year
+5138 or later; read as milliseconds, a value below 1e12 (2001-09-09) is a 1973-2001 time, so
+it is only accepted when ``min_ts`` allows that millisecond time (the default, 2000-01-01,
+refuses all of them before 2000). ``253402300800`` (9999-12-31 in seconds) is thus 1978 in
+milliseconds: ``ts_out_of_range``. A finite number beyond the calendar (before year 1 or
+after 9999) is ``ts_out_of_range`` too; ``bad_ts`` is for what is not a time at all.
+
+Limits (``Limits``, built from the settings): more than ``max_readings_per_message`` readings,
+or an array of more samples than that, is ``too_many_readings``, found before the readings
+are built. Names (device ids, metrics) are at most 128 characters, non-empty, and hold no
+control character (U+0000-U+001F, U+007F-U+009F): error messages show names escaped, so no
+raw control character reaches a log or a terminal.
+
 A message is stored whole or not at all: any malformed part makes it a dead letter, with one
 of the reason codes in ``REASONS``:
 
@@ -35,12 +51,17 @@ not_json           payload is not JSON (``NaN`` / ``Infinity`` literals are not 
 not_object         top level is neither an object nor an array (a number, unless the
                    template has ``{metric}``)
 no_readings        nothing to store: an empty array, or no finite number or boolean at all
-bad_ts             ``ts`` is a bool, list, object, non-finite, unparseable or out of range
+bad_ts             ``ts`` is a bool, list, object, non-finite or unparseable
+ts_out_of_range    a sample's time is outside the window (above), or beyond the calendar
 bad_sample         an array element that is not an object
-bad_device_id      device id from the topic empty, over 128 characters or holding a NUL
-bad_metric         metric name empty, over 128 characters or holding a NUL
+bad_device_id      device id from the topic empty, over 128 characters or holding a
+                   control character
+bad_metric         metric name empty, over 128 characters or holding a control character
 duplicate_metric   two fields of one sample flatten to one name (``{"a.b": 1, "a": {"b": 2}}``)
 bad_topic          the topic does not match the template
+too_large          the payload is over ``max_payload_bytes`` (decided by the source, which
+                   never hands such a payload to ``decode``)
+too_many_readings  more readings, or samples, than ``max_readings_per_message``
 internal           a bug in this module (never expected)
 =================  ======================================================================
 
@@ -53,6 +74,7 @@ counts.
 from __future__ import annotations
 
 import json as _json
+import re
 import reprlib
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
@@ -60,9 +82,10 @@ from typing import Any, Final
 import orjson
 
 from ingest.errors import ConfigError, DecodeError
+from ingest.formats.limits import DEFAULT_LIMITS, Limits
 from ingest.model import Decoded, Reading, build
 
-__all__ = ["REASONS", "TopicTemplate", "decode"]
+__all__ = ["REASONS", "Limits", "TopicTemplate", "decode"]
 
 REASONS: Final = (
     "invalid_utf8",
@@ -70,17 +93,22 @@ REASONS: Final = (
     "not_object",
     "no_readings",
     "bad_ts",
+    "ts_out_of_range",
     "bad_sample",
     "bad_device_id",
     "bad_metric",
     "duplicate_metric",
     "bad_topic",
+    "too_large",
+    "too_many_readings",
     "internal",
 )
 
 _SETTING: Final = "INGEST_TOPIC"
 _PLACEHOLDERS: Final = ("{device_id}", "{metric}")
 _MAX_NAME: Final = 128
+# C0 and C1 control characters: refused in names (a terminal would act on them).
+_CONTROL: Final = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 _UTC: Final = UTC
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=_UTC)
@@ -197,7 +225,12 @@ class TopicTemplate:
 
 
 def decode(
-    topic: str, payload: bytes, received_at: datetime, template: TopicTemplate
+    topic: str,
+    payload: bytes,
+    received_at: datetime,
+    template: TopicTemplate,
+    *,
+    limits: Limits = DEFAULT_LIMITS,
 ) -> Decoded | DecodeError:
     """Decode one message; ``received_at`` (aware UTC) stands in for a missing ``ts``.
 
@@ -205,19 +238,21 @@ def decode(
     ``reason`` is one of ``REASONS``. Never raises.
     """
     try:
-        return _decode(topic, payload, received_at, template)
+        return _decode(topic, payload, received_at, template, limits)
     except Exception as exc:  # a bug: the message must still become a dead letter
         return DecodeError("internal", f"decoder bug: {type(exc).__name__}: {_show(exc)}")
 
 
 def _decode(
-    topic: str, payload: bytes, received_at: datetime, template: TopicTemplate
+    topic: str, payload: bytes, received_at: datetime, template: TopicTemplate, limits: Limits
 ) -> Decoded | DecodeError:
     ids = template.match(topic)
     if ids is None:
         return DecodeError("bad_topic", f"topic {_show(topic)} does not match {template.template}")
     device_id, metric = ids
-    if not 0 < len(device_id) <= _MAX_NAME or "\x00" in device_id:
+    if not 0 < len(device_id) <= _MAX_NAME or (
+        not device_id.isprintable() and _bad_name(device_id)
+    ):
         return DecodeError(
             "bad_device_id", f"device id {_show(device_id)}: {_name_fault(device_id)}"
         )
@@ -229,15 +264,20 @@ def _decode(
         if isinstance(doc, DecodeError):
             return doc
 
+    try:
+        latest = received_at + limits.max_ts_ahead  # the latest time a sample may carry
+    except OverflowError:
+        latest = limits.latest(received_at)
     readings: list[Reading] = []
+    names = template.checked_names
     if metric is not None:
         result = _decode_metric(
-            doc, device_id, metric, received_at, readings, template.checked_names
+            doc, device_id, metric, received_at, readings, names, limits, latest
         )
     elif type(doc) is dict:
-        result = _sample(doc, device_id, received_at, readings, template.checked_names)
+        result = _sample(doc, device_id, received_at, readings, names, limits, latest)
     elif type(doc) is list:
-        result = _samples(doc, device_id, received_at, readings, None, template.checked_names)
+        result = _samples(doc, device_id, received_at, readings, None, names, limits, latest)
     else:
         return DecodeError("not_object", f"top level is {_kind(doc)}, not an object or an array")
     if isinstance(result, DecodeError):
@@ -254,17 +294,21 @@ def _samples(
     out: list[Reading],
     metric: str | None,
     names: set[str],
+    limits: Limits,
+    latest: datetime,
 ) -> int | DecodeError:
     if not doc:
         return DecodeError("no_readings", "empty array")
+    if len(doc) > limits.max_readings_per_message:  # each sample holds a reading, or is pointless
+        return _too_many(f"{len(doc)} samples", limits.max_readings_per_message)
     skipped = 0
     for i, sample in enumerate(doc):
         if type(sample) is not dict:
             return DecodeError("bad_sample", f"sample {i} is {_kind(sample)}, not an object")
         if metric is None:
-            result = _sample(sample, device_id, received_at, out, names)
+            result = _sample(sample, device_id, received_at, out, names, limits, latest)
         else:
-            result = _value_sample(sample, device_id, metric, received_at, out)
+            result = _value_sample(sample, device_id, metric, received_at, out, limits, latest)
         if isinstance(result, DecodeError):
             return DecodeError(result.reason, f"sample {i}: {result.message}")
         skipped += result
@@ -277,6 +321,8 @@ def _sample(
     received_at: datetime,
     out: list[Reading],
     names: set[str],
+    limits: Limits,
+    latest: datetime,
 ) -> int | DecodeError:
     """Append the readings of one flat-or-nested object to ``out``; return the skip count.
     ``names``: metric names already checked (the template's ``checked_names``)."""
@@ -286,11 +332,17 @@ def _sample(
     else:
         parsed = _ts(raw_ts)
         if parsed is None:
-            return DecodeError("bad_ts", f"ts {_show(raw_ts)} is not a readable time")
+            return _ts_fault(raw_ts)
+        if parsed < limits.min_ts or parsed > latest:
+            return _out_of_range(parsed, limits, latest)
         ts = parsed
+    start = len(out)
+    if start + len(obj) > limits.max_readings_per_message:  # rare: count before building
+        refused = _big_sample(obj, device_id, ts, out, limits.max_readings_per_message)
+        if refused is not None:
+            return refused
 
     # Fast path: a flat object, where keys are unique by construction.
-    start = len(out)
     append = out.append
     skipped = 0
     for key, value in obj.items():
@@ -305,12 +357,12 @@ def _sample(
             value = 1.0 if value else 0.0
         elif kind is dict:
             del out[start:]
-            return _nested(obj, device_id, ts, out)
+            return _nested(obj, device_id, ts, out, limits.max_readings_per_message)
         else:
             if key != "ts":
                 skipped += 1
             continue
-        if not 0 < len(key) <= _MAX_NAME or "\x00" in key:
+        if _bad_name(key):
             return DecodeError("bad_metric", f"metric {_show(key)}: {_name_fault(key)}")
         if len(names) >= _GOOD_NAMES_MAX:
             names.clear()
@@ -319,8 +371,25 @@ def _sample(
     return skipped
 
 
+def _big_sample(
+    obj: dict[str, Any], device_id: str, ts: datetime, out: list[Reading], cap: int
+) -> int | DecodeError | None:
+    """A sample with more fields than readings are left: ``too_many_readings`` when its
+    numbers and booleans (not its ``ts``) would take ``out`` over ``cap``, counted before any
+    reading is built; a nested one is flattened at once (``_nested`` counts as it goes);
+    None when the fast path may go on."""
+    count = len(out)
+    for key, value in obj.items():
+        kind = type(value)
+        if kind is dict:
+            return _nested(obj, device_id, ts, out, cap)
+        if (kind is float or kind is int or kind is bool) and key != "ts":
+            count += 1
+    return _too_many(f"{count} readings", cap) if count > cap else None
+
+
 def _nested(
-    obj: dict[str, Any], device_id: str, ts: datetime, out: list[Reading]
+    obj: dict[str, Any], device_id: str, ts: datetime, out: list[Reading], cap: int
 ) -> int | DecodeError:
     """Flatten nested objects with dots; a name produced twice is an error.
 
@@ -358,8 +427,10 @@ def _nested(
             else:
                 skipped += 1
                 continue
-            if not 0 < len(name) <= _MAX_NAME or "\x00" in name:
+            if _bad_name(name):
                 return DecodeError("bad_metric", f"metric {_show(name)}: {_name_fault(name)}")
+            if len(out) >= cap:
+                return _too_many(f"more than {cap} readings", cap)
             out.append(build(Reading, (device_id, name, ts, value)))
         else:
             stack.pop()
@@ -373,9 +444,11 @@ def _decode_metric(
     received_at: datetime,
     out: list[Reading],
     names: set[str],
+    limits: Limits,
+    latest: datetime,
 ) -> int | DecodeError:
     """``{metric}`` templates: a bare value, ``{"ts":..., "value":...}``, or an array of those."""
-    if not 0 < len(metric) <= _MAX_NAME or "\x00" in metric:
+    if _bad_name(metric):
         return DecodeError("bad_metric", f"metric {_show(metric)}: {_name_fault(metric)}")
     kind = type(doc)
     if kind is float or kind is int:
@@ -385,14 +458,20 @@ def _decode_metric(
         out.append(build(Reading, (device_id, metric, received_at, 1.0 if doc else 0.0)))
         return 0
     if kind is dict:
-        return _value_sample(doc, device_id, metric, received_at, out)
+        return _value_sample(doc, device_id, metric, received_at, out, limits, latest)
     if kind is list:
-        return _samples(doc, device_id, received_at, out, metric, names)
+        return _samples(doc, device_id, received_at, out, metric, names, limits, latest)
     return 1  # a string, null or non-finite number: skipped (and so no readings)
 
 
 def _value_sample(
-    obj: dict[str, Any], device_id: str, metric: str, received_at: datetime, out: list[Reading]
+    obj: dict[str, Any],
+    device_id: str,
+    metric: str,
+    received_at: datetime,
+    out: list[Reading],
+    limits: Limits,
+    latest: datetime,
 ) -> int | DecodeError:
     raw_ts = obj.get("ts")
     if raw_ts is None:
@@ -400,7 +479,9 @@ def _value_sample(
     else:
         parsed = _ts(raw_ts)
         if parsed is None:
-            return DecodeError("bad_ts", f"ts {_show(raw_ts)} is not a readable time")
+            return _ts_fault(raw_ts)
+        if parsed < limits.min_ts or parsed > latest:
+            return _out_of_range(parsed, limits, latest)
         ts = parsed
     skipped = len(obj) - ("ts" in obj) - ("value" in obj)
     if "value" not in obj:
@@ -417,11 +498,30 @@ def _value_sample(
     return skipped
 
 
+def _too_many(what: str, cap: int) -> DecodeError:
+    return DecodeError("too_many_readings", f"{what} in one message, at most {cap} allowed")
+
+
+def _out_of_range(ts: datetime, limits: Limits, latest: datetime) -> DecodeError:
+    if ts < limits.min_ts:
+        side = f"before INGEST_MIN_TS {limits.min_ts.isoformat()}"
+    else:
+        side = f"after {latest.isoformat()} (INGEST_MAX_TS_AHEAD past its arrival)"
+    return DecodeError("ts_out_of_range", f"ts {ts.isoformat()} is {side}")
+
+
+def _ts_fault(raw: Any) -> DecodeError:
+    if type(raw) is int or type(raw) is float:  # a time: only too far away for a datetime
+        return DecodeError("ts_out_of_range", f"ts {_show(raw)} is beyond the calendar")
+    return DecodeError("bad_ts", f"ts {_show(raw)} is not a readable time")
+
+
 # --- timestamps ----------------------------------------------------------------------------
 
 
 def _ts(raw: Any) -> datetime | None:
-    """An aware UTC datetime from a ``ts`` field, or None when it cannot be read."""
+    """An aware UTC datetime from a ``ts`` field, or None when it cannot be read: not a time,
+    or (an int or a float, ``_ts_fault`` tells) a time no datetime holds."""
     kind = type(raw)
     try:
         if kind is int:
@@ -546,12 +646,21 @@ _repr.maxlevel = 2
 _repr.maxstring = _repr.maxother = 60
 
 
+def _bad_name(name: str) -> bool:
+    # isprintable() is false for every control character and true for most names: the
+    # regular expression only runs on the rest (non-ASCII spaces and the like).
+    return not 0 < len(name) <= _MAX_NAME or (
+        not name.isprintable() and _CONTROL.search(name) is not None
+    )
+
+
 def _name_fault(name: str) -> str:
     if not name:
         return "empty"
-    if "\x00" in name:
-        return "holds a NUL"
-    return f"over {_MAX_NAME} characters"
+    if len(name) > _MAX_NAME:
+        return f"over {_MAX_NAME} characters"
+    control = _CONTROL.search(name)
+    return f"holds the control character U+{ord(control.group()) if control else 0:04X}"
 
 
 def _kind(value: object) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -11,19 +12,27 @@ import pytest
 
 from ingest.errors import ConfigError, DecodeError
 from ingest.formats import decode as decode_module
-from ingest.formats.decode import REASONS, TopicTemplate, decode
-from ingest.model import Decoded, Reading
+from ingest.formats.decode import REASONS, Limits, TopicTemplate, decode
+from ingest.model import Decoded, Reading, build
 
 RECEIVED = datetime(2024, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
 TEMPLATE = TopicTemplate("devices/{device_id}/telemetry")
 METRIC_TEMPLATE = TopicTemplate("devices/{device_id}/{metric}")
 TOPIC = "devices/dev-00001/telemetry"
 TS = datetime(2023, 11, 14, 22, 13, 20, 123000, tzinfo=UTC)  # 1700000000123 ms
+# The whole calendar: the payload-form tests below are about reading times, not the window
+# (tested apart with the default limits, under "limits").
+OPEN = Limits(min_ts=datetime.min.replace(tzinfo=UTC), max_ts_ahead=timedelta.max)
 
 
-def run(payload: bytes | str, topic: str = TOPIC, template: TopicTemplate = TEMPLATE) -> Any:
+def run(
+    payload: bytes | str,
+    topic: str = TOPIC,
+    template: TopicTemplate = TEMPLATE,
+    limits: Limits = OPEN,
+) -> Any:
     raw = payload.encode() if isinstance(payload, str) else payload
-    return decode(topic, raw, RECEIVED, template)
+    return decode(topic, raw, RECEIVED, template, limits=limits)
 
 
 def ok(payload: bytes | str, topic: str = TOPIC, template: TopicTemplate = TEMPLATE) -> Decoded:
@@ -389,6 +398,16 @@ def test_every_sample_has_its_own_ts() -> None:
         "1e400",
         "-1e400",
         "1" + "0" * 400,
+    ],
+)
+def test_bad_ts(ts: str) -> None:
+    assert reason(f'{{"ts": {ts}, "a": 1}}') == "bad_ts"
+    assert reason(f'[{{"a": 1}}, {{"ts": {ts}, "a": 1}}]') == "bad_ts"
+
+
+@pytest.mark.parametrize(
+    "ts",
+    [
         "1e300",
         "-1e300",
         "-100000000000",  # seconds (not above 1e11), before year 1
@@ -397,9 +416,10 @@ def test_every_sample_has_its_own_ts() -> None:
         "99999999999999999999",
     ],
 )
-def test_bad_ts(ts: str) -> None:
-    assert reason(f'{{"ts": {ts}, "a": 1}}') == "bad_ts"
-    assert reason(f'[{{"a": 1}}, {{"ts": {ts}, "a": 1}}]') == "bad_ts"
+def test_a_number_beyond_the_calendar_is_out_of_range(ts: str) -> None:
+    # A time, just one no datetime holds: even the widest window cannot take it.
+    assert reason(f'{{"ts": {ts}, "a": 1}}') == "ts_out_of_range"
+    assert reason(f'[{{"a": 1}}, {{"ts": {ts}, "a": 1}}]') == "ts_out_of_range"
 
 
 # --- arrays --------------------------------------------------------------------------------
@@ -640,3 +660,243 @@ def test_received_at_passes_through_unchanged() -> None:
     result = decode(TOPIC, b'{"a": 1}', other, TEMPLATE)
     assert isinstance(result, Decoded)
     assert result.readings[0].ts is other
+
+
+# --- limits (docs/design.md, Limits) -------------------------------------------------------
+
+LIMITS = Limits()  # the settings' defaults: 10,000 readings, 1 day ahead, from 2000-01-01
+
+
+def limited(payload: bytes | str, template: TopicTemplate = TEMPLATE, topic: str = TOPIC) -> Any:
+    return run(payload, topic, template, LIMITS)
+
+
+def test_default_limits_are_the_settings_defaults() -> None:
+    from ingest.settings import Settings
+
+    assert Limits.from_settings(Settings()) == LIMITS
+    result = decode(TOPIC, b'{"ts": 1, "a": 1}', RECEIVED, TEMPLATE)
+    assert isinstance(result, DecodeError) and result.reason == "ts_out_of_range"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "setting"),
+    [
+        ({"max_readings_per_message": 0}, "INGEST_MAX_READINGS_PER_MESSAGE"),
+        ({"max_ts_ahead": timedelta(seconds=-1)}, "INGEST_MAX_TS_AHEAD"),
+        ({"min_ts": datetime(2000, 1, 1)}, "INGEST_MIN_TS"),
+        ({"max_text_bytes": 0}, "INGEST_MAX_TEXT_BYTES"),
+    ],
+)
+def test_limits_are_checked(kwargs: dict[str, Any], setting: str) -> None:
+    with pytest.raises(ConfigError, match=setting):
+        Limits(**kwargs)
+
+
+def _ms(dt: datetime) -> int:
+    return (dt - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(milliseconds=1)
+
+
+@pytest.mark.parametrize(
+    "ts",
+    [
+        str(_ms(RECEIVED + timedelta(days=1))),  # the window's edges are inside
+        str(_ms(datetime(2000, 1, 1, tzinfo=UTC))),
+        str(round(datetime(2000, 1, 1, tzinfo=UTC).timestamp())),
+        '"2000-01-01T00:00:00Z"',
+        f'"{(RECEIVED + timedelta(hours=23)).isoformat()}"',
+        str(_ms(RECEIVED)),
+    ],
+)
+def test_inside_the_window(ts: str) -> None:
+    result = limited(f'{{"ts": {ts}, "a": 1}}')
+    assert isinstance(result, Decoded), result
+
+
+@pytest.mark.parametrize(
+    "ts",
+    [
+        "253402300800",  # 9999-12-31 in seconds: 1978 in milliseconds, never a plausible date
+        "253402300799",
+        "253402300800000",  # year 10000 in milliseconds
+        '"9999-12-31T23:59:59Z"',
+        str(_ms(RECEIVED + timedelta(days=1)) + 1),
+        str(round((RECEIVED + timedelta(days=2)).timestamp())),
+        str(_ms(datetime(2000, 1, 1, tzinfo=UTC)) - 1),
+        "946684799",  # 1999-12-31T23:59:59 in seconds
+        '"1999-12-31T23:59:59Z"',
+        "0",
+        "-1",
+        "100000000001",  # just above 1e11: 1973 in milliseconds
+        "1e300",
+    ],
+)
+def test_outside_the_window(ts: str) -> None:
+    assert limited(f'{{"ts": {ts}, "a": 1}}').reason == "ts_out_of_range"
+    assert limited(f'[{{"a": 1}}, {{"ts": {ts}, "a": 1}}]').reason == "ts_out_of_range"
+    assert limited(f'{{"ts": {ts}, "a": {{"b": 1}}}}').reason == "ts_out_of_range"
+    result = limited(f'{{"ts": {ts}, "value": 1}}', METRIC_TEMPLATE, "devices/d/temp")
+    assert result.reason == "ts_out_of_range"
+
+
+def test_999999999999_is_ms_when_min_ts_allows_it() -> None:
+    # The one ambiguous band (1e11..1e12): milliseconds, and only within the window.
+    limits = Limits(min_ts=datetime(2001, 1, 1, tzinfo=UTC))
+    result = decode(TOPIC, b'{"ts": 999999999999, "a": 1}', RECEIVED, TEMPLATE, limits=limits)
+    assert isinstance(result, Decoded)
+    assert result.readings[0].ts == datetime(2001, 9, 9, 1, 46, 39, 999000, tzinfo=UTC)
+
+
+def test_window_follows_the_arrival_not_the_clock() -> None:
+    # A replay decodes with the dead letter's received_at: the same verdict as on arrival.
+    old = datetime(2010, 5, 1, tzinfo=UTC)
+    payload = b'{"ts": "2010-05-01T20:00:00Z", "a": 1}'
+    assert isinstance(decode(TOPIC, payload, old, TEMPLATE, limits=LIMITS), Decoded)
+    later = decode(TOPIC, payload, old - timedelta(days=2), TEMPLATE, limits=LIMITS)
+    assert isinstance(later, DecodeError) and later.reason == "ts_out_of_range"
+    wider = Limits(max_ts_ahead=timedelta(days=3))
+    assert isinstance(
+        decode(TOPIC, payload, old - timedelta(days=2), TEMPLATE, limits=wider), Decoded
+    )
+
+
+def test_window_at_the_end_of_the_calendar_does_not_overflow() -> None:
+    late = datetime(9999, 12, 31, 12, tzinfo=UTC)
+    result = decode(TOPIC, b'{"a": 1}', late, TEMPLATE, limits=LIMITS)
+    assert isinstance(result, Decoded)
+
+
+def test_absent_ts_is_never_out_of_range() -> None:
+    assert isinstance(limited('{"a": 1}'), Decoded)
+
+
+def test_out_of_range_message_names_the_bound() -> None:
+    result = limited('{"ts": "2100-01-01T00:00:00Z", "a": 1}')
+    assert isinstance(result, DecodeError)
+    assert (
+        "2100-01-01T00:00:00" in result.message
+        and "after 2024-01-03T03:04:05.678901" in result.message
+    )
+    result = limited('{"ts": "1999-01-01T00:00:00Z", "a": 1}')
+    assert isinstance(result, DecodeError) and "before INGEST_MIN_TS 2000-01-01" in result.message
+
+
+def _fields(n: int, *, extra: str = "") -> bytes:
+    return ("{" + extra + ",".join(f'"m{i}": {i}' for i in range(n)) + "}").encode()
+
+
+def test_readings_up_to_the_limit() -> None:
+    limits = Limits(max_readings_per_message=10)
+    ok_ = decode(
+        TOPIC, _fields(10, extra='"ts": 1700000000, "s": "x", '), RECEIVED, TEMPLATE, limits=limits
+    )
+    assert isinstance(ok_, Decoded) and len(ok_.readings) == 10 and ok_.skipped == 1
+    assert len(limited(_fields(10_000)).readings) == 10_000
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        _fields(10_001),
+        _fields(10_001, extra='"ts": 1700000000, '),
+        b"[" + b",".join([_fields(5_000), _fields(5_001)]) + b"]",
+        b"[" + b",".join([b'{"a": 1}'] * 10_001) + b"]",  # more samples than readings allowed
+        b'{"x": {' + b",".join(b'"m%d": %d' % (i, i) for i in range(10_001)) + b"}}",
+        b'{"x": 1, "y": {' + b",".join(b'"m%d": true' % i for i in range(10_000)) + b"}}",
+    ],
+)
+def test_too_many_readings(payload: bytes) -> None:
+    result = limited(payload)
+    assert isinstance(result, DecodeError), result
+    assert result.reason == "too_many_readings", result
+    assert "10000" in result.message
+
+
+def test_too_many_readings_in_metric_template() -> None:
+    payload = b"[" + b",".join([b'{"value": 1}'] * 10_001) + b"]"
+    assert limited(payload, METRIC_TEMPLATE, "devices/d/temp").reason == "too_many_readings"
+    payload = b"[" + b",".join([b'{"value": 1}'] * 10_000) + b"]"
+    assert len(limited(payload, METRIC_TEMPLATE, "devices/d/temp").readings) == 10_000
+
+
+def test_too_many_readings_builds_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Refused before the readings are built: count what the decoder makes.
+    built = 0
+    real = build
+
+    def counting(cls: Any, values: Any) -> Any:
+        nonlocal built
+        if cls is Reading:
+            built += 1
+        return real(cls, values)
+
+    monkeypatch.setattr(decode_module, "build", counting)
+    assert limited(_fields(100_000)).reason == "too_many_readings"
+    assert built == 0
+    nested = b'{"x": {' + b",".join(b'"m%d": %d' % (i, i) for i in range(100_000)) + b"}}"
+    assert limited(nested).reason == "too_many_readings"
+    assert built <= 10_000
+
+
+def test_many_skipped_fields_are_not_readings() -> None:
+    payload = b'{"a": 1, ' + b",".join(b'"s%d": "x"' % i for i in range(20_000)) + b"}"
+    result = limited(payload)
+    assert isinstance(result, Decoded) and len(result.readings) == 1
+    assert result.skipped == 20_000
+
+
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+CONTROLS = ["\x00", "\x07", "\x1b[2J", "\t", "\n", "\x1f", "\x7f", "\x80", "\x9b", "\x9f"]
+
+
+@pytest.mark.parametrize("control", CONTROLS)
+def test_control_characters_in_a_metric_name(control: str) -> None:
+    name = f"temp{control}x"
+    for payload in (
+        orjson.dumps({name: 1}),
+        orjson.dumps({"ok": 1, name: 2}),
+        orjson.dumps({"env": {name: 1}}),
+        orjson.dumps([{"ok": 1}, {name: True}]),
+    ):
+        result = limited(payload)
+        assert isinstance(result, DecodeError), payload
+        assert result.reason == "bad_metric"
+        assert f"U+{ord(control[0]):04X}" in result.message
+        assert not _CONTROL.search(result.message)  # shown escaped, never raw
+    result = limited(b"1", METRIC_TEMPLATE, f"devices/d/{name}")
+    assert result.reason == "bad_metric"
+
+
+@pytest.mark.parametrize("control", CONTROLS)
+def test_control_characters_in_a_device_id(control: str) -> None:
+    result = limited(b'{"a": 1}', topic=f"devices/d{control}1/telemetry")
+    assert isinstance(result, DecodeError)
+    assert result.reason == "bad_device_id"
+    assert not _CONTROL.search(result.message)
+
+
+@pytest.mark.parametrize(
+    "name", ["temp é", "température", "温度", "a\u00a0b", "a\u2028b", "x" * 128]
+)
+def test_printable_and_other_unicode_names_are_fine(name: str) -> None:
+    assert values(orjson.dumps({name: 1})) == {name: 1.0}
+    assert isinstance(limited(b'{"a": 1}', topic=f"devices/{name}/telemetry"), Decoded)
+
+
+def test_extreme_values_are_readings() -> None:
+    got = values(
+        b'{"a": 1.7976931348623157e308, "b": -1.7976931348623157e308, "c": 1e308,'
+        b' "d": -1e308, "e": 5e-324}'
+    )
+    assert got == {
+        "a": 1.7976931348623157e308,
+        "b": -1.7976931348623157e308,
+        "c": 1e308,
+        "d": -1e308,
+        "e": 5e-324,
+    }
+
+
+def test_new_reasons_are_listed() -> None:
+    for name in ("too_large", "too_many_readings", "ts_out_of_range"):
+        assert name in REASONS
