@@ -41,6 +41,7 @@ import asyncpg
 from ingest.errors import ConfigError, DecodeError
 from ingest.flow.classify import ErrorClass, classify
 from ingest.formats.decode import TopicTemplate, decode
+from ingest.formats.limits import DEFAULT_LIMITS, Limits
 from ingest.model import Reading
 from ingest.settings import Settings
 from ingest.tools.audit import parse_time
@@ -168,6 +169,7 @@ async def replay(
     batch: int = DEFAULT_BATCH,
     connect_timeout: float = 10.0,
     on_batch: Callable[[ReplaySummary], None] | None = None,
+    limits: Limits = DEFAULT_LIMITS,
 ) -> ReplaySummary:
     """Replay dead letters (module docstring). ``limit`` caps the dead letters examined."""
     if batch < 1:
@@ -196,7 +198,9 @@ async def replay(
             summary.examined += len(rows)
             candidates: list[_Candidate] = []
             for r in rows:
-                result = decode(r["topic"], bytes(r["payload"]), r["received_at"], template)
+                result = decode(
+                    r["topic"], bytes(r["payload"]), r["received_at"], template, limits=limits
+                )
                 if isinstance(result, DecodeError):
                     summary.still_failing += 1
                     summary.outcomes[(r["reason"], result.reason)] += 1
@@ -337,6 +341,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                 replay,
                 settings.database_url,
                 template=template,
+                limits=Limits.from_settings(settings),
                 dry_run=args.dry_run,
                 since=since,
                 reasons=args.reason,
