@@ -10,8 +10,9 @@ INGEST_REQUIRE_SERVICES=1 (CI), so CI can never go green without them.
 - `database_url`: DSN of a fresh empty database, dropped after the test.
 - `mqtt_url` (session): `mqtt://127.0.0.1:<port>` of a broker with the project config.
 - `mosquitto_factory(overrides=None, *, listeners=(), password_file=None, acl_file=None,
-  allow_anonymous=None)`, `postgres_factory()`: own started, restartable local servers for
-  tests that stop, kill or reconfigure them (arguments: ingest.devservers.throwaway.Mosquitto);
+  allow_anonymous=None)`, `postgres_factory(*, settings=None, hba=())`: own started,
+  restartable local servers for tests that stop, kill or reconfigure them (arguments: see
+  ingest.devservers.throwaway.Mosquitto and PostgresCluster);
   all closed at test end. Without the local binaries they are the embedded ones. The embedded
   broker (iotcore) cannot stand in for mosquitto everywhere: a test that passes mosquitto
   settings (overrides, listeners, passwords, ACLs), restarts the broker
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from typing import Any, NoReturn, Self
 from urllib.parse import urlsplit, urlunsplit
@@ -33,6 +34,7 @@ import pytest
 
 from ingest.devservers.brokers import Broker
 from ingest.devservers.docker import DockerMosquitto, DockerPostgres, docker_available
+from ingest.devservers.postgres import pgserver_bindir, ssl_supported
 from ingest.devservers.throwaway import (
     EmbeddedBroker,
     EmbeddedPostgres,
@@ -43,7 +45,7 @@ from ingest.devservers.throwaway import (
     embedded_broker_available,
     embedded_postgres_available,
     find_mosquitto,
-    find_postgres_bindir,
+    local_postgres_bindir,
     run_sql,
 )
 
@@ -58,13 +60,13 @@ def _unavailable(reason: str) -> NoReturn:
 def postgres_server() -> Iterator[str]:
     if url := os.environ.get("INGEST_TEST_DATABASE_URL"):
         yield url
-    elif find_postgres_bindir() is not None:
+    elif local_postgres_bindir() is not None:
         with PostgresCluster() as cluster:
             yield cluster.dsn()
     elif docker_available():
         with DockerPostgres() as container:
             yield container.dsn
-    elif embedded_postgres_available():  # issue 7: the embedded last resort (pgserver wheel)
+    elif embedded_postgres_available():  # the last resort: the pgserver wheel
         with EmbeddedPostgres() as server:
             yield server.dsn()
     else:
@@ -93,7 +95,7 @@ def mqtt_url() -> Iterator[str]:
     elif docker_available():
         with DockerMosquitto() as container:
             yield container.url
-    elif embedded_broker_available():  # issue 7: the embedded last resort (iotcore wheel)
+    elif embedded_broker_available():  # the last resort: the iotcore wheel
         with EmbeddedBroker() as broker:
             yield broker.url
     else:
@@ -140,7 +142,7 @@ def mosquitto_factory(request: pytest.FixtureRequest) -> Iterator[MosquittoFacto
 
 @pytest.fixture
 def postgres_factory() -> Iterator[PostgresFactory]:
-    embedded = find_postgres_bindir() is None
+    embedded = local_postgres_bindir() is None
     if embedded and not embedded_postgres_available():
         _unavailable(
             "this test restarts its own PostgreSQL and needs local initdb/pg_ctl (or the"
@@ -148,9 +150,14 @@ def postgres_factory() -> Iterator[PostgresFactory]:
         )
     with ExitStack() as stack:
 
-        def factory() -> PostgresCluster:
+        def factory(
+            *, settings: Mapping[str, str] | None = None, hba: Sequence[str] = ()
+        ) -> PostgresCluster:
+            bindir = pgserver_bindir() if embedded else local_postgres_bindir()
+            if (settings or {}).get("ssl") == "on" and not (bindir and ssl_supported(bindir)):
+                pytest.skip(f"the PostgreSQL in {bindir} was built without SSL")
             if embedded:
-                return stack.enter_context(EmbeddedPostgres())
-            return stack.enter_context(PostgresCluster())
+                return stack.enter_context(EmbeddedPostgres(settings=settings, hba=hba))
+            return stack.enter_context(PostgresCluster(settings=settings, hba=hba))
 
         yield factory

@@ -9,13 +9,17 @@ Modules:
 
 * ``ports``: ``free_port``, ``port_open``.
 * ``postgres``: :class:`PostgresServer`, a cluster made with ``initdb`` and run with ``pg_ctl``
-  from a directory of binaries (by default the ``pgserver`` wheel's).
+  from a directory of binaries (by default the ``pgserver`` wheel's); extra postgresql.conf
+  ``settings`` (``ssl = on`` ...) and pg_hba.conf lines (``hba``); ``run_sql``.
 * ``brokers``: :class:`MosquittoBroker` (a ``mosquitto`` binary with the project's
-  config/mosquitto.conf) and :class:`IotcoreBroker` (rumqttd from the ``iotcore`` wheel).
-* ``throwaway``: servers in a process-wide temporary directory that is deleted at exit, for the
-  tests and the benchmarks: local binaries (``Mosquitto``, ``PostgresCluster``) or the wheels
-  (``EmbeddedBroker``, ``EmbeddedPostgres``).
+  config/mosquitto.conf, ``overrides``, extra :class:`Listener` s such as TLS ones, password
+  and ACL files; ``ports`` lists what it bound) and :class:`IotcoreBroker` (rumqttd from the
+  ``iotcore`` wheel).
+* ``throwaway``: the same servers in a process-wide temporary directory that is deleted at
+  exit, for the tests and the benchmarks: local binaries (``Mosquitto``, ``PostgresCluster``)
+  or the wheels (``EmbeddedBroker``, ``EmbeddedPostgres``).
 * ``docker``: the same servers in containers (testcontainers), when a Docker daemon answers.
+* ``tls``: a throwaway CA with server and client certificates; mosquitto password files.
 """
 
 from ingest.devservers._process import EmbeddedServerError
@@ -30,7 +34,13 @@ from ingest.devservers.brokers import (
     start_broker,
 )
 from ingest.devservers.ports import free_port, port_open
-from ingest.devservers.postgres import PostgresServer, find_postgres_bindir, pgserver_bindir
+from ingest.devservers.postgres import (
+    PostgresServer,
+    find_postgres_bindir,
+    local_postgres_bindir,
+    pgserver_bindir,
+    run_sql,
+)
 
 __all__ = [
     "Broker",
@@ -43,8 +53,10 @@ __all__ = [
     "find_postgres_bindir",
     "free_port",
     "iotcore_available",
+    "local_postgres_bindir",
     "mosquitto_config",
     "pgserver_bindir",
     "port_open",
+    "run_sql",
     "start_broker",
 ]

@@ -11,14 +11,17 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
+import glob
 import importlib.util
 import os
 import pwd
 import shutil
 import subprocess
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Literal, Self, TypeVar
 
 import asyncpg
 
@@ -30,12 +33,23 @@ from ingest.devservers._process import (
     _tail,
     _track,
     _untrack,
+    local_servers_allowed,
 )
 from ingest.devservers.ports import free_port
 
-__all__ = ["PGSERVER_USER", "PostgresServer", "find_postgres_bindir", "pgserver_bindir"]
+__all__ = [
+    "PGSERVER_USER",
+    "PostgresServer",
+    "find_postgres_bindir",
+    "local_postgres_bindir",
+    "pgserver_bindir",
+    "run_sql",
+    "ssl_supported",
+]
 
 PGSERVER_USER = "pgserver"
+
+T = TypeVar("T")
 
 
 def pgserver_bindir() -> Path | None:
@@ -48,15 +62,45 @@ def pgserver_bindir() -> Path | None:
     return bindir if _has_postgres(bindir) else None
 
 
-def find_postgres_bindir() -> Path | None:
-    """pgserver's binaries, else a PostgreSQL installation on PATH."""
-    if bindir := pgserver_bindir():
-        return bindir
+def local_postgres_bindir() -> Path | None:
+    """The binaries of a PostgreSQL installed on this machine: PATH first, then the usual
+    Debian and RHEL folders (newest version first); None when ``INGEST_TEST_LOCAL_SERVERS`` is
+    ``0`` (to prove the fallbacks on a machine that has one)."""
+    if not local_servers_allowed():
+        return None
+    candidates: list[Path] = []
     if pg_ctl := shutil.which("pg_ctl"):
-        bindir = Path(pg_ctl).resolve().parent
-        if _has_postgres(bindir):
-            return bindir
-    return None
+        candidates.append(Path(pg_ctl).resolve().parent)
+
+    def version(p: str) -> float:
+        digits = "".join(c for c in Path(p).parent.name.split("-")[-1] if c.isdigit() or c == ".")
+        try:
+            return float(digits)
+        except ValueError:
+            return 0.0
+
+    found = glob.glob("/usr/lib/postgresql/*/bin") + glob.glob("/usr/pgsql-*/bin")
+    candidates += [Path(p) for p in sorted(found, key=version, reverse=True)]
+    return next((bindir for bindir in candidates if _has_postgres(bindir)), None)
+
+
+def find_postgres_bindir() -> Path | None:
+    """pgserver's binaries, else a PostgreSQL installed on this machine."""
+    return pgserver_bindir() or local_postgres_bindir()
+
+
+@functools.cache
+def ssl_supported(bindir: Path) -> bool:
+    """The PostgreSQL in ``bindir`` was built with OpenSSL (``ssl = on`` can work); the
+    pgserver wheel's was not."""
+    try:
+        r = subprocess.run(
+            [str(bindir / "pg_config"), "--configure"],
+            stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False, timeout=30,
+        )  # fmt: skip
+    except OSError:
+        return False
+    return "--with-openssl" in r.stdout
 
 
 def _has_postgres(bindir: Path) -> bool:
@@ -112,12 +156,31 @@ full_page_writes = off
 class PostgresServer:
     """A PostgreSQL cluster in ``directory`` (``data/``, ``postgres.log``) on a free port.
 
-    ``durable=False`` turns fsync off (tests). Restartable on the same port; ``start`` on a
-    directory that holds a cluster already reuses it.
+    Restartable on the same port; ``start`` on a directory that holds a cluster already
+    reuses it. Options:
+
+    * ``bindir``: the binaries (default :func:`find_postgres_bindir`).
+    * ``durable=False`` turns fsync off (throwaway data).
+    * ``settings``: postgresql.conf settings applied at every start (``{"ssl": "on",
+      "ssl_cert_file": "/x/server.crt", ...}``). A setting whose name ends in ``_file`` and
+      whose value is an existing file gets a private copy of that file in the data directory,
+      owned by the server's user with mode 0600 (PostgreSQL refuses a key file others can
+      read, and as root the server runs as another user).
+    * ``hba``: pg_hba.conf lines put before initdb's (first match wins), e.g.
+      ``"hostssl all all 127.0.0.1/32 cert"``; initdb's own lines trust every local client.
+    * ``template``: the data directory of a cluster to copy instead of running initdb (see
+      :meth:`create`; initdb is the slow part of a start).
     """
 
     def __init__(
-        self, directory: Path, *, bindir: Path | None = None, durable: bool = True
+        self,
+        directory: Path,
+        *,
+        bindir: Path | None = None,
+        durable: bool = True,
+        settings: Mapping[str, str] | None = None,
+        hba: Sequence[str] = (),
+        template: Path | None = None,
     ) -> None:
         found = bindir or find_postgres_bindir()
         if found is None:
@@ -128,6 +191,9 @@ class PostgresServer:
         self.data = directory / "data"
         self._bindir = found
         self._durable = durable
+        self._settings = dict(settings or {})
+        self._hba = tuple(hba)
+        self._template = template
         self._log = directory / "postgres.log"
         self._account = _postgres_account()
         self._port = 0
@@ -182,33 +248,43 @@ class PostgresServer:
             for name in dirnames + filenames:
                 os.chown(os.path.join(dirpath, name), uid, gid, follow_symlinks=False)
 
-    def _prepare(self) -> None:
-        """Create the directory and the cluster (once); as root, hand both to the server user."""
+    def _enter_directory(self) -> None:
+        """Create the directory; as root, hand it to the server user, who must reach it and
+        the binaries."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        if self._account is not None:
-            self.dir.chmod(0o700)
-            for p in self.dir.parents:
-                if not p.stat().st_mode & 0o001:
-                    raise EmbeddedServerError(
-                        f"{p} cannot be entered by user {self._account.pw_name!r}, who runs "
-                        "PostgreSQL: choose a data directory under one that can (e.g. /tmp)"
-                    )
-            if not _reachable_by_others(self._bindir):
-                # The venv is somewhere the server user cannot enter (e.g. /root): use a copy.
-                # The binaries find their vendored libraries through the RPATH
-                # $ORIGIN/../../../pgserver.libs, so the copy keeps that layout.
-                install = self._bindir.parent  # site-packages/pgserver/pginstall
-                root = self.dir / "pgcopy"
-                copy = root / "pgserver" / "pginstall"
-                if not copy.exists():
-                    shutil.copytree(install, copy, symlinks=True)
-                    libs = install.parent.parent / "pgserver.libs"
-                    if libs.is_dir():
-                        shutil.copytree(libs, root / "pgserver.libs", symlinks=True)
-                self._bindir = copy / "bin"
-            self._give_away(self.dir)
-        if (self.data / "PG_VERSION").exists():
+        if self._account is None:
             return
+        self.dir.chmod(0o700)
+        for p in self.dir.parents:
+            if not p.stat().st_mode & 0o001:
+                raise EmbeddedServerError(
+                    f"{p} cannot be entered by user {self._account.pw_name!r}, who runs "
+                    "PostgreSQL: choose a data directory under one that can (e.g. /tmp)"
+                )
+        if not _reachable_by_others(self._bindir):
+            # The venv is somewhere the server user cannot enter (e.g. /root): use a copy.
+            # The binaries find their vendored libraries through the RPATH
+            # $ORIGIN/../../../pgserver.libs, so the copy keeps that layout.
+            install = self._bindir.parent  # site-packages/pgserver/pginstall
+            root = self.dir / "pgcopy"
+            copy = root / "pgserver" / "pginstall"
+            if not copy.exists():
+                shutil.copytree(install, copy, symlinks=True)
+                libs = install.parent.parent / "pgserver.libs"
+                if libs.is_dir():
+                    shutil.copytree(libs, root / "pgserver.libs", symlinks=True)
+            self._bindir = copy / "bin"
+        self._give_away(self.dir)
+
+    def create(self) -> Self:
+        """Create the directory and the cluster unless it exists, without starting it."""
+        self._enter_directory()
+        if (self.data / "PG_VERSION").exists():
+            return self
+        if self._template is not None:
+            shutil.copytree(self._template, self.data, symlinks=True)
+            self._give_away(self.data)
+            return self
         r = self._run(
             "initdb", "-D", str(self.data), "-U", "postgres", "-A", "trust", "-E", "UTF8",
             "--locale=C", "--no-sync",
@@ -217,6 +293,30 @@ class PostgresServer:
             raise EmbeddedServerError(f"initdb failed:\n{_tail(r.stdout + r.stderr)}")
         with (self.data / "postgresql.conf").open("a") as f:
             f.write(_POSTGRES_CONF + ("" if self._durable else _FAST_CONF))
+        return self
+
+    def _write_config(self) -> None:
+        """The port and ``settings`` (an include of postgresql.conf), and ``hba``."""
+        lines = [f"port = {self._port}"]
+        for key, value in self._settings.items():
+            lines.append(f"{key} = {_quote(self._private_copy(key, value))}")
+        conf = self.data / "iot_ingest_port.conf"
+        conf.write_text("\n".join(lines) + "\n")
+        self._give_away(conf)
+        hba, initdb_hba = self.data / "pg_hba.conf", self.data / "pg_hba.conf.initdb"
+        if not initdb_hba.exists():
+            shutil.copyfile(hba, initdb_hba)
+        hba.write_text("".join(f"{line}\n" for line in self._hba) + initdb_hba.read_text())
+        self._give_away(hba)
+
+    def _private_copy(self, key: str, value: str) -> str:
+        if not key.endswith("_file") or not Path(value).is_file():
+            return value
+        copy = self.data / f"iot_ingest_{key}"
+        shutil.copyfile(value, copy)
+        copy.chmod(0o600)
+        self._give_away(copy)
+        return str(copy)
 
     def _pg_ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
         return self._run("pg_ctl", "-D", str(self.data), *args)
@@ -224,7 +324,7 @@ class PostgresServer:
     def start(self) -> Self:
         if self._running:
             return self
-        self._prepare()
+        self.create()
         if (self.data / "postmaster.pid").exists():
             # Left by a run that was killed: that server is ours (same data directory).
             self._pg_ctl("-m", "immediate", "-w", "stop")
@@ -233,9 +333,7 @@ class PostgresServer:
         for _ in range(5 if first else 1):
             if first:
                 self._port = free_port()
-            conf = self.data / "iot_ingest_port.conf"
-            conf.write_text(f"port = {self._port}\n")
-            self._give_away(conf)
+            self._write_config()
             r = self._pg_ctl("-l", str(self._log), "-w", "-t", str(int(START_TIMEOUT)), "start")
             if r.returncode == 0:
                 self._running = True
@@ -299,9 +397,33 @@ class PostgresServer:
         return f"<PostgresServer {self.dsn()} running={self._running}>"
 
 
+def _quote(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _in_fresh_loop(work: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run ``work`` to completion in a fresh thread and event loop: callers may sit inside a
+    running loop (an async test), where asyncio.run would refuse to start."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(lambda: asyncio.run(work())).result()
+
+
+def run_sql(dsn: str, *statements: str) -> None:
+    """Run admin statements, synchronously, on one connection."""
+
+    async def run() -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            for sql in statements:
+                await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    _in_fresh_loop(run)
+
+
 def _fetchval(dsn: str, sql: str, *args: Any) -> Any:
-    """One statement, synchronously, from a fresh thread and event loop: callers may sit
-    inside a running loop, where asyncio.run would refuse to start."""
+    """One statement's first value, synchronously."""
 
     async def run() -> Any:
         conn = await asyncpg.connect(dsn)
@@ -310,5 +432,4 @@ def _fetchval(dsn: str, sql: str, *args: Any) -> Any:
         finally:
             await conn.close()
 
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        return pool.submit(lambda: asyncio.run(run())).result()
+    return _in_fresh_loop(run)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 import uuid
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -157,3 +158,26 @@ async def test_factory_mosquitto_tls_listener_and_password_file(
             pass
     broker.restart()
     assert broker.ports == (plain, secure)
+
+
+async def test_factory_postgres_takes_settings_and_hba_lines(
+    postgres_factory: PostgresFactory, tmp_path: Path
+) -> None:
+    tls = make_tls_files(tmp_path / "tls")
+    cluster = postgres_factory(
+        settings={
+            "ssl": "on",
+            "ssl_cert_file": str(tls.server_cert),
+            "ssl_key_file": str(tls.server_key),
+        },
+        hba=["hostnossl all all 127.0.0.1/32 reject"],
+    )
+    with pytest.raises(asyncpg.InvalidAuthorizationSpecificationError):
+        await asyncpg.connect(cluster.dsn(), ssl=False)
+    context = ssl.create_default_context(cafile=str(tls.ca))
+    cluster.restart()  # the settings outlive a restart
+    conn = await asyncpg.connect(cluster.dsn(), ssl=context)
+    try:
+        assert await conn.fetchval("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+    finally:
+        await conn.close()
