@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import math
 import secrets
-from dataclasses import dataclass, field
-from typing import NamedTuple
-from urllib.parse import unquote, urlsplit
+from dataclasses import dataclass, field, replace
 
+from ingest.urls import MqttEndpoint, UrlError
+from ingest.urls import parse_mqtt_url as _parse_url
 from simulators._errors import ConfigError
+from simulators._mqtt import tls_context
 
 DEFAULT_MQTT_URL = "mqtt://localhost:1883"
 DEFAULT_TOPIC = "devices/{device_id}/telemetry"
@@ -28,50 +29,17 @@ MAX_SAMPLES = 10_000
 MAX_PROCESSES = 256
 
 
-class MqttUrl(NamedTuple):
-    """A parsed ``mqtt://[user:pass@]host[:port]`` or ``mqtts://`` URL."""
-
-    host: str
-    port: int
-    tls: bool
-    username: str | None
-    password: str | None
-
-    def redacted(self) -> str:
-        """The URL for messages and reports: never shows the password."""
-        scheme = "mqtts" if self.tls else "mqtt"
-        user = (
-            f"{self.username}:***@"
-            if self.password
-            else (f"{self.username}@" if self.username else "")
-        )
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{scheme}://{user}{host}:{self.port}"
+#: The broker the fleet publishes to: host, port, TLS, credentials and TLS files. The type and
+#: its parser are the daemon's (ingest/urls.py), so a URL one accepts the other accepts too.
+MqttUrl = MqttEndpoint
 
 
-def parse_mqtt_url(value: str, *, setting: str = "--mqtt-url") -> MqttUrl:
+def parse_mqtt_url(value: str, *, setting: str = "--mqtt-url") -> MqttEndpoint:
     """Parse and validate a broker URL; ``setting`` names the flag or variable in errors."""
     try:
-        parts = urlsplit(value.strip())
-        port = parts.port
-    except ValueError as exc:
-        raise ConfigError(setting, f"invalid URL {value!r}: {exc}") from None
-    if parts.scheme not in ("mqtt", "mqtts"):
-        raise ConfigError(
-            setting, f"expected mqtt://[user:pass@]host[:port] or mqtts://..., got {value!r}"
-        )
-    if not parts.hostname:
-        raise ConfigError(setting, f"no host in {value!r}")
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ConfigError(setting, f"unexpected path or query in {value!r}")
-    tls = parts.scheme == "mqtts"
-    if port is None:
-        port = 8883 if tls else 1883
-    if port == 0:
-        raise ConfigError(setting, f"port 0 is not a broker port in {value!r}")
-    username = unquote(parts.username) if parts.username is not None else None
-    password = unquote(parts.password) if parts.password is not None else None
-    return MqttUrl(parts.hostname, port, tls, username, password)
+        return _parse_url(value)
+    except UrlError as exc:  # its message never quotes the URL (it may hold a password)
+        raise ConfigError(setting, str(exc)) from None
 
 
 def check_topic_template(template: str, *, setting: str = "--topic") -> str:
@@ -143,10 +111,17 @@ class SimulatorConfig:
     inflight_window: int = 1000
     #: MQTT keep-alive; a connection that owes us an answer for this long is dropped.
     keepalive: int = 30
+    #: Broker credentials (they win over the URL's user info) and, for mqtts://, the CA that
+    #: verifies the broker and our certificate and key for mutual TLS.
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
     broker: MqttUrl = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "broker", parse_mqtt_url(self.mqtt_url))
+        object.__setattr__(self, "broker", self._broker())
         _positive_int("--devices", self.devices, MAX_DEVICES)
         _finite("--rate", self.rate, 0.0, MAX_RATE, open_low=True)
         if self.count is not None and self.duration is not None:
@@ -192,6 +167,39 @@ class SimulatorConfig:
         _finite("connect_timeout", self.connect_timeout, 0.0, 3600.0, open_low=True)
         _positive_int("inflight_window", self.inflight_window, 65_000)
         _positive_int("keepalive", self.keepalive, 65_535)
+
+    def _broker(self) -> MqttEndpoint:
+        """The URL's endpoint with the credentials and TLS files; files are checked here so
+        that an unreadable one is a configuration error before anything connects."""
+        url = parse_mqtt_url(self.mqtt_url)
+        if self.username == "":
+            raise ConfigError("--username", "must not be empty (leave it out instead)")
+        username = url.username if self.username is None else self.username
+        password = url.password if self.password is None else self.password
+        if password is not None and username is None:
+            raise ConfigError("--password-file", "needs a user name (--username or the URL's)")
+        if self.key_file is not None and self.cert_file is None:
+            raise ConfigError("--key-file", "needs --cert-file too")
+        for flag, path in (
+            ("--ca-file", self.ca_file),
+            ("--cert-file", self.cert_file),
+            ("--key-file", self.key_file),
+        ):
+            if path == "":
+                raise ConfigError(flag, "must not be empty (leave it out instead)")
+            if path is not None and not url.tls:
+                # TLS files beside a plaintext URL: the operator expects TLS, never fall back.
+                raise ConfigError(flag, "is set but the broker URL is plaintext (use mqtts://)")
+        if url.tls:
+            tls_context(self.ca_file, self.cert_file, self.key_file)
+        return replace(
+            url,
+            username=username,
+            password=password,
+            ca_file=self.ca_file,
+            cert_file=self.cert_file,
+            key_file=self.key_file,
+        )
 
     @property
     def target_rate(self) -> float:

@@ -9,6 +9,10 @@ CONNACK, PUBLISH QoS 0/1, PUBACK, PINGREQ/PINGRESP, DISCONNECT), writes many pac
 ``transport.write``, and never blocks: writes go to the transport's buffer, and the
 transport's flow control (``pause_writing``) tells the sender to wait.
 
+The packets are encoded and the remaining lengths read by ``ingest.mqtt.wire``, the codec the
+daemon reads with: one implementation of the wire format. ``mqtts://`` always verifies the
+broker's certificate and host name (:func:`tls_context`).
+
 Spec: MQTT Version 3.1.1, OASIS Standard, sections 2 (fixed header, remaining length) and 3.
 """
 
@@ -20,10 +24,30 @@ import ssl
 from collections.abc import Callable
 from typing import Any
 
-from simulators._config import MqttUrl
+from ingest.mqtt.wire import (
+    DISCONNECT,
+    PINGREQ,
+    connect_packet,
+    encode_string,
+    publish_packet,
+    read_varint,
+)
+from ingest.urls import MqttEndpoint
+from simulators._errors import ConfigError
 
-PINGREQ = b"\xc0\x00"
-DISCONNECT = b"\xe0\x00"
+__all__ = [
+    "CONNACK_CODES",
+    "DISCONNECT",
+    "PINGREQ",
+    "Connection",
+    "PacketReader",
+    "ProtocolError",
+    "RefusedError",
+    "connect_packet",
+    "publish_packet",
+    "tls_context",
+    "topic_field",
+]
 
 _CONNACK = 0x20
 _PUBACK = 0x40
@@ -60,74 +84,9 @@ class RefusedError(Exception):
         return self.code == 3
 
 
-def varint(n: int) -> bytes:
-    """The "remaining length" encoding: 7 bits a byte, high bit = more follows (2.2.3)."""
-    if 0 <= n < _SHORT:
-        return _VARINTS[n]
-    if not 0 <= n <= 268_435_455:
-        raise ValueError(f"remaining length out of range: {n}")
-    out = bytearray()
-    while True:
-        byte = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-_SHORT = 16_384  # every length up to here fits in two bytes: precomputed (once per message)
-_VARINTS = [bytes((n,)) if n < 128 else bytes(((n & 0x7F) | 0x80, n >> 7)) for n in range(_SHORT)]
-
-
-def read_varint(buf: bytes | bytearray, pos: int) -> tuple[int, int] | None:
-    """``(value, position after it)``, or ``None`` when ``buf`` ends inside the number."""
-    value = 0
-    for i in range(4):
-        if pos + i >= len(buf):
-            return None
-        byte = buf[pos + i]
-        value |= (byte & 0x7F) << (7 * i)
-        if not byte & 0x80:
-            return value, pos + i + 1
-    raise ProtocolError("remaining length longer than 4 bytes")
-
-
-def _string(value: str | bytes) -> bytes:
-    data = value.encode() if isinstance(value, str) else value
-    if len(data) > 65_535:
-        raise ValueError("MQTT string longer than 65,535 bytes")
-    return len(data).to_bytes(2, "big") + data
-
-
 def topic_field(topic: str) -> bytes:
     """A topic as PUBLISH carries it (length-prefixed UTF-8); computed once per device."""
-    return _string(topic)
-
-
-def connect_packet(
-    client_id: str, *, keepalive: int, username: str | None = None, password: str | None = None
-) -> bytes:
-    """CONNECT with a clean session (3.1): a publisher has nothing to resume."""
-    flags = 0x02
-    payload = _string(client_id)
-    if username is not None:
-        flags |= 0x80
-        payload += _string(username)
-        if password is not None:
-            flags |= 0x40
-            payload += _string(password)
-    body = _string("MQTT") + bytes((4, flags)) + keepalive.to_bytes(2, "big") + payload
-    return b"\x10" + varint(len(body)) + body
-
-
-def publish_packet(topic: bytes, payload: bytes, mid: int = 0) -> bytes:
-    """PUBLISH (3.3) to a :func:`topic_field`; ``mid`` 0 means QoS 0, otherwise QoS 1."""
-    if mid:
-        length = len(topic) + 2 + len(payload)
-        return b"\x32" + varint(length) + topic + mid.to_bytes(2, "big") + payload
-    return b"\x30" + varint(len(topic) + len(payload)) + topic + payload
+    return encode_string(topic)
 
 
 class PacketReader:
@@ -153,10 +112,11 @@ class PacketReader:
             if buf[pos + 1] < 128:  # the usual case: a short packet
                 length, start = buf[pos + 1], pos + 2
             else:
-                parsed = read_varint(buf, pos + 1)
-                if parsed is None:
+                length, start = read_varint(buf, pos + 1, len(buf))
+                if length < 0:
+                    if len(buf) - pos > 4:  # four bytes, each saying "more follows"
+                        raise ProtocolError("remaining length longer than 4 bytes")
                     break
-                length, start = parsed
             if len(buf) - start < length:
                 break
             packets.append((header, bytes(buf[start : start + length])))
@@ -166,8 +126,53 @@ class PacketReader:
 
 
 @functools.cache
-def _tls_context() -> ssl.SSLContext:
-    return ssl.create_default_context()
+def tls_context(ca_file: str | None, cert_file: str | None, key_file: str | None) -> ssl.SSLContext:
+    """The context of every mqtts:// connection of this process: the broker's certificate and
+    host name always verified, against ``ca_file`` alone when given (else the system's trust
+    store); ``cert_file`` (and ``key_file``, unless the key is in it): our certificate for
+    mutual TLS. Reads the files (once per process: cached).
+
+    Raises :class:`ConfigError` naming the flag of a file that cannot be read or used.
+    """
+    for flag, path in (
+        ("--ca-file", ca_file),
+        ("--cert-file", cert_file),
+        ("--key-file", key_file),
+    ):
+        if path is not None:
+            _check_readable(flag, path)
+    try:
+        context = ssl.create_default_context(cafile=ca_file)
+    except ssl.SSLError as exc:
+        raise ConfigError(
+            "--ca-file", f"no usable PEM certificate in {ca_file}: {_reason(exc)}"
+        ) from None
+    if cert_file is not None:
+        try:
+            context.load_cert_chain(cert_file, key_file, password=_no_key_password)
+        except ssl.SSLError as exc:
+            files = cert_file if key_file is None else f"{cert_file} and {key_file}"
+            raise ConfigError(
+                "--cert-file", f"no usable certificate and key in {files}: {_reason(exc)}"
+            ) from None
+    return context
+
+
+def _check_readable(flag: str, path: str) -> None:
+    try:
+        with open(path, "rb") as file:
+            file.read(1)
+    except OSError as exc:
+        raise ConfigError(flag, f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _no_key_password() -> bytes:
+    # Without a callback, OpenSSL would prompt on the terminal for an encrypted key's passphrase.
+    raise ConfigError("--key-file", "the key is encrypted; the simulator needs an unencrypted key")
+
+
+def _reason(exc: ssl.SSLError) -> str:
+    return str(exc.reason or exc).lower().replace("_", " ")
 
 
 class Connection(asyncio.Protocol):
@@ -197,7 +202,7 @@ class Connection(asyncio.Protocol):
     @classmethod
     async def open(
         cls,
-        url: MqttUrl,
+        url: MqttEndpoint,
         *,
         client_id: str,
         keepalive: int,
@@ -210,7 +215,9 @@ class Connection(asyncio.Protocol):
         """
         loop = asyncio.get_running_loop()
         conn = cls(on_ack, on_event)
-        tls = _tls_context() if url.tls else None
+        tls = None
+        if url.tls:  # reads files the first time: off the event loop
+            tls = await asyncio.to_thread(tls_context, url.ca_file, url.cert_file, url.key_file)
         async with asyncio.timeout(within):
             await loop.create_connection(
                 lambda: conn, url.host, url.port, ssl=tls, server_hostname=url.host if tls else None

@@ -8,24 +8,22 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import NoReturn
 
 import orjson
 
-from simulators._config import (
-    DEFAULT_MQTT_URL,
-    DEFAULT_TOPIC,
-    SimulatorConfig,
-    check_topic_template,
-    parse_mqtt_url,
-)
+from ingest.urls import redact_url
+from simulators._config import DEFAULT_MQTT_URL, DEFAULT_TOPIC, SimulatorConfig
 from simulators._errors import ConfigError, ConnectError
 from simulators._report import Progress, progress_line
 from simulators._runner import run
 
 PROG = "simulate"
+
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s']*")
 
 DESCRIPTION = """\
 Simulate a fleet of MQTT sensor devices for iot-ingest.
@@ -60,7 +58,9 @@ exit status: 0 all published, 1 some failed (or broker unreachable), 2 invalid a
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        # One clear line, no usage block: scripts and people both read it.
+        # One clear line, no usage block: scripts and people both read it. argparse quotes
+        # stray arguments, which may be a URL with a password: those are redacted.
+        message = _URL.sub(lambda m: redact_url(m.group()), message)
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
@@ -149,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="P",
         help="processes the fleet is spread over, for more than one core can carry (default 1)",
     )
+    _add_connection_flags(p)
     p.add_argument(
         "--report", choices=("text", "json"), default="text", help="report format (default text)"
     )
@@ -156,24 +157,101 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(args: argparse.Namespace, env: dict[str, str]) -> SimulatorConfig:
-    """The configuration of a command line; raises :class:`ConfigError`."""
-    url = args.mqtt_url
-    if url is None:
-        url = env.get("INGEST_MQTT_URL") or DEFAULT_MQTT_URL
-        parse_mqtt_url(url, setting="INGEST_MQTT_URL")
-    topic = args.topic
-    if topic is None:
-        topic = env.get("INGEST_TOPIC") or DEFAULT_TOPIC
-        check_topic_template(topic, setting="INGEST_TOPIC")
+#: Flags whose default is the daemon's environment variable of the same meaning.
+ENV_DEFAULTS = {
+    "mqtt_url": "INGEST_MQTT_URL",
+    "topic": "INGEST_TOPIC",
+    "username": "INGEST_MQTT_USERNAME",
+    "password_file": "INGEST_MQTT_PASSWORD_FILE",
+    "ca_file": "INGEST_MQTT_CA_FILE",
+    "cert_file": "INGEST_MQTT_CERT_FILE",
+    "key_file": "INGEST_MQTT_KEY_FILE",
+}
+
+
+def _add_connection_flags(p: argparse.ArgumentParser) -> None:
+    """Credentials and TLS: the daemon's settings of the same names, so a TLS fleet with
+    credentials can be simulated. No flag takes a password itself (``ps`` would show it)."""
+    p.add_argument(
+        "--username", metavar="NAME", help="broker user name (default: $INGEST_MQTT_USERNAME, "
+        "else the URL's); wins over the URL's user info",
+    )  # fmt: skip
+    p.add_argument(
+        "--password-file", metavar="FILE", help="file holding the broker password, one trailing "
+        "newline stripped (default: $INGEST_MQTT_PASSWORD_FILE, or $INGEST_MQTT_PASSWORD, "
+        "else the URL's)",
+    )  # fmt: skip
+    p.add_argument(
+        "--ca-file", metavar="FILE", help="mqtts: PEM bundle that verifies the broker's "
+        "certificate, instead of the system's trust store (default: $INGEST_MQTT_CA_FILE)",
+    )  # fmt: skip
+    p.add_argument(
+        "--cert-file", metavar="FILE", help="mqtts: client certificate (PEM) for mutual TLS; "
+        "may hold the key too (default: $INGEST_MQTT_CERT_FILE)",
+    )  # fmt: skip
+    p.add_argument(
+        "--key-file", metavar="FILE", help="mqtts: the client certificate's unencrypted key "
+        "(PEM) (default: $INGEST_MQTT_KEY_FILE)",
+    )  # fmt: skip
+
+
+def _with_env_defaults(args: argparse.Namespace, env: Mapping[str, str]) -> dict[str, str]:
+    """Fill the flags left out from the environment (empty variables count as unset); return
+    which flag got its value from which variable, so errors name what the user set."""
+    origin: dict[str, str] = {}
+    for name, var in ENV_DEFAULTS.items():
+        if getattr(args, name) is None and env.get(var):
+            setattr(args, name, env[var])
+            origin["--" + name.replace("_", "-")] = var
+    return origin
+
+
+def _password(
+    args: argparse.Namespace, env: Mapping[str, str], origin: Mapping[str, str]
+) -> str | None:
+    if args.password_file is None:
+        return env.get("INGEST_MQTT_PASSWORD") or None
+    if "--password-file" in origin and env.get("INGEST_MQTT_PASSWORD"):
+        raise ConfigError(
+            "INGEST_MQTT_PASSWORD_FILE", "not allowed with INGEST_MQTT_PASSWORD (choose one)"
+        )
+    try:
+        with open(args.password_file, encoding="utf-8") as file:
+            text = file.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError(
+            "--password-file", f"cannot read {args.password_file}: {reason}"
+        ) from None
+    return text.removesuffix("\n").removesuffix("\r")
+
+
+def config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> SimulatorConfig:
+    """The configuration of a command line; raises :class:`ConfigError` naming the flag, or
+    the environment variable that gave the value."""
+    origin = _with_env_defaults(args, env)
+    try:
+        return _config(args, _password(args, env, origin))
+    except ConfigError as exc:
+        if exc.setting in origin:
+            raise ConfigError(origin[exc.setting], exc.message) from None
+        raise
+
+
+def _config(args: argparse.Namespace, password: str | None) -> SimulatorConfig:
     return SimulatorConfig(
-        mqtt_url=url,
+        mqtt_url=args.mqtt_url or DEFAULT_MQTT_URL,
+        username=args.username,
+        password=password,
+        ca_file=args.ca_file,
+        cert_file=args.cert_file,
+        key_file=args.key_file,
         devices=args.devices,
         rate=args.rate,
         count=args.count,
         duration=args.duration,
         qos=args.qos,
-        topic=topic,
+        topic=args.topic or DEFAULT_TOPIC,
         seed=args.seed,
         samples_per_message=args.samples_per_message,
         bad_ratio=args.bad_ratio,

@@ -9,7 +9,17 @@ from __future__ import annotations
 
 from collections import deque
 
-__all__ = ["Inbound", "read_varint", "take_publishes"]
+__all__ = [
+    "DISCONNECT",
+    "PINGREQ",
+    "Inbound",
+    "connect_packet",
+    "encode_string",
+    "encode_varint",
+    "publish_packet",
+    "read_varint",
+    "take_publishes",
+]
 
 # (topic, payload, qos, mid): the fields we need of a paho MQTTMessage.
 Inbound = tuple[str, bytes, int, int]
@@ -76,3 +86,65 @@ def read_varint(buf: bytearray, i: int, end: int) -> tuple[int, int]:
             return value, j + 1
         shift += 7
     return -1, i
+
+
+# -- Encoding: what a client sends (the simulator's publisher; MQTT 3.1.1 §2.2.3, §3). ----------
+
+#: PINGREQ (3.12) and DISCONNECT (3.14): fixed headers with no body.
+PINGREQ = b"\xc0\x00"
+DISCONNECT = b"\xe0\x00"
+
+_MAX_VARINT = 268_435_455  # four bytes of seven bits
+_SHORT = 16_384  # every length below this fits in two bytes: precomputed, one lookup a packet
+_VARINTS = [bytes((n,)) if n < 128 else bytes(((n & 0x7F) | 0x80, n >> 7)) for n in range(_SHORT)]
+
+
+def encode_varint(n: int) -> bytes:
+    """A variable byte integer (the remaining length): 7 bits a byte, high bit = more follows.
+    The inverse of :func:`read_varint`; raises ValueError outside 0..268,435,455."""
+    if 0 <= n < _SHORT:
+        return _VARINTS[n]
+    if not 0 <= n <= _MAX_VARINT:
+        raise ValueError(f"remaining length out of range: {n}")
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def encode_string(value: str | bytes) -> bytes:
+    """A UTF-8 string as MQTT carries it (1.5.3): two bytes of length, then the bytes."""
+    data = value.encode() if isinstance(value, str) else value
+    if len(data) > 65_535:
+        raise ValueError("MQTT string longer than 65,535 bytes")
+    return len(data).to_bytes(2, "big") + data
+
+
+def connect_packet(
+    client_id: str, *, keepalive: int, username: str | None = None, password: str | None = None
+) -> bytes:
+    """CONNECT (3.1), protocol level 4, clean session: a publisher has nothing to resume. A
+    password is sent only with a user name (3.1.2.9)."""
+    flags = 0x02
+    payload = encode_string(client_id)
+    if username is not None:
+        flags |= 0x80
+        payload += encode_string(username)
+        if password is not None:
+            flags |= 0x40
+            payload += encode_string(password)
+    body = encode_string("MQTT") + bytes((4, flags)) + keepalive.to_bytes(2, "big") + payload
+    return b"\x10" + encode_varint(len(body)) + body
+
+
+def publish_packet(topic: bytes, payload: bytes, mid: int = 0) -> bytes:
+    """PUBLISH (3.3) to a topic already :func:`encode_string`-ed (once per device, not per
+    message); ``mid`` 0 means QoS 0, otherwise QoS 1 with that packet id."""
+    if mid:
+        return (
+            b"\x32" + encode_varint(len(topic) + 2 + len(payload)) + topic
+            + mid.to_bytes(2, "big") + payload
+        )  # fmt: skip
+    return b"\x30" + encode_varint(len(topic) + len(payload)) + topic + payload

@@ -5,6 +5,10 @@ validation, or builds a report from counters, before anything would connect).
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -198,3 +202,146 @@ def test_progress_line() -> None:
     line = progress_line(Progress(2.0, 2000, 3, 2003, 0.01, 1000.0))
     assert "published 2,000" in line and "failed 3" in line and "1,000.0 msg/s" in line
     assert "\n" not in line
+
+
+CONNECTION_FLAGS = ["--username", "--password-file", "--ca-file", "--cert-file", "--key-file"]
+
+
+def test_help_explains_the_credential_and_tls_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _err = run_cli(["--help"], capsys)
+    assert code == 0
+    for flag in CONNECTION_FLAGS:
+        assert flag in out
+    for variable in ("INGEST_MQTT_CA_FILE", "INGEST_MQTT_PASSWORD_FILE", "INGEST_MQTT_USERNAME"):
+        assert variable in out
+
+
+SECRET = "Sup3rSecret"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"mqtt://ingest:{SECRET}/x@127.0.0.1",
+        f"mqtt://ingest:{SECRET}?x@127.0.0.1",
+        f"mqtt://ingest:{SECRET}#x@127.0.0.1",
+        f"mqtt://ingest:{SECRET}@x@127.0.0.1",
+        f"mqtt://ingest:{SECRET}[@127.0.0.1",
+        f"mqtt://ingest:{SECRET}@127.0.0.1:99999",
+        f"mqtt://ingest:{SECRET}@127.0.0.1/path",
+        f"tcp://ingest:{SECRET}@127.0.0.1",
+        f"ingest:{SECRET}@127.0.0.1",
+    ],
+)
+def test_a_bad_url_never_shows_its_password(
+    url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = run_cli(["--mqtt-url", url], capsys)
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert err.startswith("simulate: error: --mqtt-url: ")
+    assert SECRET not in err
+    monkeypatch.setenv("INGEST_MQTT_URL", url)
+    code, out, err = run_cli([], capsys)
+    assert code == 2 and err.startswith("simulate: error: INGEST_MQTT_URL: ")
+    assert SECRET not in err
+
+
+def test_a_stray_url_argument_is_redacted(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _out, err = run_cli(["--count", "1", f"mqtt://u:{SECRET}@h"], capsys)
+    assert code == 2 and "unrecognized arguments" in err
+    assert SECRET not in err and "mqtt://u:***@h" in err
+
+
+def config(argv: list[str], env: dict[str, str] | None = None) -> SimulatorConfig:
+    return config_from_args(build_parser().parse_args(argv), env or {})
+
+
+def test_credentials_from_flags_files_and_environment_win_over_the_url(tmp_path: Path) -> None:
+    secret = tmp_path / "password"
+    secret.write_text("from-file\n")
+    c = config(["--mqtt-url", "mqtt://u:url-pw@h", "--password-file", str(secret)])
+    assert (c.broker.username, c.broker.password) == ("u", "from-file")
+    c = config(["--mqtt-url", "mqtt://u:url-pw@h", "--username", "flag-user"])
+    assert (c.broker.username, c.broker.password) == ("flag-user", "url-pw")
+    env = {"INGEST_MQTT_USERNAME": "env-user", "INGEST_MQTT_PASSWORD_FILE": str(secret)}
+    c = config([], env)
+    assert (c.broker.username, c.broker.password) == ("env-user", "from-file")
+    c = config([], {"INGEST_MQTT_USERNAME": "env-user", "INGEST_MQTT_PASSWORD": "env-pw"})
+    assert (c.broker.username, c.broker.password) == ("env-user", "env-pw")
+    assert "env-pw" not in repr(c) and "env-pw" not in c.broker.redacted()
+    secret.write_text("two\nlines\n\n")  # only one trailing newline is the file's
+    assert config(["--username", "u", "--password-file", str(secret)]).broker.password == (
+        "two\nlines\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "names"),
+    [
+        (["--password-file", "/nonexistent/pw"], {}, "--password-file: cannot read"),
+        (["--password-file", "."], {}, "--password-file: cannot read"),
+        ([], {"INGEST_MQTT_PASSWORD_FILE": "/nonexistent/pw"}, "INGEST_MQTT_PASSWORD_FILE:"),
+        ([], {"INGEST_MQTT_PASSWORD": "x"}, "needs a user name"),
+        (
+            [],
+            {
+                "INGEST_MQTT_USERNAME": "u",
+                "INGEST_MQTT_PASSWORD": "x",
+                "INGEST_MQTT_PASSWORD_FILE": "{text}",
+            },
+            "INGEST_MQTT_PASSWORD_FILE: not allowed with INGEST_MQTT_PASSWORD",
+        ),
+        (["--username", ""], {}, "--username"),
+        (["--mqtt-url", "mqtts://h", "--ca-file", "/nonexistent/ca.pem"], {}, "--ca-file"),
+        (["--mqtt-url", "mqtts://h", "--ca-file", "."], {}, "--ca-file: cannot read"),
+        (["--mqtt-url", "mqtts://h", "--ca-file", "{text}"], {}, "--ca-file: no usable"),
+        (["--mqtt-url", "mqtts://h", "--cert-file", "/nonexistent.pem"], {}, "--cert-file"),
+        (["--mqtt-url", "mqtts://h", "--cert-file", "{text}"], {}, "--cert-file: no usable"),
+        (
+            ["--mqtt-url", "mqtts://h", "--cert-file", "{text}", "--key-file", "/nope"],
+            {},
+            "--key-file: cannot read",
+        ),
+        (["--mqtt-url", "mqtts://h", "--key-file", "{text}"], {}, "needs --cert-file"),
+        (["--mqtt-url", "mqtt://h", "--ca-file", "{text}"], {}, "plaintext"),
+        (["--mqtt-url", "mqtt://h"], {"INGEST_MQTT_CA_FILE": "{text}"}, "INGEST_MQTT_CA_FILE"),
+        (
+            ["--mqtt-url", "mqtts://h"],
+            {"INGEST_MQTT_CERT_FILE": "/nonexistent.pem"},
+            "INGEST_MQTT_CERT_FILE: cannot read",
+        ),
+    ],
+)
+def test_unusable_credential_and_tls_files_exit_2_naming_the_setting(
+    argv: list[str],
+    env: dict[str, str],
+    names: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    text = tmp_path / "not-pem.txt"  # readable, but no certificate or key in it
+    text.write_text("hello\n")
+    for name in [v for v in os.environ if v.startswith("INGEST_")]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value.format(text=text))
+    code, out, err = run_cli([a.format(text=text) for a in argv], capsys)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("simulate: error: ")
+    assert names in err
+    assert "Traceback" not in err
+
+
+def test_the_simulator_never_imports_the_daemons_decoding() -> None:
+    code = (
+        "import sys, simulators.cli, simulators._runner; "
+        "print(sorted(m for m in sys.modules if m.startswith(('ingest', 'asyncpg', 'aiomqtt'))))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert (
+        out.strip()
+        == "['ingest', 'ingest._version', 'ingest.mqtt', 'ingest.mqtt.wire', 'ingest.urls']"
+    )

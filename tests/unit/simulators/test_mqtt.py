@@ -1,23 +1,22 @@
-"""The simulator's MQTT 3.1.1 packet codec and broker URLs (no sockets)."""
+"""The simulator's MQTT 3.1.1 packets (the codec shared with the daemon, ingest/mqtt/wire.py),
+its connection protocol and its TLS context (no sockets)."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+from collections import deque
 
 import pytest
 
-from simulators._config import MqttUrl, parse_mqtt_url
-from simulators._errors import ConfigError
+from ingest.mqtt import wire
 from simulators._mqtt import (
     Connection,
     PacketReader,
     ProtocolError,
     connect_packet,
     publish_packet,
-    read_varint,
     topic_field,
-    varint,
 )
 
 # MQTT 3.1.1, table 2.4: remaining length boundaries.
@@ -34,17 +33,27 @@ VARINTS = [
 
 
 @pytest.mark.parametrize(("n", "encoded"), VARINTS)
-def test_remaining_length(n: int, encoded: bytes) -> None:
-    assert varint(n) == encoded
-    assert read_varint(encoded + b"rest", 0) == (n, len(encoded))
-    assert read_varint(encoded[:-1], 0) is None
+def test_remaining_length_encodes_as_the_daemon_reads_it(n: int, encoded: bytes) -> None:
+    assert wire.encode_varint(n) == encoded
+    buf = bytearray(encoded + b"rest")
+    assert wire.read_varint(buf, 0, len(buf)) == (n, len(encoded))
+    assert wire.read_varint(bytearray(encoded[:-1]), 0, len(encoded) - 1)[0] == -1
+
+
+def test_every_short_length_round_trips() -> None:
+    for n in range(0, 40_000, 7):
+        buf = bytearray(wire.encode_varint(n))
+        assert wire.read_varint(buf, 0, len(buf)) == (n, len(buf))
 
 
 def test_remaining_length_limits() -> None:
     with pytest.raises(ValueError):
-        varint(268_435_456)
+        wire.encode_varint(268_435_456)
+    with pytest.raises(ValueError):
+        wire.encode_varint(-1)
     with pytest.raises(ProtocolError):
-        read_varint(b"\xff\xff\xff\xff\x01", 0)
+        PacketReader().feed(b"\x40\xff\xff\xff\xff\x01")
+    assert PacketReader().feed(b"\x40\xff\xff\xff") == []  # not known yet: wait
 
 
 def test_connect_packet() -> None:
@@ -53,9 +62,10 @@ def test_connect_packet() -> None:
     assert packet[9] == 0xC2  # user name, password, clean session
     assert packet.endswith(b"\x00\x02c1\x00\x01u\x00\x04p@ss")
     assert packet[1] == len(packet) - 2
+    assert connect_packet("c1", keepalive=1, password="p")[9] == 0x02  # no password alone
 
 
-def test_publish_packets() -> None:
+def test_publish_packets_are_what_the_daemon_parses() -> None:
     topic = topic_field("devices/dev-00001/telemetry")
     assert topic[:2] == (27).to_bytes(2, "big")
     qos0 = publish_packet(topic, b'{"x":1}')
@@ -63,8 +73,15 @@ def test_publish_packets() -> None:
     qos1 = publish_packet(topic, b'{"x":1}', 0x1234)
     assert qos1 == b"\x32" + bytes((len(topic) + 9,)) + topic + b"\x12\x34" + b'{"x":1}'
     big = publish_packet(topic, b"x" * 20_000, 1)
-    length, start = read_varint(big, 1) or (0, 0)
-    assert length == len(big) - start == len(topic) + 2 + 20_000
+    buf = bytearray(qos0 + qos1 + big)
+    out: deque[wire.Inbound] = deque()
+    taken = wire.take_publishes(buf, False, out, 10, 1 << 20)
+    assert taken == len(buf)
+    assert [(t, p, q, m) for t, p, q, m, _size in out] == [
+        ("devices/dev-00001/telemetry", b'{"x":1}', 0, 0),
+        ("devices/dev-00001/telemetry", b'{"x":1}', 1, 0x1234),
+        ("devices/dev-00001/telemetry", b"x" * 20_000, 1, 1),
+    ]
 
 
 def test_topics_are_utf8() -> None:
@@ -73,7 +90,7 @@ def test_topics_are_utf8() -> None:
 
 def test_packet_reader_reassembles_packets_split_anywhere() -> None:
     stream = b"\x20\x02\x00\x00" + b"\x40\x02\x00\x01" + b"\xd0\x00" + b"\x40\x02\xff\xff"
-    stream += b"\x30" + varint(300) + b"y" * 300
+    stream += b"\x30" + wire.encode_varint(300) + b"y" * 300
     expected = [
         (0x20, b"\x00\x00"),
         (0x40, b"\x00\x01"),
@@ -87,28 +104,6 @@ def test_packet_reader_reassembles_packets_split_anywhere() -> None:
         assert reader.feed(stream[:cut]) + reader.feed(stream[cut:]) == expected
     reader = PacketReader()
     assert [p for byte in stream for p in reader.feed(bytes((byte,)))] == expected
-
-
-def test_broker_urls() -> None:
-    assert parse_mqtt_url("mqtt://localhost") == MqttUrl("localhost", 1883, False, None, None)
-    assert parse_mqtt_url("mqtts://broker.example") == MqttUrl(
-        "broker.example", 8883, True, None, None
-    )
-    url = parse_mqtt_url("mqtt://us%40er:p%3Ass@127.0.0.1:1884/")
-    assert url == MqttUrl("127.0.0.1", 1884, False, "us@er", "p:ss")
-    assert url.redacted() == "mqtt://us@er:***@127.0.0.1:1884"
-    assert parse_mqtt_url("mqtt://[::1]:1999").redacted() == "mqtt://[::1]:1999"
-
-
-@pytest.mark.parametrize(
-    "bad",
-    ["http://localhost", "localhost:1883", "mqtt://", "mqtt://h:99999", "mqtt://h:0", "mqtt://h/x"],
-)
-def test_invalid_broker_urls_name_the_setting(bad: str) -> None:
-    with pytest.raises(ConfigError) as info:
-        parse_mqtt_url(bad, setting="INGEST_MQTT_URL")
-    assert info.value.setting == "INGEST_MQTT_URL"
-    assert str(info.value).startswith("INGEST_MQTT_URL: ")
 
 
 class FakeTransport(asyncio.Transport):
