@@ -13,14 +13,14 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 import anyio
 from anyio.streams.memory import MemoryObjectSendStream
 
 from ingest.flow.acker import Acker, Delivery
-from ingest.flow.pipeline import Pipeline, SourceFactory
+from ingest.flow.pipeline import BatchWriter, Pipeline, SourceFactory
 from ingest.flow.writer import WriteResult
 from ingest.formats.decode import TopicTemplate, decode
 from ingest.model import Decoded, Envelope, SourceStatistics
@@ -53,11 +53,12 @@ def ack_bytes(deliveries: Sequence[Delivery]) -> bytes:
     return out
 
 
-def unconnected_session(settings: Settings | None = None) -> MqttSession:
-    s = settings or Settings(mqtt_url="mqtt://127.0.0.1:1883")
+def session_for(settings: Settings) -> MqttSession:
+    """A session as the source opens it for ``settings`` (same client id: same broker session)."""
+    s = settings
     return MqttSession(
         s.mqtt_endpoint(),
-        client_id="contract-test",
+        client_id=s.client_id,
         protocol=s.mqtt_protocol,
         keepalive=s.mqtt_keepalive,
         receive_maximum=s.mqtt_inflight,
@@ -65,16 +66,23 @@ def unconnected_session(settings: Settings | None = None) -> MqttSession:
     )
 
 
+def unconnected_session() -> MqttSession:
+    return session_for(Settings(mqtt_url="mqtt://127.0.0.1:1883", client_id="contract-test"))
+
+
 def wire(session: MqttSession) -> bytes:
     """Every byte queued for the broker on ``session``, in the order paho would write them."""
     return b"".join(bytes(p["packet"]) for p in session._paho._out_packet)
 
 
-def delivery(session: MqttSession, mid: int, *, qos: int = 1, seq: int | None = None) -> Delivery:
-    """Message ``seq`` (default: ``mid``) of device ``dev-1``, received on ``session``."""
+def delivery(
+    session: MqttSession, mid: int, *, qos: int = 1, seq: int | None = None, t: float = 20.5
+) -> Delivery:
+    """Message ``seq`` (default: ``mid``) of device ``dev-1``, received on ``session``: two
+    readings, ``seq`` and ``t``, at a timestamp that ``seq`` determines."""
     seq = mid if seq is None else seq
     topic = TEMPLATE.replace("{device_id}", "dev-1")
-    payload = json.dumps({"ts": 1_700_000_000_000 + seq, "seq": seq, "t": 20.5}).encode()
+    payload = json.dumps({"ts": 1_700_000_000_000 + seq, "seq": seq, "t": t}).encode()
     now = datetime.now(UTC)
     result = decode(topic, payload, now, TopicTemplate(TEMPLATE))
     return Delivery(Envelope(topic, payload, now, result), session, mid, qos)
@@ -166,7 +174,13 @@ class HandWriter:
         return sorted(self.calls, key=lambda c: c.first_seq)
 
 
-def pipeline(items: Sequence[Delivery], writer: HandWriter, *, concurrency: int = 1) -> Pipeline:
+def pipeline(
+    items: Sequence[Delivery],
+    writer: BatchWriter,
+    *,
+    concurrency: int = 1,
+    settings: Settings | None = None,
+) -> Pipeline:
     """A pipeline over ``items``, cut into ``concurrency`` batches written at once.
 
     The in-flight window is ``len(items)``: once they are all in hand nothing more can come, so
@@ -174,7 +188,8 @@ def pipeline(items: Sequence[Delivery], writer: HandWriter, *, concurrency: int 
     ``len(items) // concurrency`` messages.
     """
     window = len(items)
-    settings = Settings(
+    settings = replace(
+        settings or Settings(),
         db_pool_size=concurrency,
         mqtt_inflight=window,
         channel_capacity=max(len(items), 1),
@@ -182,3 +197,20 @@ def pipeline(items: Sequence[Delivery], writer: HandWriter, *, concurrency: int 
         batch_max_delay=60.0,
     )
     return Pipeline(settings, writer, source=FeedSource.factory(items), log=LOG)
+
+
+async def run_to_end(p: Pipeline) -> None:
+    """Run ``p`` until everything it was fed is written and acknowledged: a :class:`FeedSource`
+    hands on all its items before it looks at ``stop_reading``, and the pipeline drains them."""
+    with anyio.fail_after(60):  # a guard against a hang, not a timing assertion
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(p.run)
+            p.stop_reading()
+
+
+def bad_delivery(session: MqttSession, mid: int, payload: bytes = b"{not json") -> Delivery:
+    """A message of device ``dev-1`` that does not decode (a dead letter ``not_json``)."""
+    topic = TEMPLATE.replace("{device_id}", "dev-1")
+    now = datetime.now(UTC)
+    result = decode(topic, payload, now, TopicTemplate(TEMPLATE))
+    return Delivery(Envelope(topic, payload, now, result), session, mid, 1)
