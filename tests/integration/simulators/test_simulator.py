@@ -9,23 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import signal
-import socket
-import subprocess
 import sys
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import aiomqtt
 import pytest
 
+from ingest.devservers import free_port
+from ingest.devservers.throwaway import MosquittoFactory
 from simulators import BAD_KINDS, ConnectError, SimulatorConfig, simulate
 from simulators._config import MqttUrl, parse_mqtt_url
 
@@ -295,9 +293,7 @@ def test_runs_until_interrupted_then_reports(mqtt_url: str) -> None:
 
 
 def test_an_unreachable_broker_fails_quickly_with_a_clear_error() -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # nothing listens here once closed
+    port = free_port()  # nothing listens there
     config = SimulatorConfig(
         mqtt_url=f"mqtt://127.0.0.1:{port}", devices=2, count=1, connect_timeout=1.0
     )
@@ -308,55 +304,12 @@ def test_an_unreachable_broker_fails_quickly_with_a_clear_error() -> None:
     assert f"127.0.0.1:{port}" in str(info.value)
 
 
-# -- a broker of our own, to restart ---------------------------------------------------------
-
-
-class Mosquitto:
-    def __init__(self, directory: Path) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.conf = directory / "mosquitto.conf"
-        self.conf.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-        )
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            ["mosquitto", "-c", str(self.conf)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10.0
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
-                return
-            except OSError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise
-                time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10.0)
-
-
-@pytest.fixture
-def own_broker(tmp_path: Path) -> Iterator[Mosquitto]:
-    if shutil.which("mosquitto") is None:
-        pytest.skip("mosquitto is not installed")
-    broker = Mosquitto(tmp_path)
-    broker.start()
-    yield broker
-    broker.stop()
-
-
-def test_survives_a_broker_restart_and_counts_what_failed(own_broker: Mosquitto) -> None:
+def test_survives_a_broker_restart_and_counts_what_failed(
+    mosquitto_factory: MosquittoFactory,
+) -> None:
+    own_broker = mosquitto_factory()
     prefix = new_prefix()
-    url = f"mqtt://127.0.0.1:{own_broker.port}"
+    url = own_broker.url
 
     async def scenario() -> tuple[int, dict[str, Any], int]:
         async with subscribed(parse_mqtt_url(url), prefix) as sub:
