@@ -395,9 +395,13 @@ def _nested(
 
     Iterative (explicit stack) so that nesting depth cannot exhaust Python's recursion limit.
     Names stop growing past 128 characters: whatever is below is an error if it is a reading.
+    A 1 MiB payload may hold some 50,000 small objects: the loop is kept lean.
     """
     skipped = 0
+    room = cap - len(out)
     seen: set[str] = set()
+    add = seen.add
+    append = out.append
     stack: list[tuple[str | None, Any]] = [(None, iter(obj.items()))]
     while stack:
         prefix, items = stack[-1]
@@ -414,10 +418,11 @@ def _nested(
             if kind is dict and value:
                 stack.append((name, iter(value.items())))
                 break
-            if len(name) <= _MAX_NAME:
+            short = len(name) <= _MAX_NAME
+            if short:
                 if name in seen:
                     return DecodeError("duplicate_metric", f"two fields flatten to {_show(name)}")
-                seen.add(name)
+                add(name)
             if kind is float:
                 pass
             elif kind is int:
@@ -427,11 +432,12 @@ def _nested(
             else:
                 skipped += 1
                 continue
-            if _bad_name(name):
+            if not short or not name or (not name.isprintable() and _bad_name(name)):
                 return DecodeError("bad_metric", f"metric {_show(name)}: {_name_fault(name)}")
-            if len(out) >= cap:
+            if not room:
                 return _too_many(f"more than {cap} readings", cap)
-            out.append(build(Reading, (device_id, name, ts, value)))
+            room -= 1
+            append(build(Reading, (device_id, name, ts, value)))
         else:
             stack.pop()
     return skipped
@@ -591,13 +597,16 @@ def _loads_strict(payload: bytes, error: orjson.JSONDecodeError) -> Any:
         text = payload.decode("utf-8")
     except UnicodeDecodeError as exc:
         return DecodeError("invalid_utf8", f"not UTF-8: {exc.reason} at byte {exc.start}")
+    # Checking every object's keys costs more than the parse itself: only when a surrogate
+    # escape is there to be found.
+    pairs_hook = _object_pairs if b"\\ud" in payload or b"\\uD" in payload else None
     try:
         return _json.loads(
             text,
             parse_float=_parse_float,
             parse_int=_parse_int,
             parse_constant=_reject_constant,
-            object_pairs_hook=_object_pairs,
+            object_pairs_hook=pairs_hook,
         )
     except RecursionError:
         return DecodeError("not_json", "not JSON: nested too deep")
