@@ -11,9 +11,15 @@ The migrations make both tables partitioned by time with a default partition. Th
 - :func:`apply_retention` drops the partitions wholly older than the retention
   (``INGEST_RETENTION`` for ``readings``, ``INGEST_ROLLUP_RETENTION`` for ``readings_1m``,
   usually longer) and deletes the expired rows the default partitions hold, and those of the
-  small ``readings_fleet_1m`` (rollup retention). ``devices`` and
-  ``latest_readings`` are never pruned: a device that went silent stays visible as silent.
-- :func:`maintain` runs both once at start and then every hour, for the daemon.
+  small ``readings_fleet_1m`` (rollup retention).
+- :func:`prune` deletes dead letters older than ``INGEST_DEAD_LETTER_RETENTION``, and the
+  ``devices`` and ``latest_readings`` rows of devices unseen for longer than
+  ``INGEST_RETENTION`` (a device that went silent stays visible as silent until then).
+- :func:`maintain` runs them once at start and then every hour, for the daemon.
+
+The daemon may run as an ``ingest_writer`` login, which may not issue DDL: partitions are
+created and dropped by owner-defined ``SECURITY DEFINER`` functions (migrations/0005_roles.sql),
+called here.
 
 Several instances may run this at once: every change happens under one transaction-level
 advisory lock, and with a short ``lock_timeout`` so that a long query holding the parent never
@@ -30,9 +36,10 @@ from typing import Literal
 import anyio
 import asyncpg
 
+from ingest.db.dashboard import describe_error
 from ingest.settings import Settings, parse_retention
 
-__all__ = ["apply_retention", "ensure_partitions", "maintain", "run_once"]
+__all__ = ["Pruned", "apply_retention", "ensure_partitions", "maintain", "prune", "run_once"]
 
 #: Seconds between two maintenance rounds, and after a failed one.
 MAINTAIN_INTERVAL = 3600.0
@@ -46,15 +53,11 @@ _LOCK_TIMEOUT = "5s"
 
 @dataclass(frozen=True, slots=True)
 class _Table:
-    parent: str
-    column: str
-    unit: Literal["day", "month"]
-    prefix: str
-    storage: str = ""
+    """A table partitioned by time; names and storage of its partitions are fixed by
+    ``ingest_create_partition`` (migrations/0005_roles.sql)."""
 
-    def name(self, start: date) -> str:
-        stamp = start.strftime("%Y%m%d" if self.unit == "day" else "%Y%m")
-        return f"{self.prefix}{stamp}"
+    parent: str
+    unit: Literal["day", "month"]
 
     def ranges(self, first: date, last: date) -> list[tuple[date, date]]:
         """The partition ranges [start, end) that cover the days ``first`` to ``last``."""
@@ -67,9 +70,8 @@ class _Table:
         return out
 
 
-READINGS = _Table("readings", "ts", "day", "readings_p")
-# Rollup rows are updated by every batch of their minute: room on the page for HOT updates.
-ROLLUPS = _Table("readings_1m", "bucket", "month", "readings_1m_p", " WITH (fillfactor = 70)")
+READINGS = _Table("readings", "day")
+ROLLUPS = _Table("readings_1m", "month")
 
 # Bounds of the partitions of a table, as the server reads its own bound expressions back
 # (so the session's TimeZone and DateStyle do not matter). NULL stands for MINVALUE/MAXVALUE.
@@ -83,10 +85,6 @@ _BOUNDS_SQL = r"""
                                     '^FOR VALUES FROM \((.+)\) TO \((.+)\)$') AS b
     WHERE i.inhparent = $1::text::regclass AND b IS NOT NULL
     ORDER BY lo NULLS FIRST
-"""
-_DEFAULT_SQL = """
-    SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
-    WHERE i.inhparent = $1::text::regclass AND pg_get_expr(c.relpartbound, c.oid) = 'DEFAULT'
 """
 
 
@@ -115,14 +113,17 @@ async def ensure_partitions(
         async with conn.transaction():
             await _lock(conn)
             existing = await _partitions(conn, table)
-            default = await conn.fetchval(_DEFAULT_SQL, table.parent)
             for start, end in table.ranges(first, last):
                 lo, hi = _midnight(start), _midnight(end)
                 if any(p.overlaps(lo, hi) for p in existing):
                     continue
-                await _create(conn, table, table.name(start), lo, hi, default)
-                existing.append(_Partition(table.name(start), lo, hi))
-                created.append(table.name(start))
+                # Owner-defined (migrations/0005_roles.sql): an ingest_writer may not do DDL.
+                name = await conn.fetchval(
+                    "SELECT ingest_create_partition($1::text::regclass, $2)", table.parent, lo
+                )
+                if name is not None:
+                    existing.append(_Partition(name, lo, hi))
+                    created.append(name)
     return created
 
 
@@ -143,46 +144,115 @@ async def apply_retention(
         cutoff = _utc(now) - keep
         async with conn.transaction():
             await _lock(conn)
-            for p in await _partitions(conn, table):
-                if p.hi is not None and p.hi <= cutoff:
-                    # Locks the parent exclusively, for as long as the drop takes (moments).
-                    await conn.execute(f"DROP TABLE {_ident(p.name)}")
-                    dropped.append(p.name)
-            default = await conn.fetchval(_DEFAULT_SQL, table.parent)
-            if default is not None:
-                await conn.execute(
-                    f"DELETE FROM {_ident(default)} WHERE {table.column} < $1", cutoff
-                )
+            # Owner-defined (migrations/0005_roles.sql): an ingest_writer may not do DDL.
+            rows = await conn.fetch(
+                "SELECT ingest_drop_expired($1::text::regclass, $2) AS name", table.parent, cutoff
+            )
+            dropped.extend(r["name"] for r in rows)
             if table is ROLLUPS:
                 # Metrics x minutes: small enough for a DELETE.
                 await conn.execute("DELETE FROM readings_fleet_1m WHERE bucket < $1", cutoff)
     return dropped
 
 
+@dataclass(frozen=True, slots=True)
+class Pruned:
+    """Rows :func:`prune` deleted: dead letters past their retention, devices (with their
+    latest values) unseen for longer than the raw retention, and set-aside dashboard batches
+    whose readings expired."""
+
+    dead_letters: int = 0
+    devices: int = 0
+    set_aside: int = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.dead_letters or self.devices or self.set_aside)
+
+
+#: Dead letters deleted per statement: a first run on a large table never holds one long
+#: transaction.
+DEAD_LETTER_CHUNK = 10_000
+_DELETE_DEAD_LETTERS = """
+    WITH gone AS (
+        DELETE FROM dead_letters WHERE id IN (
+            SELECT id FROM dead_letters WHERE received_at < $1 LIMIT $2
+        ) RETURNING 1
+    )
+    SELECT count(*) FROM gone
+"""
+# A device is gone once it has not been seen (last_seen, database time) for the raw retention:
+# none of its readings are left. A fold of a batch holding it, later, makes it anew.
+_PRUNE_DEVICES = """
+    WITH gone AS (DELETE FROM devices WHERE last_seen < $1 RETURNING device_id),
+    latest AS (DELETE FROM latest_readings l USING gone WHERE l.device_id = gone.device_id)
+    SELECT count(*) FROM gone
+"""
+_PRUNE_SET_ASIDE = """
+    WITH gone AS (DELETE FROM dashboard_failed WHERE max_ts < $1 RETURNING 1)
+    SELECT count(*) FROM gone
+"""
+
+
+async def prune(
+    conn: asyncpg.Connection[asyncpg.Record],
+    *,
+    retention: timedelta | None,
+    dead_letter_retention: timedelta | None,
+    now: datetime,
+) -> Pruned:
+    """Delete the dead letters received before ``now - dead_letter_retention``, and the
+    ``devices`` and ``latest_readings`` rows of devices last seen before ``now - retention``
+    (None: keep forever)."""
+    dead_letters = devices = set_aside = 0
+    if dead_letter_retention is not None:
+        cutoff = _utc(now) - dead_letter_retention
+        while True:
+            deleted = int(await conn.fetchval(_DELETE_DEAD_LETTERS, cutoff, DEAD_LETTER_CHUNK))
+            dead_letters += deleted
+            if deleted < DEAD_LETTER_CHUNK:
+                break
+    if retention is not None:
+        cutoff = _utc(now) - retention
+        async with conn.transaction():
+            devices = int(await conn.fetchval(_PRUNE_DEVICES, cutoff))
+            set_aside = int(await conn.fetchval(_PRUNE_SET_ASIDE, cutoff))
+    return Pruned(dead_letters, devices, set_aside)
+
+
+@dataclass(frozen=True, slots=True)
+class _Retention:
+    raw: timedelta | None
+    rollups: timedelta | None
+    dead_letters: timedelta | None
+
+    @classmethod
+    def of(cls, settings: Settings) -> _Retention:
+        return cls(
+            parse_retention(settings.retention),
+            parse_retention(settings.rollup_retention),
+            settings.dead_letter_retention,
+        )
+
+
 async def maintain(dsn: str | None, settings: Settings, log: logging.Logger) -> None:
-    """Run :func:`ensure_partitions` and :func:`apply_retention` now and then every hour,
-    forever (the daemon runs it as a task and cancels it at shutdown). A failed round (the
-    database away, a lock not granted in time) is logged and retried a minute later; it never
-    ends the task."""
-    retention = parse_retention(settings.retention)
-    rollup_retention = parse_retention(settings.rollup_retention)
+    """Run :func:`ensure_partitions`, :func:`apply_retention` and :func:`prune` now and then
+    every hour, forever (the daemon runs it as a task and cancels it at shutdown). A failed
+    round (the database away, a lock not granted in time) is logged and retried a minute
+    later; it never ends the task."""
+    keep = _Retention.of(settings)
     failures = 0
     while True:
         try:
             with anyio.fail_after(ROUND_TIMEOUT):
-                created, dropped = await _round(
-                    dsn, settings, retention=retention, rollup_retention=rollup_retention
-                )
+                created, dropped = await _round(dsn, settings, keep, log)
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             failures += 1
-            log_at = logging.WARNING if failures == 1 or failures % 10 == 0 else logging.DEBUG
-            log.log(
-                log_at,
-                "partition maintenance failed (%d in a row), retrying in %.0fs: %s: %s",
+            # Once a minute at most: every failure is worth a line.
+            log.warning(
+                "partition maintenance failed (%d in a row), retrying in %.0fs: %s",
                 failures,
                 RETRY_INTERVAL,
-                type(exc).__name__,
-                exc,
+                describe_error(exc),
             )
             await anyio.sleep(RETRY_INTERVAL)
             continue
@@ -194,25 +264,21 @@ async def maintain(dsn: str | None, settings: Settings, log: logging.Logger) -> 
         await anyio.sleep(MAINTAIN_INTERVAL)
 
 
-async def run_once(dsn: str | None, settings: Settings) -> tuple[list[str], list[str]]:
+async def run_once(
+    dsn: str | None, settings: Settings, log: logging.Logger | None = None
+) -> tuple[list[str], list[str]]:
     """One round of :func:`maintain` (partitions ahead, retention); the daemon runs it before
     it starts writing, so the first rows of a new installation never race the creation of
     their day's partition (rows routed to the default partition while it is being split
-    fail with a partition-constraint violation)."""
+    fail with a partition-constraint violation). Returns the partitions created and dropped;
+    what :func:`prune` deleted is logged on ``log``."""
     return await _round(
-        dsn,
-        settings,
-        retention=parse_retention(settings.retention),
-        rollup_retention=parse_retention(settings.rollup_retention),
+        dsn, settings, _Retention.of(settings), log or logging.getLogger("ingest.partitions")
     )
 
 
 async def _round(
-    dsn: str | None,
-    settings: Settings,
-    *,
-    retention: timedelta | None,
-    rollup_retention: timedelta | None,
+    dsn: str | None, settings: Settings, keep: _Retention, log: logging.Logger
 ) -> tuple[list[str], list[str]]:
     conn = await asyncpg.connect(
         dsn,
@@ -223,13 +289,24 @@ async def _round(
         now = datetime.now(UTC)
         created = await ensure_partitions(conn, days_ahead=settings.partition_days_ahead, now=now)
         dropped = await apply_retention(
-            conn, retention=retention, rollup_retention=rollup_retention, now=now
+            conn, retention=keep.raw, rollup_retention=keep.rollups, now=now
+        )
+        pruned = await prune(
+            conn, retention=keep.raw, dead_letter_retention=keep.dead_letters, now=now
         )
         await conn.close(timeout=settings.db_connect_timeout)
     except BaseException:
         # Cancelled, timed out or failed: do not wait on a server that may not answer.
         conn.terminate()
         raise
+    if pruned:
+        log.info(
+            "pruned (retention): %d dead letters, %d devices unseen with their latest values,"
+            " %d set-aside dashboard batches",
+            pruned.dead_letters,
+            pruned.devices,
+            pruned.set_aside,
+        )
     return created, dropped
 
 
@@ -241,37 +318,6 @@ async def _lock(conn: asyncpg.Connection[asyncpg.Record]) -> None:
 async def _partitions(conn: asyncpg.Connection[asyncpg.Record], table: _Table) -> list[_Partition]:
     rows = await conn.fetch(_BOUNDS_SQL, table.parent)
     return [_Partition(r["name"], r["lo"], r["hi"]) for r in rows]
-
-
-async def _create(
-    conn: asyncpg.Connection[asyncpg.Record],
-    table: _Table,
-    name: str,
-    lo: datetime,
-    hi: datetime,
-    default: str | None,
-) -> None:
-    parent, ident = _ident(table.parent), _ident(name)
-    # Indexes are left out: ATTACH builds the parent's on the partition (after the move).
-    await conn.execute(
-        f"CREATE TABLE {ident} (LIKE {parent} INCLUDING DEFAULTS INCLUDING CONSTRAINTS)"
-        f"{table.storage}"
-    )
-    if default is not None:
-        # Writers that would route rows of this range to the default partition wait until
-        # commit, so none is left behind there (ATTACH would then fail).
-        await conn.execute(f"LOCK TABLE {_ident(default)} IN ACCESS EXCLUSIVE MODE")
-        await conn.execute(
-            f"WITH moved AS (DELETE FROM {_ident(default)}"
-            f" WHERE {table.column} >= $1 AND {table.column} < $2 RETURNING *)"
-            f" INSERT INTO {ident} SELECT * FROM moved",
-            lo,
-            hi,
-        )
-    await conn.execute(
-        f"ALTER TABLE {parent} ATTACH PARTITION {ident}"
-        f" FOR VALUES FROM ({_literal(lo)}) TO ({_literal(hi)})"
-    )
 
 
 def _utc(moment: datetime) -> datetime:
@@ -286,12 +332,3 @@ def _midnight(day: date) -> datetime:
 
 def _next_month(day: date) -> date:
     return date(day.year + day.month // 12, day.month % 12 + 1, 1)
-
-
-def _ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
-def _literal(moment: datetime) -> str:
-    # Bounds are DDL (no parameters): an ISO 8601 literal with its UTC offset.
-    return f"'{moment.isoformat()}'"
