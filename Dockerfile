@@ -7,14 +7,15 @@ FROM python:3.11-slim AS build
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
-# Only what the wheel is built from (see [tool.hatch.build] in pyproject.toml).
-COPY pyproject.toml README.md ./
+# Only what the wheel is built from (see [tool.hatch.build] in pyproject.toml), and the
+# versions CI tested (constraints.txt).
+COPY pyproject.toml README.md constraints.txt ./
 COPY ingest/ ingest/
 COPY simulators/ simulators/
 COPY migrations/ migrations/
 # A virtualenv so the runtime stage copies one directory; no dev or test extras.
 RUN python -m venv /opt/venv \
-    && /opt/venv/bin/pip install .
+    && /opt/venv/bin/pip install -c constraints.txt .
 
 FROM python:3.11-slim
 ENV PATH=/opt/venv/bin:$PATH \
