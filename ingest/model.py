@@ -1,4 +1,4 @@
-"""Values that flow through the pipeline (see DESIGN.md §1).
+"""Values that flow through the pipeline (see docs/design.md, Data flow).
 
 They are plain tuples on purpose: a ``Reading`` is handed to asyncpg's binary COPY as it is,
 and millions of them are built per minute.

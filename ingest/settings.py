@@ -1,6 +1,6 @@
 """Settings: frozen, keyword-only, validated at construction.
 
-Precedence (DESIGN.md §2): command-line flags > ``INGEST_*`` environment variables > the
+Precedence (docs/design.md): command-line flags > ``INGEST_*`` environment variables > the
 optional TOML file given with ``--config``. Every field has one documented default.
 """
 

@@ -1,4 +1,4 @@
--- Contract tables (DESIGN.md §2 "Database"): names and columns are public.
+-- Contract tables (docs/design.md, Public contract, "Database"): names and columns are public.
 CREATE TABLE IF NOT EXISTS readings (
     device_id text             NOT NULL,
     metric    text             NOT NULL,

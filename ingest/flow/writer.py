@@ -1,4 +1,4 @@
-"""The writer: stores batches in PostgreSQL, one transaction per batch (DESIGN.md §1 point 5).
+"""The writer: stores batches in PostgreSQL, one transaction per batch (docs/design.md, stage 5).
 
 Contract of :meth:`Writer.write`:
 

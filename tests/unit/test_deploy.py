@@ -30,7 +30,7 @@ DASHBOARD_PROVIDERS = GRAFANA / "provisioning" / "dashboards" / "dashboards.yml"
 DASHBOARD = GRAFANA / "dashboards" / "iot-ingest.json"
 POSTGRES_INITDB = ROOT / "deploy" / "postgres" / "initdb"
 
-# DESIGN.md §2 "Configuration" and the observability issue: the names the daemon reads.
+# README "Configuration" (docs/design.md, Public contract): the names the daemon reads.
 DOCUMENTED_ENV = frozenset(
     {
         "INGEST_DATABASE_URL",
@@ -50,7 +50,7 @@ COMPOSE_VARIABLES = frozenset(
 SHUTDOWN_TIMEOUT_S = 30.0
 METRICS_PORT = 9600
 
-# DESIGN.md §2 "Database" and the dashboard issue: the tables and columns panels may use.
+# README "Database schema" (docs/design.md, Public contract): what panels may use.
 SCHEMA: dict[str, frozenset[str]] = {
     "readings": frozenset({"device_id", "metric", "ts", "value"}),
     "dead_letters": frozenset({"id", "received_at", "topic", "payload", "error", "reason"}),

@@ -79,7 +79,7 @@ def test_classify(exc: BaseException, expected: ErrorClass) -> None:
 
 
 def test_client_data_error_is_an_interface_error_but_never_transient() -> None:
-    # The trap DESIGN.md §3 warns about: asyncpg's client-side DataError subclasses
+    # The trap docs/design.md warns about: asyncpg's client-side DataError subclasses
     # InterfaceError, even when its message mentions a closed connection.
     exc = ClientDataError("connection is closed? no: invalid input for query argument")
     assert isinstance(exc, asyncpg.InterfaceError)

@@ -1,4 +1,4 @@
-"""The decode stage: payload contract (DESIGN.md §2 "Payloads") and topic templates."""
+"""The decode stage: payload contract (README "Payload format") and topic templates."""
 
 from __future__ import annotations
 
