@@ -23,8 +23,8 @@ Exit status: 0 when everything reconciles (no unexplained gaps; counts match the
 one is given), 1 when not (or the database cannot be read), 2 for configuration errors.
 
 The package: :mod:`.window` (the time arguments), :mod:`.simulator_report` (what the simulator
-says it sent), :mod:`.queries` (the scans of the database), :mod:`.reconcile` (found against
-expected, pure), :mod:`.results` (what an audit found, as JSON), :mod:`.output` (the human
+says it sent), :mod:`.scan` (the three scans of the database, run at once) and :mod:`.queries`
+(their SQL), :mod:`.reconcile` (found against expected, pure), :mod:`.results` (what an audit found, as JSON), :mod:`.output` (the human
 table, progress on a terminal), :mod:`.cli` (the subcommand).
 """
 
@@ -32,9 +32,9 @@ from __future__ import annotations
 
 from ingest.tools.audit.cli import register
 from ingest.tools.audit.output import format_table
-from ingest.tools.audit.queries import audit
 from ingest.tools.audit.reconcile import Verdict, reconcile
 from ingest.tools.audit.results import AuditResult, DeviceAudit, SeqStats
+from ingest.tools.audit.scan import audit
 from ingest.tools.audit.simulator_report import DeviceExpectation, SimReport, load_report
 from ingest.tools.audit.window import parse_time
 

@@ -16,7 +16,7 @@ from ingest.errors import ConfigError
 from ingest.formats.decode import TopicTemplate
 from ingest.settings import Settings
 from ingest.tools.audit.output import format_table
-from ingest.tools.audit.queries import audit
+from ingest.tools.audit.scan import audit
 from ingest.tools.audit.simulator_report import SimReport, load_report
 from ingest.tools.audit.window import window
 
