@@ -16,23 +16,32 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
+import time
 from collections import Counter
-from collections.abc import Callable
 from datetime import UTC, datetime
 
 import aiomqtt
 import anyio
+import anyio.to_thread
 from anyio.streams.memory import MemoryObjectSendStream
 
 from ingest.backoff import Backoff
-from ingest.errors import DecodeError
+from ingest.errors import ConfigError, DecodeError
 from ingest.flow.acker import Acker, Delivery
-from ingest.formats.decode import TopicTemplate, decode
+from ingest.formats.decode import Limits, TopicTemplate, decode
 from ingest.model import Envelope, SourceStatistics, build
-from ingest.mqtt.session import MqttSession
+from ingest.mqtt.answers import explain
+from ingest.mqtt.session import Inbound, MqttSession
+from ingest.mqtt.tls import credentials, tls_context
 from ingest.settings import Settings
 
-__all__ = ["Source"]
+__all__ = ["STABLE_AFTER", "Source"]
+
+#: Seconds a connection must last before the reconnect backoff starts over. A broker that
+#: takes every connection away at once (another client with our id, credentials revoked after
+#: CONNACK) then meets a growing delay, not a reconnect every fraction of a second.
+STABLE_AFTER = 10.0
 
 
 class Source:
@@ -61,6 +70,14 @@ class Source:
         self.decode_errors: Counter[str] = Counter()
         self.connects = 0
         self.disconnects: Counter[str] = Counter()
+        self._limits = Limits.from_settings(settings)
+        endpoint = settings.mqtt_endpoint()
+        self._where = f"{endpoint.host}:{endpoint.port}"
+        self._backoff = Backoff(initial=0.2, maximum=settings.retry_max_delay)
+        self._failures = 0  # attempts since the last connection that lasted
+        self._connected_at: float | None = None
+        self._tls: ssl.SSLContext | None = None
+        self._tls_loaded = False
 
     @property
     def filter(self) -> str:
@@ -84,8 +101,9 @@ class Source:
             disconnects=dict(self.disconnects),
         )
 
-    def _new_session(self) -> MqttSession:
+    def _new_session(self, tls: ssl.SSLContext | None) -> MqttSession:
         s = self._settings
+        login = credentials(s)
         return MqttSession(
             s.mqtt_endpoint(),
             client_id=s.client_id,
@@ -93,96 +111,124 @@ class Source:
             keepalive=s.mqtt_keepalive,
             receive_maximum=s.mqtt_inflight,
             session_expiry=s.mqtt_session_expiry,
+            max_payload=s.max_payload_bytes,
+            username=login.username,
+            password=login.password,
+            tls_context=tls,
         )
 
     async def run(self, send: MemoryObjectSendStream[Delivery]) -> None:
-        endpoint = self._settings.mqtt_endpoint()
-        where = f"{endpoint.host}:{endpoint.port}"
-        backoff = Backoff(initial=0.2, maximum=self._settings.retry_max_delay)
-        failures = 0
         async with send:
             while not self._stopping:
-                session = self._new_session()
+                session = self._new_session(await self._tls_context())
                 self._session = session
                 try:
-                    async with session.client:
-                        suback = session.subscribe(self._filter, qos=1)
-
-                        def subscribed() -> None:
-                            nonlocal failures
-                            self.subscribed = True
-                            self.connects += 1
-                            self._log.info(
-                                "subscribed to %s at %s as %s (MQTT %s)%s",
-                                self._filter,
-                                where,
-                                self._settings.client_id,
-                                self._settings.mqtt_protocol,
-                                f" after {failures} failed attempts" if failures else "",
-                            )
-                            failures = 0
-                            backoff.reset()
-
-                        with anyio.CancelScope() as self._scope:
-                            if not self._stopping:
-                                await self._pump(session, send, suback, subscribed)
-                        self._scope = None
-                        # Stopping: let the pipeline drain and acknowledge on this connection.
-                        await send.aclose()
-                        await self._drained.wait()
-                        self._log.info("disconnecting from %s (session kept)", where)
+                    await self._connection(session, send)
                     return
                 except aiomqtt.MqttError as exc:
-                    self.subscribed = False
-                    session.closed = True
-                    reason = _reason(exc)
-                    if self.connects and failures == 0:
-                        self.disconnects[reason] += 1
-                    failures += 1
-                    delay = backoff.next_delay()
-                    # One line per attempt (attempts are spaced by the backoff), not a flood.
-                    self._log.warning(
-                        "MQTT broker %s unavailable (%s); attempt %d, retrying in %.1fs",
-                        where,
-                        exc,
-                        failures,
-                        delay,
-                    )
-                    if len(session.inbox):
-                        # Not acknowledged: the broker redelivers them on the next connection.
-                        self._log.info(
-                            "dropped %d unacknowledged messages of the lost connection "
-                            "(the broker redelivers them)",
-                            len(session.inbox),
-                        )
-                        session.inbox.clear()
-                    with anyio.CancelScope() as self._scope:
-                        if not self._stopping:
-                            await anyio.sleep(delay)
-                    self._scope = None
+                    await self._retry_after(session, exc)
                 finally:
                     session.closed = True
                     self.subscribed = False
+
+    async def _tls_context(self) -> ssl.SSLContext | None:
+        """Read the TLS files again for each connection (renewed certificates are picked up);
+        in a worker thread, since it reads files. At start-up a file that cannot be used is a
+        configuration error; later the previous context is kept and the problem logged."""
+        try:
+            self._tls = await anyio.to_thread.run_sync(tls_context, self._settings)
+        except ConfigError as exc:
+            if not self._tls_loaded:
+                raise
+            self._log.error("%s; connecting with the files read before", exc)
+        self._tls_loaded = True
+        return self._tls
+
+    async def _connection(
+        self, session: MqttSession, send: MemoryObjectSendStream[Delivery]
+    ) -> None:
+        """One connection, from CONNACK to the drain on stopping (the session is kept)."""
+        async with session.client:
+            self._connected_at = time.monotonic()
+            suback = session.subscribe(self._filter, qos=1)
+            with anyio.CancelScope() as self._scope:
+                if not self._stopping:
+                    await self._pump(session, send, suback)
+            self._scope = None
+            # Stopping: let the pipeline drain and acknowledge on this connection.
+            await send.aclose()
+            await self._drained.wait()
+            self._log.info("disconnecting from %s (session kept)", self._where)
+
+    def _on_subscribed(self) -> None:
+        self.subscribed = True
+        self.connects += 1
+        self._log.info(
+            "subscribed to %s at %s as %s (MQTT %s)%s",
+            self._filter,
+            self._where,
+            self._settings.client_id,
+            self._settings.mqtt_protocol,
+            f" after {self._failures} failed attempts" if self._failures else "",
+        )
+
+    async def _retry_after(self, session: MqttSession, exc: aiomqtt.MqttError) -> None:
+        """Name what went wrong, count it, and wait (capped, jittered backoff). The backoff
+        restarts only after a connection that lasted: one taken away at once (another client
+        with our id, credentials revoked after CONNACK) must not turn into a reconnect loop."""
+        self.subscribed = False
+        session.closed = True
+        lasted = None if self._connected_at is None else time.monotonic() - self._connected_at
+        self._connected_at = None
+        if lasted is not None and lasted >= STABLE_AFTER:
+            self._backoff.reset()
+            self._failures = 0
+        answer = explain(
+            exc,
+            client_id=self._settings.client_id,
+            lost_soon=lasted is not None and lasted < STABLE_AFTER,
+        )
+        if lasted is not None or answer.cause in ("not_authorized", "tls"):
+            self.disconnects[answer.cause] += 1
+        self._failures += 1
+        delay = self._backoff.next_delay()
+        # One line per attempt (attempts are spaced by the backoff), not a flood.
+        self._log.log(
+            logging.ERROR if answer.cause in ("not_authorized", "tls") else logging.WARNING,
+            "MQTT broker %s: %s; attempt %d, retrying in %.1fs",
+            self._where,
+            answer.text,
+            self._failures,
+            delay,
+        )
+        if len(session.inbox):
+            # Not acknowledged: the broker redelivers them on the next connection.
+            self._log.info(
+                "dropped %d unacknowledged messages of the lost connection "
+                "(the broker redelivers them)",
+                len(session.inbox),
+            )
+            session.inbox.clear()
+        with anyio.CancelScope() as self._scope:
+            if not self._stopping:
+                await anyio.sleep(delay)
+        self._scope = None
 
     async def _pump(
         self,
         session: MqttSession,
         send: MemoryObjectSendStream[Delivery],
         suback: asyncio.Future[None],
-        on_subscribed: Callable[[], None],
     ) -> None:
         """Decode and hand on messages. Reading starts before the SUBACK: a resumed session's
         backlog may arrive first, and it belongs to us."""
         inbox = session.inbox
-        template = self._template
-        acker = self._acker
-        decode_errors = self.decode_errors
         pending: asyncio.Future[None] | None = suback
         while True:
             if pending is not None and pending.done():
                 pending.result()  # raises MqttError when the broker refused the subscription
                 pending = None
-                on_subscribed()
+                self._on_subscribed()
             if not inbox:
                 await session.wait_inbox(pending)
                 continue
@@ -190,38 +236,33 @@ class Source:
             while inbox:
                 if pending is not None and pending.done():
                     break  # the SUBACK: report it now, not once a long backlog is drained
-                topic, payload, qos, mid = inbox.popleft()
-                if session.paused:
-                    session.resume_if_drained()
-                result = decode(topic, payload, received_at, template)
-                if isinstance(result, DecodeError):
-                    decode_errors[result.reason] += 1
-                else:
-                    self.fields_skipped += result.skipped
-                delivery = build(
-                    Delivery,
-                    (
-                        build(Envelope, (topic, payload, received_at, result, None)),
-                        session,
-                        mid,
-                        qos,
-                    ),
-                )
+                delivery = self._delivery(session, inbox.popleft(), received_at)
                 self.received += 1
-                acker.received()
+                self._acker.received()
                 try:
                     send.send_nowait(delivery)
                 except anyio.WouldBlock:
                     await send.send(delivery)  # backpressure: stop reading until there is room
                     received_at = datetime.now(UTC)
 
-
-def _reason(exc: BaseException) -> str:
-    text = str(exc).lower()
-    if "refused" in text or "not authori" in text:
-        return "refused"
-    if "timed out" in text or "timeout" in text:
-        return "timeout"
-    if "disconnected" in text:
-        return "disconnected"
-    return "error"
+    def _delivery(self, session: MqttSession, message: Inbound, received_at: datetime) -> Delivery:
+        topic, payload, qos, mid, size = message
+        if session.paused:
+            session.resume_if_drained()
+        if size is None:
+            result = decode(topic, payload, received_at, self._template, limits=self._limits)
+            if isinstance(result, DecodeError):
+                self.decode_errors[result.reason] += 1
+            else:
+                self.fields_skipped += result.skipped
+        else:  # over the limit: the session kept only its start; never decoded
+            result = DecodeError(
+                "too_large",
+                f"payload of {size} bytes is over INGEST_MAX_PAYLOAD_BYTES "
+                f"({self._settings.max_payload_bytes}); its first {len(payload)} bytes kept",
+            )
+            self.decode_errors["too_large"] += 1
+        return build(
+            Delivery,
+            (build(Envelope, (topic, payload, received_at, result, size)), session, mid, qos),
+        )

@@ -15,7 +15,12 @@ aiomqtt has no public API for manual acknowledgement, so this adapter:
 * parses the QoS 0/1 PUBLISH packets in that buffer itself (``take_publishes``): paho builds an
   ``MQTTMessage``, logs, and matches the topic against its callback table for each one, which
   was over a third of a worker's CPU. Every other packet (CONNACK, SUBACK, PINGRESP, QoS 2, a
-  packet split across reads, anything unusual) is still read and handled by paho;
+  packet split across reads, anything unusual) is still read and handled by paho, one packet
+  at a time and only once the reader has looked at its fixed header;
+* never holds a PUBLISH over the payload limit whole: once its fixed header shows a remaining
+  length over ``max_payload``, the reader takes it piece by piece as it arrives
+  (``PartialPublish``), keeps its topic, packet id and first 64 KiB, counts the rest, and puts
+  it in the inbox with its full size. paho never sees it (docs/design.md, Limits);
 * sends the PUBACKs of a batch as one write (``ack_many``): paho would queue each one, wake the
   loop and issue a ``send`` per acknowledgement;
 * bounds the inbox itself. The broker's in-flight window is meant to bound it, but Mosquitto
@@ -25,6 +30,11 @@ aiomqtt has no public API for manual acknowledgement, so this adapter:
   TCP flow control holds the backlog at the broker; we read again at half. While we are not
   reading on purpose, paho's keepalive timer is held (it would take the PINGRESP we do not read
   for a dead link); a dead link is noticed as soon as we read again.
+
+Every private attribute used here is listed in ``ingest.mqtt.guard`` and checked on each new
+client; the versions are pinned in pyproject.toml. If aiomqtt ever re-registers its own socket
+reader after ours, paho would be read behind the fast path's back: the reader notices and stops
+the daemon with a ``FatalError`` rather than running silently slower.
 
 Keep this module small: it is what has to change when aiomqtt grows a public manual-ack API.
 """
@@ -36,22 +46,47 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiomqtt
 import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from ingest.mqtt.wire import Inbound, take_publishes
+from ingest.errors import FatalError
+from ingest.mqtt.guard import TESTED_VERSIONS, check_internals
+from ingest.mqtt.wire import (
+    Inbound,
+    MalformedPublish,
+    PartialPublish,
+    oversized_publish,
+    read_varint,
+    take_publishes,
+)
 from ingest.settings import MqttEndpoint
 
-__all__ = ["Inbound", "MqttSession"]
+__all__ = ["Inbound", "MqttSession", "SessionStatistics"]
 
 _READ_SIZE = 65536
 # Buffer refills (of up to _READ_SIZE bytes) handled per event-loop callback before yielding.
 _ROUNDS_PER_CALLBACK = 8
 _PUBACK_HEAD = bytes((0x40, 0x02))
+# What is kept of a payload over the limit (docs/design.md, Limits: dead letter too_large).
+_KEEP_OF_OVERSIZED = 65536
+_DEFAULT_MAX_PAYLOAD = 1048576  # Settings.max_payload_bytes' default, for callers that omit it
+_READER_REPLACED = (
+    "MQTT client library internals changed: paho read the socket outside this adapter's reader "
+    "(aiomqtt registered its own reader after ours); tested with "
+    + ", ".join(f"{name}=={version}" for name, version in TESTED_VERSIONS.items())
+)
+
+
+class SessionStatistics(NamedTuple):
+    """How the messages of one connection were read."""
+
+    fast_path: int  # PUBLISH packets parsed from the read buffer by take_publishes
+    paho_path: int  # delivered by paho's on_message (split packets, QoS 2, the unusual)
+    too_large: int  # over the payload limit: read in pieces, kept in part
 
 
 class MqttSession:
@@ -66,7 +101,16 @@ class MqttSession:
         keepalive: int,
         receive_maximum: int,
         session_expiry: int,
+        max_payload: int = _DEFAULT_MAX_PAYLOAD,
+        username: str | None = None,
+        password: str | None = None,
+        tls_context: ssl.SSLContext | None = None,
     ) -> None:
+        """``username``/``password`` override the endpoint's. ``tls_context`` (built by
+        ``ingest.mqtt.tls``) is used for an ``mqtts://`` endpoint; without one, the system's
+        trust store verifies the broker: there is no unverified connection."""
+        if endpoint.tls and tls_context is None:
+            tls_context = ssl.create_default_context()
         v5 = protocol == "5"
         properties: Properties | None = None
         if v5:
@@ -78,17 +122,18 @@ class MqttSession:
         self.client = aiomqtt.Client(
             endpoint.host,
             endpoint.port,
-            username=endpoint.username,
-            password=endpoint.password,
+            username=username if username is not None else endpoint.username,
+            password=password if password is not None else endpoint.password,
             identifier=client_id,
             protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
             clean_session=None if v5 else False,
             clean_start=False if v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
             keepalive=keepalive,
             properties=properties,
-            tls_context=ssl.create_default_context() if endpoint.tls else None,
+            tls_context=tls_context if endpoint.tls else None,
             timeout=10,
         )
+        check_internals(self.client)
         self._paho: paho.Client = self.client._client
         self._paho.manual_ack_set(True)
         self._paho.on_message = self._on_message
@@ -99,6 +144,15 @@ class MqttSession:
         self._aiomqtt_socket_open = self._paho.on_socket_open
         self._paho.on_socket_open = self._on_socket_open
         self._v5 = v5
+        self._max_payload = max_payload
+        self._partial: PartialPublish | None = None
+        # Set once the reader has looked at the fixed header of the packet paho may read next.
+        self._vetted = False
+        self._reading = False  # inside our reader callback
+        self._reader_installed = False
+        self.fast_path = 0
+        self.paho_path = 0
+        self.too_large = 0
         self._high = max(receive_maximum, 1)
         self._low = self._high // 2
         self.paused = False
@@ -109,8 +163,127 @@ class MqttSession:
         self.closed = False
 
     # -- reading ----------------------------------------------------------------------------
+    #
+    # Our reader fills the buffer from the socket; between packets it looks first: the fast
+    # path takes the complete QoS 0/1 PUBLISH packets, a PUBLISH over the limit is read in
+    # pieces, and only then may paho read one packet (``_vetted``) through ``_buffered_recv``.
+
+    def _readable(self) -> None:
+        self._reading = True
+        try:
+            for _ in range(_ROUNDS_PER_CALLBACK):
+                if not self._read_round():
+                    return
+            # Still buffered: continue on the next loop iteration so other tasks get a turn.
+            self.client._loop.call_soon(self._readable)
+        except Exception as exc:  # same contract as aiomqtt's reader: the connection is dead
+            disconnected = self.client._disconnected
+            if not disconnected.done():
+                disconnected.set_exception(exc)
+        finally:
+            self._reading = False
+
+    def _read_round(self) -> bool:
+        """One step; False when this callback has nothing more to do (the socket has nothing
+        now, reading is paused, or the connection is gone)."""
+        if self._paho._in_packet["command"] != 0:
+            return self._paho_read()  # paho is inside a packet it was allowed to start
+        if self._partial is not None:
+            return self._feed_partial()
+        buf = self._rbuf
+        if buf:
+            self._take_fast()
+            if len(self.inbox) >= self._high:
+                self._pause()
+                return False
+        over = oversized_publish(buf, self._max_payload)
+        if over < 0:  # empty, or a PUBLISH whose fixed header is still incomplete
+            return self._fill()
+        if over > 0:
+            self._start_partial(over)
+            return True
+        self._vetted = True
+        return self._paho_read()
+
+    def _take_fast(self) -> None:
+        buf = self._rbuf
+        inbox = self.inbox
+        before = len(inbox)
+        used = take_publishes(buf, self._v5, inbox, self._high - before, self._max_payload)
+        if used:
+            del buf[:used]
+            self.fast_path += len(inbox) - before
+            self._wake()
+
+    def _paho_read(self) -> bool:
+        if self._paho.loop_read() != paho.MQTT_ERR_SUCCESS:
+            return False
+        if len(self.inbox) >= self._high:
+            self._pause()
+            return False
+        return bool(self._rbuf) or self._tls_pending()
+
+    def _fill(self) -> bool:
+        """Read the socket into the buffer; False when it has nothing now. At its end (or on
+        an error) paho reads it once more itself, to report the lost connection its own way."""
+        sock = self._paho._sock
+        if sock is None:
+            return False
+        try:
+            data = sock.recv(_READ_SIZE)
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return False
+        except OSError:
+            data = b""
+        if not data:
+            self._partial = None
+            self._vetted = True
+            self._paho.loop_read()
+            return False
+        self._rbuf += data
+        self._paho._last_bytes_received = time.monotonic()
+        return True
+
+    def _start_partial(self, length: int) -> None:
+        buf = self._rbuf
+        first = buf[0]
+        if (first >> 1) & 0x03 == 2:
+            # Subscribed at QoS 1, the broker downgrades: a QoS 2 one breaks the protocol.
+            raise MalformedPublish("QoS 2 PUBLISH on a QoS 1 subscription")
+        _, header_end = read_varint(buf, 1, len(buf))
+        del buf[:header_end]
+        self._partial = PartialPublish(
+            first, length, v5=self._v5, max_payload=self._max_payload, keep=_KEEP_OF_OVERSIZED
+        )
+
+    def _feed_partial(self) -> bool:
+        partial = self._partial
+        assert partial is not None
+        buf = self._rbuf
+        if not buf:
+            return self._fill()
+        del buf[: partial.feed(buf)]
+        if partial.done:
+            self._partial = None
+            message = partial.inbound()
+            if message[4] is not None:
+                self.too_large += 1
+            self.inbox.append(message)
+            self._wake()
+            if len(self.inbox) >= self._high:
+                self._pause()
+                return False
+        return True
 
     def _buffered_recv(self, bufsize: int) -> bytes:
+        """paho's socket reads, served from our buffer first."""
+        if self._paho._in_packet["command"] == 0:
+            # paho is about to start a packet: only the one our reader has looked at.
+            if not self._vetted:
+                if self._reader_installed and not self._reading:
+                    raise FatalError(_READER_REPLACED)
+                raise BlockingIOError
+            self._vetted = False
         buf = self._rbuf
         if not buf:
             sock = self._paho._sock
@@ -135,45 +308,18 @@ class MqttSession:
         # executor thread that connects).
         assert self._aiomqtt_socket_open is not None
         self._aiomqtt_socket_open(client, userdata, sock)
-        loop = self.client._loop
-        loop.call_soon_threadsafe(loop.add_reader, sock.fileno(), self._readable)
+        self.client._loop.call_soon_threadsafe(self._install_reader, sock.fileno())
+
+    def _install_reader(self, fileno: int) -> None:
+        self.client._loop.add_reader(fileno, self._readable)
+        self._reader_installed = True
 
     def _tls_pending(self) -> bool:
         sock = self._paho._sock
         return isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
 
-    def _readable(self) -> None:
-        client = self._paho
-        inbox = self.inbox
-        buf = self._rbuf
-        try:
-            for _ in range(_ROUNDS_PER_CALLBACK):
-                if buf and client._in_packet["command"] == 0:  # paho is between packets
-                    before = len(inbox)
-                    used = take_publishes(buf, self._v5, inbox, self._high - before)
-                    if used:
-                        del buf[:used]
-                        client._last_bytes_received = time.monotonic()
-                        self._wake()
-                if len(inbox) >= self._high:
-                    self._pause()
-                    return
-                # The packet the fast path left (or the next read from the socket, which
-                # fills the buffer): paho's.
-                rc = client.loop_read()
-                if rc != paho.MQTT_ERR_SUCCESS:
-                    return
-                if len(inbox) >= self._high:
-                    self._pause()
-                    return
-                if not buf and not self._tls_pending():
-                    return
-            # Still buffered: continue on the next loop iteration so other tasks get a turn.
-            self.client._loop.call_soon(self._readable)
-        except Exception as exc:  # same contract as aiomqtt's reader: the connection is dead
-            disconnected = self.client._disconnected
-            if not disconnected.done():
-                disconnected.set_exception(exc)
+    def statistics(self) -> SessionStatistics:
+        return SessionStatistics(self.fast_path, self.paho_path, self.too_large)
 
     # -- flow control -------------------------------------------------------------------------
 
@@ -214,7 +360,8 @@ class MqttSession:
         # The packets take_publishes leaves to paho. paho raises on a topic that is not UTF-8.
         raw_topic: bytes = msg._topic
         topic = raw_topic.decode("utf-8", "surrogateescape")
-        self.inbox.append((topic, bytes(msg.payload), msg.qos, msg.mid))
+        self.inbox.append((topic, bytes(msg.payload), msg.qos, msg.mid, None))
+        self.paho_path += 1
         self._wake()
 
     def _wake(self) -> None:
@@ -260,9 +407,10 @@ class MqttSession:
         disconnected: asyncio.Future[None] = self.client._disconnected
         while not self.inbox and (also is None or not also.done()):
             if disconnected.done():
-                raise aiomqtt.MqttError("disconnected from the broker") from (
-                    disconnected.exception() if not disconnected.cancelled() else None
-                )
+                cause = disconnected.exception() if not disconnected.cancelled() else None
+                if isinstance(cause, FatalError):
+                    raise cause  # not a connection problem: retrying cannot help
+                raise aiomqtt.MqttError("disconnected from the broker") from cause
             waiter = asyncio.get_running_loop().create_future()
             self._waiter = waiter
             try:

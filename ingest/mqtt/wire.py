@@ -1,8 +1,10 @@
 """The MQTT wire codec shared by the daemon and the simulator (no I/O, no paho).
 
 ``take_publishes`` is the daemon's PUBLISH fast path: it parses complete QoS 0/1 PUBLISH
-packets out of the session's read buffer (see ``ingest.mqtt.session``). ``read_varint`` reads
-the variable byte integers of MQTT 3.1.1 §2.2.3 / MQTT 5 §1.5.5.
+packets out of the session's read buffer (see ``ingest.mqtt.session``). ``oversized_publish``
+and ``PartialPublish`` keep a PUBLISH over the payload limit from ever being held whole: it is
+read piece by piece as it arrives, its start kept and the rest counted (docs/design.md,
+Limits). ``read_varint`` reads the variable byte integers of MQTT 3.1.1 §2.2.3 / MQTT 5 §1.5.5.
 """
 
 from __future__ import annotations
@@ -13,26 +15,37 @@ __all__ = [
     "DISCONNECT",
     "PINGREQ",
     "Inbound",
+    "MalformedPublish",
+    "PartialPublish",
     "connect_packet",
     "encode_string",
     "encode_varint",
+    "oversized_publish",
     "publish_packet",
     "read_varint",
     "take_publishes",
 ]
 
-# (topic, payload, qos, mid): the fields we need of a paho MQTTMessage.
-Inbound = tuple[str, bytes, int, int]
+# (topic, payload, qos, mid, size): the fields we need of a paho MQTTMessage, and the payload's
+# full size when ``payload`` holds only its start (None: the payload is whole).
+Inbound = tuple[str, bytes, int, int, int | None]
 
 
-def take_publishes(buf: bytearray, v5: bool, out: deque[Inbound], limit: int) -> int:
+class MalformedPublish(ValueError):
+    """A PUBLISH whose fields do not add up (the broker broke the protocol)."""
+
+
+def take_publishes(
+    buf: bytearray, v5: bool, out: deque[Inbound], limit: int, max_length: int
+) -> int:
     """Parse the complete QoS 0/1 PUBLISH packets at the front of ``buf`` into ``out`` (at most
     ``limit``) and return how many bytes they took; the caller deletes them from ``buf``.
 
-    Stops at the first packet it does not take: another type, QoS 2, a v5 topic alias, an
-    incomplete or inconsistent packet. paho reads that one (and reports a malformed packet the
-    way it always does). A topic that is not UTF-8 (a broker should never forward one) is
-    decoded with surrogate escapes: it becomes a dead letter downstream, not a crash.
+    Stops at the first packet it does not take: another type, QoS 2, a v5 topic alias, a
+    remaining length over ``max_length`` (``PartialPublish``'s), an incomplete or inconsistent
+    packet. paho reads that one (and reports a malformed packet the way it always does). A
+    topic that is not UTF-8 (a broker should never forward one) is decoded with surrogate
+    escapes: it becomes a dead letter downstream, not a crash.
     """
     pos = 0
     end_of_data = len(buf)
@@ -46,7 +59,7 @@ def take_publishes(buf: bytearray, v5: bool, out: deque[Inbound], limit: int) ->
         if qos > 1:
             break
         length, i = read_varint(buf, pos + 1, end_of_data)  # the remaining length
-        if length < 0:
+        if length < 0 or length > max_length:
             break
         end = i + length
         if end > end_of_data or length < 2:
@@ -68,10 +81,113 @@ def take_publishes(buf: bytearray, v5: bool, out: deque[Inbound], limit: int) ->
             topic = raw_topic.decode()
         except UnicodeDecodeError:
             topic = raw_topic.decode("utf-8", "surrogateescape")
-        append((topic, bytes(buf[start:end]), qos, mid))
+        append((topic, bytes(buf[start:end]), qos, mid, None))
         taken += 1
         pos = end
     return pos
+
+
+def oversized_publish(buf: bytearray, max_length: int) -> int:
+    """The remaining length of the PUBLISH at the front of ``buf`` when it is over
+    ``max_length``; 0 when the packet there is anything else (paho may read it); -1 when
+    ``buf`` does not hold a PUBLISH's whole fixed header yet."""
+    if not buf:
+        return -1
+    if buf[0] & 0xF0 != 0x30:
+        return 0
+    length, _ = read_varint(buf, 1, len(buf))
+    if length < 0:
+        # Four bytes with the continuation bit: malformed, which paho reports.
+        return -1 if len(buf) < 5 else 0
+    return length if length > max_length else 0
+
+
+class PartialPublish:
+    """A PUBLISH over the size limit, read piece by piece as it arrives, never held whole.
+
+    ``feed`` takes the bytes that follow the fixed header. It keeps the topic, the packet id and
+    at most ``keep`` bytes of the payload, and counts the rest. The limit was checked on the
+    remaining length, which counts the topic and properties too: a payload that turns out to
+    be within ``max_payload`` is kept whole after all.
+    """
+
+    def __init__(
+        self, first_byte: int, remaining: int, *, v5: bool, max_payload: int, keep: int
+    ) -> None:
+        self.qos = (first_byte >> 1) & 0x03
+        self.topic = ""
+        self.mid = 0
+        self.payload = bytearray()
+        self.payload_size = 0
+        self._v5 = v5
+        self._remaining = remaining
+        self._left = remaining  # bytes of the packet not fed yet
+        self._max_payload = max_payload
+        self._keep_at_most = keep
+        self._keep = 0
+        self._head = bytearray()  # topic length, topic, packet id, v5 property length
+        self._head_needed = 2  # bytes of _head that tell the next field
+        self._header_done = False
+        self._skip = 0  # v5 properties not fed yet (not kept)
+
+    @property
+    def done(self) -> bool:
+        return self._left == 0
+
+    def feed(self, data: bytearray) -> int:
+        """Take the start of ``data`` (up to the end of this packet); return how many bytes."""
+        n = min(len(data), self._left)
+        pos = 0
+        while pos < n and not self._header_done:
+            piece = data[pos : pos + min(self._head_needed - len(self._head), n - pos)]
+            self._head += piece
+            pos += len(piece)
+            if len(self._head) == self._head_needed:
+                self._parse_head()
+        if pos < n and self._skip:
+            step = min(self._skip, n - pos)
+            self._skip -= step
+            pos += step
+        if pos < n and not self._skip:
+            room = self._keep - len(self.payload)
+            if room > 0:
+                self.payload += data[pos : pos + min(room, n - pos)]
+        self._left -= n
+        if self._left == 0 and not self._header_done:
+            raise MalformedPublish("PUBLISH shorter than its own header")
+        return n
+
+    def inbound(self) -> Inbound:
+        size = self.payload_size if self.payload_size > self._max_payload else None
+        return (self.topic, bytes(self.payload), self.qos, self.mid, size)
+
+    def _parse_head(self) -> None:
+        head = self._head
+        topic_end = 2 + ((head[0] << 8) | head[1])
+        fixed = topic_end + 2 if self.qos else topic_end
+        if len(head) < fixed:
+            self._head_needed = fixed
+            return
+        after = fixed
+        if self._v5:
+            self._skip, after = read_varint(head, fixed, len(head))
+            if self._skip < 0:
+                if len(head) - fixed >= 4:
+                    raise MalformedPublish("PUBLISH property length longer than 4 bytes")
+                self._skip = 0
+                self._head_needed = len(head) + 1
+                return
+        self._header_done = True
+        raw_topic = bytes(head[2:topic_end])
+        self.topic = raw_topic.decode("utf-8", "surrogateescape")
+        self.mid = (head[topic_end] << 8) | head[topic_end + 1] if self.qos else 0
+        if self.qos and self.mid == 0:
+            raise MalformedPublish("PUBLISH with packet id 0")
+        self.payload_size = self._remaining - after - self._skip
+        if self.payload_size < 0:
+            raise MalformedPublish("PUBLISH shorter than its own header")
+        size = self.payload_size
+        self._keep = size if size <= self._max_payload else min(size, self._keep_at_most)
 
 
 def read_varint(buf: bytearray, i: int, end: int) -> tuple[int, int]:

@@ -1,16 +1,18 @@
 """The adapter's PUBLISH fast path (ingest.mqtt.wire.take_publishes) against hand-built packets
-and against paho's own decoder."""
+and against paho's own reading of the same bytes (through its public callbacks and the socket
+attribute the adapter itself relies on, listed in ingest.mqtt.guard)."""
 
 from __future__ import annotations
 
 import random
 from collections import deque
 
+import paho.mqtt.client as paho
 import pytest
-from paho.mqtt import _packet
-from paho.mqtt.enums import MQTTProtocolVersion
 
 from ingest.mqtt.wire import Inbound, take_publishes
+
+NO_LIMIT = 268_435_455  # the largest remaining length MQTT can express
 
 
 def varint(n: int) -> bytes:
@@ -35,9 +37,11 @@ def publish(
     return bytes((0x30 | qos << 1,)) + varint(len(body)) + body
 
 
-def take(buf: bytes, *, v5: bool = False, limit: int = 10**6) -> tuple[list[Inbound], int]:
+def take(
+    buf: bytes, *, v5: bool = False, limit: int = 10**6, max_length: int = NO_LIMIT
+) -> tuple[list[Inbound], int]:
     out: deque[Inbound] = deque()
-    used = take_publishes(bytearray(buf), v5, out, limit)
+    used = take_publishes(bytearray(buf), v5, out, limit, max_length)
     return list(out), used
 
 
@@ -50,11 +54,11 @@ def test_several_packets_in_order() -> None:
     got, used = take(data)
     assert used == len(data)
     assert got == [
-        ("devices/a/telemetry", b'{"x":1}', 1, 1),
-        ("devices/b/telemetry", b"", 0, 0),
-        ("d/c", b"p" * 300, 1, 65535),
+        ("devices/a/telemetry", b'{"x":1}', 1, 1, None),
+        ("devices/b/telemetry", b"", 0, 0, None),
+        ("d/c", b"p" * 300, 1, 65535, None),
     ]
-    assert all(type(payload) is bytes for _, payload, _, _ in got)
+    assert all(type(message[1]) is bytes for message in got)
 
 
 def test_stops_before_an_incomplete_packet() -> None:
@@ -63,7 +67,7 @@ def test_stops_before_an_incomplete_packet() -> None:
     for cut in range(len(nxt)):
         got, used = take(whole + nxt[:cut])
         assert used == len(whole)
-        assert got == [("t/1", b"abc", 1, 1)]
+        assert got == [("t/1", b"abc", 1, 1, None)]
 
 
 def test_leaves_other_packets_to_paho() -> None:
@@ -94,6 +98,16 @@ def test_limit() -> None:
     assert used == len(b"".join(publish(b"t", str(i).encode(), mid=i + 1) for i in range(4)))
 
 
+def test_leaves_a_packet_over_the_length_limit() -> None:
+    small = publish(b"t", b"x" * 10, mid=1)
+    big = publish(b"t", b"y" * 100, mid=2)
+    got, used = take(small + big + small, max_length=len(small) - 2)
+    assert [m[3] for m in got] == [1]
+    assert used == len(small)
+    got, _ = take(big, max_length=2 + 1 + 2 + 100)  # exactly at the limit: taken
+    assert [m[3] for m in got] == [2]
+
+
 def test_v5_properties_are_skipped() -> None:
     props = bytes((0x01, 0x01)) + bytes((0x26,)) + b"\x00\x01k\x00\x01v"  # format + user prop
     data = publish(b"t/x", b"payload", mid=9, props=props) + publish(
@@ -101,7 +115,7 @@ def test_v5_properties_are_skipped() -> None:
     )
     got, used = take(data, v5=True)
     assert used == len(data)
-    assert got == [("t/x", b"payload", 1, 9), ("t/y", b"p2", 0, 0)]
+    assert got == [("t/x", b"payload", 1, 9, None), ("t/y", b"p2", 0, 0, None)]
 
 
 def test_v5_topic_alias_is_left_to_paho() -> None:
@@ -115,6 +129,43 @@ def test_a_topic_that_is_not_utf8_does_not_raise() -> None:
     assert topic.encode("utf-8", "surrogateescape") == b"devices/\xff/telemetry"
     with pytest.raises(UnicodeEncodeError):
         topic.encode()  # so it cannot reach the database as if it were a device id
+
+
+class _BytesSocket:
+    """A socket that holds ``data`` and then has nothing more (would block)."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = bytearray(data)
+
+    def recv(self, size: int) -> bytes:
+        if not self._data:
+            raise BlockingIOError
+        out = bytes(self._data[:size])
+        del self._data[:size]
+        return out
+
+    def close(self) -> None:
+        self._data.clear()
+
+
+def paho_reads(data: bytes, *, v5: bool, packets: int) -> list[Inbound]:
+    """What paho's own reader makes of ``data``: its on_message callbacks."""
+    client = paho.Client(
+        paho.CallbackAPIVersion.VERSION2,  # type: ignore[attr-defined]
+        protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
+    )
+    client.manual_ack_set(True)  # nothing to send back: this socket cannot be written to
+    got: list[Inbound] = []
+
+    def on_message(_client: object, _userdata: object, msg: paho.MQTTMessage) -> None:
+        got.append((msg.topic, bytes(msg.payload), msg.qos, msg.mid if msg.qos else 0, None))
+
+    client.on_message = on_message
+    client._sock = _BytesSocket(data)  # type: ignore[assignment]
+    for _ in range(packets):
+        assert client.loop_read() == paho.MQTT_ERR_SUCCESS
+    client._sock = None
+    return got
 
 
 @pytest.mark.parametrize("v5", [False, True])
@@ -136,18 +187,7 @@ def test_agrees_with_paho(v5: bool) -> None:
                 props=props if v5 else None,
             )
         )
-    got, used = take(b"".join(packets), v5=v5)
-    assert used == sum(map(len, packets))
-    protocol = MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311
-    for packet, (topic, payload, qos, mid) in zip(packets, got, strict=True):
-        # paho's decoder takes the command byte and what follows the remaining length.
-        i = 1
-        while packet[i] & 0x80:
-            i += 1
-        want = _packet.decode_publish(packet[0], bytearray(packet[i + 1 :]), protocol)
-        assert (topic, payload, qos, mid) == (
-            want.topic.decode(),
-            bytes(want.payload),
-            want.qos,
-            want.mid if want.qos else 0,
-        )
+    data = b"".join(packets)
+    got, used = take(data, v5=v5)
+    assert used == len(data)
+    assert got == paho_reads(data, v5=v5, packets=len(packets))
