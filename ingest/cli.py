@@ -13,7 +13,7 @@ from dataclasses import fields
 from typing import Any
 
 from ingest._version import __version__
-from ingest.errors import ConfigError, IngestError
+from ingest.errors import ConfigError, IngestError, describe_root
 from ingest.logs import configure_logging
 from ingest.settings import Settings, load_settings
 from ingest.settings import help_text as settings_help
@@ -125,10 +125,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             applied = anyio.run(migrate_dsn, settings.database_url)
         except (IngestError, OSError) as exc:
-            log.error("migration failed: %s", exc)
+            log.error("migration failed: %s", describe_root(exc))
             return 1
         except Exception as exc:
-            log.error("migration failed: %s: %s", type(exc).__name__, exc)
+            log.error("migration failed: %s", describe_root(exc))
             return 1
         log.info("migrations applied: %s", ", ".join(applied) if applied else "none pending")
         return 0

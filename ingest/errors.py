@@ -21,7 +21,13 @@ import asyncio
 
 
 class IngestError(Exception):
-    """Root of every error raised by iot-ingest."""
+    """Root of every error raised by iot-ingest.
+
+    ``where`` optionally names what was being done (``migration 0003_dashboard``): when the
+    error wraps a deeper cause, :func:`describe_root` puts it in front of the root's message.
+    """
+
+    where: str | None = None
 
 
 class ConfigError(IngestError):
@@ -65,6 +71,7 @@ class MigrationError(IngestError):
     def __init__(self, version: str, message: str) -> None:
         super().__init__(f"migration {version}: {message}")
         self.version = version
+        self.where = f"migration {version}"
 
 
 class FatalError(IngestError):
@@ -81,13 +88,7 @@ def root_cause(exc: BaseException) -> BaseException:
     seen: set[int] = set()
     while id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, BaseExceptionGroup):
-            leaves = [e for e in exc.exceptions if not _is_cancellation(e)] or list(exc.exceptions)
-            exc = leaves[0]
-        elif exc.__cause__ is not None:
-            exc = exc.__cause__
-        else:
-            break
+        exc = _step(exc)
     return exc
 
 
@@ -100,10 +101,32 @@ def describe_root(exc: BaseException) -> str:
     message = " ".join(str(root).split())  # one line, whatever the server sent
     state = getattr(root, "sqlstate", None)  # asyncpg's server errors carry it
     if isinstance(state, str) and state:
-        return f"{message or type(root).__name__} (SQLSTATE {state})"
-    if isinstance(root, IngestError) and message:
+        text = f"{message or type(root).__name__} (SQLSTATE {state})"
+    elif isinstance(root, IngestError) and message:
         return message
-    return f"{type(root).__name__}: {message}" if message else type(root).__name__
+    else:
+        text = f"{type(root).__name__}: {message}" if message else type(root).__name__
+    where = _where(exc, root)
+    return f"{where}: {text}" if where else text
+
+
+def _where(exc: BaseException, root: BaseException) -> str | None:
+    """The ``where`` of the first error of this package on the way from ``exc`` to ``root``."""
+    seen: set[int] = set()
+    while exc is not root and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, IngestError) and exc.where:
+            return exc.where
+        exc = _step(exc)
+    return None
+
+
+def _step(exc: BaseException) -> BaseException:
+    """One step of :func:`root_cause`: into a group, or down the ``raise ... from`` chain."""
+    if isinstance(exc, BaseExceptionGroup):
+        leaves = [e for e in exc.exceptions if not _is_cancellation(e)] or list(exc.exceptions)
+        return leaves[0]
+    return exc.__cause__ if exc.__cause__ is not None else exc
 
 
 def _is_cancellation(exc: BaseException) -> bool:
