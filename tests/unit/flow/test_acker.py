@@ -80,3 +80,16 @@ def test_one_write_per_run_of_the_same_connection() -> None:
     acker.release(0, batch)
     assert (a.calls, b.calls) == (2, 1)
     assert a.acked == [0, 1, 2, 5] and b.acked == [3, 4]
+
+
+def test_qos2_acknowledged_and_lost_like_qos1() -> None:
+    env = Envelope("t", b"{}", datetime.now(UTC), Decoded([], 0))
+    alive, dead = Session(), Session(alive=False)
+    acker = Acker()
+    for _ in range(4):
+        acker.received()
+    acker.release(0, [Delivery(env, alive, 1, 2), Delivery(env, alive, 2, 1)])
+    acker.release(1, [Delivery(env, dead, 3, 2), Delivery(env, dead, 4, 1)])
+    st = acker.statistics()
+    assert (st.acknowledged, st.lost_connection, st.outstanding) == (2, 2, 0)
+    assert alive.acked == [1, 2]
