@@ -37,12 +37,13 @@ from typing import IO, Any
 
 import asyncpg
 
-from ingest import devservers as _embedded
 from ingest.devservers import (
     EmbeddedServerError,
     IotcoreBroker,
     MosquittoBroker,
     PostgresServer,
+    find_mosquitto,
+    free_port,
 )
 
 __all__ = ["register", "run_demo"]
@@ -255,7 +256,7 @@ def _start(run: _Run) -> None:
     _say(
         f"  PostgreSQL {version} on 127.0.0.1:{run.postgres.port} (binaries {run.postgres.bindir})"
     )
-    if _embedded.find_mosquitto():
+    if find_mosquitto():
         run.broker = MosquittoBroker(d / "mosquitto")
     else:
         run.broker = IotcoreBroker(d / "iotcore")
@@ -266,7 +267,7 @@ def _start(run: _Run) -> None:
 
     applied = asyncio.run(migrate_dsn(run.database_url))
     _say(f"  migrations applied: {', '.join(applied) if applied else 'none pending'}")
-    run.metrics_port = _embedded.free_port()
+    run.metrics_port = free_port()
     env = _child_env()
     env.update(
         INGEST_DATABASE_URL=run.database_url,
