@@ -15,7 +15,7 @@ import asyncpg
 from ingest.errors import ConfigError
 from ingest.formats.decode import TopicTemplate
 from ingest.settings import Settings
-from ingest.tools.audit.output import format_table
+from ingest.tools.audit.output import format_table, visible
 from ingest.tools.audit.scan import audit
 from ingest.tools.audit.simulator_report import SimReport, load_report
 from ingest.tools.audit.window import window
@@ -89,7 +89,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         template = TopicTemplate(settings.topic)
         report = _read_report(args.report) if args.report else None
     except ConfigError as exc:
-        print(f"ingest: configuration error: {exc}", file=sys.stderr)
+        print(f"ingest: configuration error: {visible(str(exc))}", file=sys.stderr)
         return EXIT_CONFIG
     stream = sys.stderr if sys.stderr.isatty() else None
     try:
@@ -108,9 +108,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             )
         )
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        print(f"ingest audit: cannot read the database: {_describe(exc)}", file=sys.stderr)
+        print(f"ingest audit: cannot read the database: {visible(_describe(exc))}", file=sys.stderr)
         return EXIT_MISMATCH
-    if args.json:
+    if args.json:  # JSON escapes every control character itself (\u001b)
         print(json.dumps(result.to_json(), indent=None, separators=(",", ":")))
     else:
         print(format_table(result))

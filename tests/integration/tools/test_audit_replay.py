@@ -273,6 +273,29 @@ def test_audit_without_migrations_exits_1(
     assert "ingest migrate" in capsys.readouterr().err
 
 
+def test_audit_never_prints_raw_control_characters(
+    database_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Stored before names were checked, or by another writer: the terminal must not act on it.
+    hostile = "dev-\x1b[2J\x07\x9b\u202e"
+    migrate(database_url)
+    now = datetime.now(UTC)
+    _load(
+        database_url,
+        [*_sample_rows(hostile, [1, 2, 4])],
+        [
+            (now, _topic(hostile), b"not json \x1b[31m", "not_json"),
+            (now, "elsewhere/\x1b]0;title\x07", b"{}", "bad\x1b[5m_topic"),
+        ],
+    )
+    assert main(["audit", "--database-url", database_url]) == 1
+    out = capsys.readouterr().out
+    controls = [ch for ch in out if ch != "\n" and (ord(ch) < 0x20 or 0x7F <= ord(ch) <= 0x9F)]
+    assert controls == [] and "\u202e" not in out
+    assert "dev-\\x1b[2J\\x07\\x9b\\u202e" in out
+    assert "bad\\x1b[5m_topic 1" in out
+
+
 # --- replay ----------------------------------------------------------------------------------
 
 
