@@ -45,6 +45,7 @@ from ingest.formats.limits import DEFAULT_LIMITS, Limits
 from ingest.model import Reading
 from ingest.settings import Settings
 from ingest.tools.audit import parse_time
+from ingest.tools.audit.output import visible
 
 __all__ = ["ReplaySummary", "register", "replay"]
 
@@ -133,7 +134,8 @@ class ReplaySummary:
             + ("" if self.dry_run else f"; {self.rejected:,} rejected by the database")
         )
         lines.extend(f"  rejected: {e}" for e in self.rejection_errors)
-        return "\n".join(lines)
+        # Reasons and the database's errors may quote what a device sent.
+        return "\n".join(visible(line) for line in lines)
 
 
 def _columns(readings: Sequence[Reading]) -> tuple[list[str], list[str], list[datetime]]:
@@ -333,7 +335,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         since = parse_time(args.since, setting="--since") if args.since else None
         template = TopicTemplate(settings.topic)
     except ConfigError as exc:
-        print(f"ingest: configuration error: {exc}", file=sys.stderr)
+        print(f"ingest: configuration error: {visible(str(exc))}", file=sys.stderr)
         return EXIT_CONFIG
     try:
         summary = anyio.run(
@@ -354,7 +356,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         # Every committed batch is complete (readings in, dead letters out); rerunning is safe.
         print(
             f"ingest replay: database error, stopped (committed batches stay; rerun to "
-            f"continue): {type(exc).__name__}: {exc}",
+            f"continue): {type(exc).__name__}: {visible(str(exc))}",
             file=sys.stderr,
         )
         return EXIT_FAILED

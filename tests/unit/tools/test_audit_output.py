@@ -1,4 +1,5 @@
-"""``ingest audit`` prints what devices sent (ids, topics) without letting a terminal act on it."""
+"""``ingest audit`` and ``ingest replay`` print what devices sent (ids, topics) without letting a
+terminal act on it."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 
 from ingest.tools.audit import AuditResult, DeviceAudit, SeqStats, format_table, reconcile
 from ingest.tools.audit.output import visible
+from ingest.tools.replay import MOVED, ReplaySummary
 
 HOSTILE = "dev-\x1b[2J\x07\x9b31m\u202eevil\n"
 
@@ -83,3 +85,12 @@ def test_json_output_escapes_control_characters_too() -> None:
     text = json.dumps(result.to_json(), separators=(",", ":"))
     assert raw_controls(text) == [] and "\n" not in text
     assert json.loads(text)["devices"][0]["device_id"] == HOSTILE
+
+
+def test_replay_summary_escapes_reasons_and_database_errors() -> None:
+    summary = ReplaySummary(dry_run=False, examined=1, rejected=1)
+    summary.outcomes[("bad\x1b[2J", MOVED)] = 1
+    summary.rejection_errors.append(f"value too long for device {HOSTILE!s}")
+    text = summary.format()
+    assert raw_controls(text) == []
+    assert "bad\\x1b[2J" in text and visible(HOSTILE) in text
