@@ -21,7 +21,8 @@ FROM python:3.11-slim
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
-    INGEST_METRICS_PORT=9600
+    INGEST_METRICS_PORT=9600 \
+    INGEST_METRICS_HOST=0.0.0.0
 # A fixed numeric uid, so orchestrators can check runAsNonRoot without resolving names.
 RUN groupadd --system --gid 10001 ingest \
     && useradd --system --uid 10001 --gid ingest --no-create-home --home-dir /nonexistent \

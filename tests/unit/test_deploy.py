@@ -1,22 +1,32 @@
 """The deployment files, checked without Docker: docker-compose.yml, the Dockerfile, the broker
-config the stack runs with, and the Grafana provisioning and dashboard.
+config, ACL and setup script the stack runs with, the database's init script, and the Grafana
+provisioning and dashboard.
 
 Docker is not available where the tests run, so these read the files and check what a typo
-would break silently: wiring between services (names, ports, credentials, mount paths), the
-broker settings the delivery guarantee depends on, and dashboard SQL against the table contract.
+would break silently: wiring between services (names, ports, credentials, mount paths), that
+the stack is locked down (nothing published beyond loopback, no default password, TLS, logins
+and ACL), the broker settings the delivery guarantee depends on, and dashboard SQL against the
+table contract. The setup script itself runs here when openssl and mosquitto_passwd exist.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import ssl
+import subprocess
 import tomllib
+from dataclasses import fields
 from pathlib import Path, PurePosixPath
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import yaml
+
+from ingest.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -24,33 +34,36 @@ DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 PROJECT_BROKER_CONF = ROOT / "config" / "mosquitto.conf"
 DEPLOY_BROKER_CONF = ROOT / "deploy" / "mosquitto" / "mosquitto.conf"
+BROKER_ACL = ROOT / "deploy" / "mosquitto" / "acl"
+SETUP_SCRIPT = ROOT / "deploy" / "setup" / "setup.sh"
+ENV_EXAMPLE = ROOT / "deploy" / "env.example"
 GRAFANA = ROOT / "deploy" / "grafana"
 DATASOURCES = GRAFANA / "provisioning" / "datasources" / "postgres.yml"
 DASHBOARD_PROVIDERS = GRAFANA / "provisioning" / "dashboards" / "dashboards.yml"
 DASHBOARD = GRAFANA / "dashboards" / "iot-ingest.json"
 POSTGRES_INITDB = ROOT / "deploy" / "postgres" / "initdb"
 
-# README "Configuration" (docs/design.md, Public contract): the names the daemon reads.
-DOCUMENTED_ENV = frozenset(
+# The names the daemon reads: those its settings document (README "Configuration"), plus the
+# libpq variables asyncpg reads as libpq does.
+DOCUMENTED_ENV = frozenset(str(f.metadata["env"]) for f in fields(Settings))
+LIBPQ_ENV = frozenset({"PGUSER", "PGPASSWORD"})
+# Variables docker-compose.yml takes from the operator's environment: all required, no default.
+COMPOSE_VARIABLES = frozenset(
     {
-        "INGEST_DATABASE_URL",
-        "INGEST_MQTT_URL",
-        "INGEST_TOPIC",
-        "INGEST_CLIENT_ID",
-        "INGEST_SHARE_GROUP",
-        "INGEST_METRICS_PORT",
-        "INGEST_LOG_FORMAT",
-        "INGEST_LOG_LEVEL",
+        "POSTGRES_PASSWORD",
+        "INGEST_DB_PASSWORD",
+        "GRAFANA_DB_PASSWORD",
+        "GRAFANA_ADMIN_PASSWORD",
+        "MQTT_INGEST_PASSWORD",
+        "MQTT_DEVICE_PASSWORD",
     }
 )
-# Variables docker-compose.yml takes from the operator's environment (all have defaults).
-COMPOSE_VARIABLES = frozenset(
-    {"POSTGRES_PASSWORD", "GRAFANA_DB_PASSWORD", "GRAFANA_ADMIN_PASSWORD"}
-)
+ONE_SHOT = frozenset({"setup", "migrate"})
 SHUTDOWN_TIMEOUT_S = 30.0
 METRICS_PORT = 9600
+MQTT_PLAIN, MQTT_TLS = 1883, 8883
 
-# README "Database schema" (docs/design.md, Public contract): what panels may use.
+# DESIGN.md §2 "Database" and the dashboard issue: the tables and columns panels may use.
 SCHEMA: dict[str, frozenset[str]] = {
     "readings": frozenset({"device_id", "metric", "ts", "value"}),
     "dead_letters": frozenset({"id", "received_at", "topic", "payload", "error", "reason"}),
@@ -92,18 +105,20 @@ def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return found
 
 
-_INTERPOLATION = re.compile(r"\$\$|\$\{(\w+)(?::?-([^}]*))?\}|\$(\w+)")
+_INTERPOLATION = re.compile(r"\$\$|\$\{(\w+)(?:(:?[-?])([^}]*))?\}|\$(\w+)")
 
 
 def _interpolate(value: str) -> str:
-    """What compose makes of `value` with none of its variables set: the defaults."""
+    """What compose makes of `value` with every variable set: `<NAME>` stands for the value of
+    variable NAME, so two places that must agree can be compared."""
 
     def replace(match: re.Match[str]) -> str:
         if match.group(0) == "$$":
             return "$"
-        assert match.group(1) in COMPOSE_VARIABLES, f"unexpected variable in {value!r}"
-        assert match.group(2) is not None, f"{match.group(0)} has no default"
-        return match.group(2)
+        name = match.group(1) or match.group(4)
+        assert name in COMPOSE_VARIABLES, f"unexpected variable in {value!r}"
+        assert match.group(2) == ":?", f"{match.group(0)}: must be required (${{{name}:?...}})"
+        return f"<{name}>"
 
     return _INTERPOLATION.sub(replace, value)
 
@@ -115,14 +130,32 @@ def _environment(service: dict[str, Any]) -> dict[str, str]:
     return {str(k): _interpolate(str(v)) for k, v in env.items()}
 
 
+def _ports(service: dict[str, Any]) -> list[tuple[str | None, int, int]]:
+    """(host ip, host port, container port) of each short-syntax port: `[ip:]host:container`."""
+    out = []
+    for spec in service.get("ports", []):
+        parts = str(spec).split("/")[0].split(":")
+        assert len(parts) in (2, 3), f"{spec}: give the host port (and the address)"
+        ip = parts[0] if len(parts) == 3 else None
+        out.append((ip, int(parts[-2]), int(parts[-1])))
+    return out
+
+
 def _published_ports(service: dict[str, Any]) -> set[int]:
-    """Container ports of the short syntax: `[ip:][host:]container[/proto]`."""
-    return {int(str(p).split("/")[0].rsplit(":", 1)[-1]) for p in service.get("ports", [])}
+    return {container for _, _, container in _ports(service)}
 
 
 def _mounts(service: dict[str, Any]) -> list[tuple[str, str]]:
     """(source, target) of each short-syntax volume entry."""
     return [(v.split(":")[0], v.split(":")[1]) for v in service.get("volumes", [])]
+
+
+def _mount_of(service: dict[str, Any], path: str) -> str:
+    """The source mounted at the directory holding `path` in the container."""
+    for source, target in _mounts(service):
+        if PurePosixPath(path).parent == PurePosixPath(target) or path == target:
+            return source
+    raise AssertionError(f"nothing mounted for {path}")
 
 
 def _duration_s(text: str) -> float:
@@ -132,14 +165,36 @@ def _duration_s(text: str) -> float:
     return sum(float(n) * units[u] for n, u in parts)
 
 
-def _broker_settings(path: Path) -> dict[str, list[str]]:
-    settings: dict[str, list[str]] = {}
+def _broker_lines(path: Path) -> list[tuple[str, str]]:
+    out = []
     for line in path.read_text().splitlines():
         line = line.strip()
         if line and not line.startswith("#"):
             key, _, value = line.partition(" ")
-            settings.setdefault(key, []).append(value.strip())
+            out.append((key, value.strip()))
+    return out
+
+
+def _broker_settings(path: Path) -> dict[str, list[str]]:
+    settings: dict[str, list[str]] = {}
+    for key, value in _broker_lines(path):
+        settings.setdefault(key, []).append(value)
     return settings
+
+
+def _acl() -> dict[str, list[str]]:
+    """user -> its `topic` rules; rules before any `user` line would apply to everyone."""
+    rules: dict[str, list[str]] = {}
+    user = None
+    for key, value in _broker_lines(BROKER_ACL):
+        assert key in ("user", "topic"), f"acl: {key} {value} (no patterns: each login named)"
+        if key == "user":
+            user = value
+            rules.setdefault(user, [])
+        else:
+            assert user is not None, f"acl: `topic {value}` applies to anonymous clients"
+            rules[user].append(value)
+    return rules
 
 
 def _dockerfile_instructions() -> list[tuple[str, str]]:
@@ -200,42 +255,83 @@ def _check_sql(sql: str, variables: set[str]) -> list[str]:
 
 
 def test_services_and_images(services: dict[str, dict[str, Any]]) -> None:
-    assert set(services) == {"mosquitto", "postgres", "ingest", "simulator", "grafana"}
+    assert set(services) == {
+        "setup", "mosquitto", "postgres", "migrate", "ingest", "simulator", "grafana",
+    }  # fmt: skip
     assert services["mosquitto"]["image"] == "eclipse-mosquitto:2"
     assert services["postgres"]["image"] == "postgres:16"
     assert services["grafana"]["image"].startswith("grafana/grafana:")
-    for name in ("ingest", "simulator"):
+    for name in ("migrate", "ingest", "simulator"):
         assert services[name]["build"] == ".", name
-    assert services["simulator"]["image"] == services["ingest"]["image"]
+        assert services[name]["image"] == services["ingest"]["image"]
+    assert services["setup"]["build"] == "./deploy/setup"
+    setup_dockerfile = (ROOT / "deploy" / "setup" / "Dockerfile").read_text()
+    assert "FROM eclipse-mosquitto:2" in setup_dockerfile and "openssl" in setup_dockerfile
+    assert "setup.sh" in setup_dockerfile
 
 
 def test_published_ports(services: dict[str, dict[str, Any]]) -> None:
-    assert _published_ports(services["mosquitto"]) == {1883}
+    assert _published_ports(services["mosquitto"]) == {MQTT_TLS}  # plaintext stays inside
     assert _published_ports(services["postgres"]) == {5432}
     assert _published_ports(services["ingest"]) == {METRICS_PORT}
     assert _published_ports(services["grafana"]) == {3000}
+    for name in ("setup", "migrate", "simulator"):
+        assert not _published_ports(services[name]), name
+
+
+def test_every_published_port_is_on_loopback(services: dict[str, dict[str, Any]]) -> None:
+    for name, service in services.items():
+        for ip, _, container in _ports(service):
+            assert ip == "127.0.0.1", f"{name}: port {container} published on {ip or 'every'}"
+        assert "network_mode" not in service, name  # host networking would bypass all this
 
 
 def test_data_lives_in_named_volumes(compose: dict[str, Any]) -> None:
     services = compose["services"]
     declared = set(compose["volumes"])
     expected = {
-        "mosquitto": "/mosquitto/data",
-        "postgres": "/var/lib/postgresql/data",
-        "grafana": "/var/lib/grafana",
+        ("mosquitto", "mosquitto-data"): "/mosquitto/data",
+        ("mosquitto", "mosquitto-auth"): "/mosquitto/auth",
+        ("mosquitto", "tls-mosquitto"): "/mosquitto/tls",
+        ("setup", "mosquitto-auth"): "/mosquitto-auth",
+        ("setup", "tls-ca-private"): "/pki/ca-private",
+        ("setup", "tls-ca"): "/pki/ca",
+        ("setup", "tls-mosquitto"): "/pki/mosquitto",
+        ("setup", "tls-postgres"): "/pki/postgres",
+        ("postgres", "postgres-data"): "/var/lib/postgresql/data",
+        ("postgres", "tls-postgres"): "/tls",
+        ("migrate", "tls-ca"): "/tls",
+        ("ingest", "tls-ca"): "/tls",
+        ("grafana", "grafana-data"): "/var/lib/grafana",
+        ("grafana", "tls-ca"): "/etc/grafana/tls",
     }
-    used: set[str] = set()
+    used = set()
     for name, service in services.items():
-        for source, target in _mounts(service):
+        for entry in service.get("volumes", []):
+            source, target = entry.split(":")[:2]
             if source.startswith((".", "/")):
                 assert (ROOT / source).exists(), f"{name}: bind mount of missing {source}"
-            else:
-                assert source in declared, f"{name}: volume {source} is not declared"
-                used.add(source)
-                assert expected.get(name) == target, f"{name}: {source} mounted at {target}"
-    for name, target in expected.items():
-        assert any(t == target and not s.startswith(".") for s, t in _mounts(services[name])), name
-    assert used == declared
+                assert entry.endswith(":ro"), f"{name}: {source} must be read-only"
+                continue
+            assert source in declared, f"{name}: volume {source} is not declared"
+            assert expected.get((name, source)) == target, f"{name}: {source} at {target}"
+            # Only the setup service writes keys and passwords; only the data volumes are
+            # written by their own service.
+            writable = name == "setup" or source.endswith("-data")
+            assert entry.endswith(":ro") != writable, f"{name}: {entry}"
+            used.add((name, source))
+    assert used == set(expected)
+    assert {volume for _, volume in expected} == declared
+
+
+def test_the_ca_key_never_leaves_setup(services: dict[str, dict[str, Any]]) -> None:
+    holders = {n for n, s in services.items() for src, _ in _mounts(s) if src == "tls-ca-private"}
+    assert holders == {"setup"}
+    for server in ("mosquitto", "postgres"):
+        holders = {
+            n for n, s in services.items() for src, _ in _mounts(s) if src == f"tls-{server}"
+        }
+        assert holders == {"setup", server}, f"{server}'s key is mounted elsewhere"
 
 
 def test_healthchecks(services: dict[str, dict[str, Any]]) -> None:
@@ -246,24 +342,38 @@ def test_healthchecks(services: dict[str, dict[str, Any]]) -> None:
             _duration_s(check[key])
     assert "pg_isready" in services["postgres"]["healthcheck"]["test"]
     # `$$` is compose's escape for a literal `$`: a bare `$SYS` would be interpolated away.
-    assert "$$SYS/broker/uptime" in services["mosquitto"]["healthcheck"]["test"]
+    broker_check = " ".join(services["mosquitto"]["healthcheck"]["test"])
+    assert "'$$SYS/broker/uptime'" in broker_check
+    assert "-u health" in broker_check and "$$(cat /mosquitto/auth/health.pw)" in broker_check
+    assert f"-p {MQTT_PLAIN}" in broker_check
     ingest_check = " ".join(services["ingest"]["healthcheck"]["test"])
     assert f"http://127.0.0.1:{METRICS_PORT}/healthz" in ingest_check
     assert _environment(services["ingest"])["INGEST_METRICS_PORT"] == str(METRICS_PORT)
-    # The image's HEALTHCHECK asks the daemon's /healthz, which the simulator does not serve.
-    assert services["simulator"]["healthcheck"] == {"disable": True}
+    # The image's HEALTHCHECK asks the daemon's /healthz, which these do not serve.
+    for name in ("simulator", "migrate"):
+        assert services[name]["healthcheck"] == {"disable": True}, name
 
 
-def test_depends_on_healthy_services(services: dict[str, dict[str, Any]]) -> None:
+def test_depends_on(services: dict[str, dict[str, Any]]) -> None:
     assert services["ingest"]["depends_on"] == {
         "mosquitto": {"condition": "service_healthy"},
         "postgres": {"condition": "service_healthy"},
+        "migrate": {"condition": "service_completed_successfully"},
     }
+    assert services["migrate"]["depends_on"] == {"postgres": {"condition": "service_healthy"}}
+    for server in ("mosquitto", "postgres"):
+        assert services[server]["depends_on"] == {
+            "setup": {"condition": "service_completed_successfully"}
+        }
     assert services["simulator"]["depends_on"] == {"mosquitto": {"condition": "service_healthy"}}
     for name, service in services.items():
         for dependency, spec in service.get("depends_on", {}).items():
-            assert spec["condition"] == "service_healthy", (name, dependency)
-            assert "healthcheck" in services[dependency], (name, dependency)
+            if dependency in ONE_SHOT:
+                assert spec["condition"] == "service_completed_successfully", (name, dependency)
+                assert services[dependency]["restart"] == "no", dependency
+            else:
+                assert spec["condition"] == "service_healthy", (name, dependency)
+                assert "healthcheck" in services[dependency], (name, dependency)
 
 
 def test_ingest_lifecycle(services: dict[str, dict[str, Any]]) -> None:
@@ -274,6 +384,7 @@ def test_ingest_lifecycle(services: dict[str, dict[str, Any]]) -> None:
     assert "entrypoint" not in ingest and "command" not in ingest  # the image's `ingest run`
     # The default ingest-<hostname> changes whenever the container is recreated.
     assert _environment(ingest)["INGEST_CLIENT_ID"]
+    assert services["migrate"]["command"] == ["migrate"]
 
 
 def test_simulator_is_behind_a_profile(services: dict[str, dict[str, Any]]) -> None:
@@ -281,50 +392,118 @@ def test_simulator_is_behind_a_profile(services: dict[str, dict[str, Any]]) -> N
     assert simulator["profiles"] == ["simulator"]
     assert simulator["entrypoint"] == ["simulate"]
     command = simulator["command"]
-    mqtt_url = command[command.index("--mqtt-url") + 1]
-    assert mqtt_url == _environment(services["ingest"])["INGEST_MQTT_URL"]
+    url = urlsplit(_interpolate(command[command.index("--mqtt-url") + 1]))
+    # The compose network's plaintext listener, as the devices' login.
+    assert (url.scheme, url.hostname, url.port) == ("mqtt", "mosquitto", MQTT_PLAIN)
+    assert (url.username, url.password) == ("devices", "<MQTT_DEVICE_PASSWORD>")
     assert command[command.index("--qos") + 1] == "1"
     others = {name for name, service in services.items() if "profiles" in service}
     assert others == {"simulator"}, "the other services must start with a plain `up`"
 
 
 def test_environment_names_are_documented(services: dict[str, dict[str, Any]]) -> None:
-    for name, service in services.items():
-        used = {key for key in _environment(service) if key.startswith("INGEST_")}
-        assert used <= DOCUMENTED_ENV, f"{name}: undocumented {sorted(used - DOCUMENTED_ENV)}"
+    for name in ("migrate", "ingest", "simulator"):
+        used = {key for key in _environment(services[name]) if key.startswith(("INGEST_", "PG"))}
+        unknown = used - DOCUMENTED_ENV - LIBPQ_ENV
+        assert not unknown, f"{name}: undocumented {sorted(unknown)}"
 
 
-def test_compose_variables_have_defaults() -> None:
-    found = set(re.findall(r"\$\{(\w+)", COMPOSE.read_text()))
-    assert found <= COMPOSE_VARIABLES
-    for match in re.finditer(r"\$\{(\w+)([^}]*)\}", COMPOSE.read_text()):
-        assert match.group(2).startswith(":-"), f"{match.group(0)}: `up` must work without it"
+def test_no_default_passwords() -> None:
+    """Every variable is required (`${NAME:?message}`): `up` fails with the message instead of
+    starting with a password anyone can read here."""
+    text = COMPOSE.read_text()
+    found = set(re.findall(r"\$\{(\w+)", text))
+    assert found == COMPOSE_VARIABLES
+    for match in re.finditer(r"\$\{(\w+)([^}]*)\}", text):
+        assert match.group(2).startswith(":?"), f"{match.group(0)}: must be required"
+    assert not re.search(r"(?i)password[\w\"']*:\s*['\"]?(?!\$\{)\w", text), "a literal password"
+    example = dict(
+        line.split("=", 1)
+        for line in ENV_EXAMPLE.read_text().splitlines()
+        if "=" in line[:40] and not line.startswith("#")
+    )
+    assert set(example) == COMPOSE_VARIABLES and not any(example.values())
+    for path in ROOT.joinpath("deploy").rglob("*"):
+        if path.is_file() and path.suffix in ("", ".sh", ".yml", ".conf", ".example"):
+            assert "admin/admin" not in path.read_text(errors="replace"), path
+
+
+def test_grafana_admin_password_is_required(services: dict[str, dict[str, Any]]) -> None:
+    env = _environment(services["grafana"])
+    assert env["GF_SECURITY_ADMIN_PASSWORD"] == "<GRAFANA_ADMIN_PASSWORD>"
+    assert env["GF_USERS_ALLOW_SIGN_UP"] == "false"
 
 
 def test_ingest_points_at_the_other_services(services: dict[str, dict[str, Any]]) -> None:
-    env = _environment(services["ingest"])
+    ingest = services["ingest"]
+    env = _environment(ingest)
     pg = _environment(services["postgres"])
     dsn = urlsplit(env["INGEST_DATABASE_URL"])
     assert dsn.scheme == "postgresql"
     assert (dsn.hostname, dsn.port) == ("postgres", 5432)
-    assert dsn.username == pg["POSTGRES_USER"]
-    assert dsn.password == pg["POSTGRES_PASSWORD"]
+    assert dsn.username is None and dsn.password is None  # PGUSER / PGPASSWORD, as libpq
     assert dsn.path == "/" + pg["POSTGRES_DB"]
+    query = {k: v[0] for k, v in parse_qs(dsn.query).items()}
+    assert query["sslmode"] == "verify-full"
+    assert _mount_of(ingest, query["sslrootcert"]) == "tls-ca"
+    # Not the owner of the tables: a login that is a member of ingest_writer.
+    assert env["PGUSER"] == "ingest_daemon" != pg["POSTGRES_USER"]
+    assert env["PGPASSWORD"] == pg["INGEST_DB_PASSWORD"] == "<INGEST_DB_PASSWORD>"
+    assert env["INGEST_MIGRATE"] == "false"
+    migrate = _environment(services["migrate"])
+    assert migrate["INGEST_DATABASE_URL"] == env["INGEST_DATABASE_URL"]
+    assert migrate["PGUSER"] == pg["POSTGRES_USER"]
+    assert migrate["PGPASSWORD"] == pg["POSTGRES_PASSWORD"]
+
     mqtt = urlsplit(env["INGEST_MQTT_URL"])
-    assert (mqtt.scheme, mqtt.hostname, mqtt.port) == ("mqtt", "mosquitto", 1883)
-    assert _broker_settings(DEPLOY_BROKER_CONF)["listener"] == ["1883"]
+    assert (mqtt.scheme, mqtt.hostname, mqtt.port) == ("mqtts", "mosquitto", MQTT_TLS)
+    assert mqtt.username is None and mqtt.password is None
+    assert env["INGEST_MQTT_USERNAME"] == "ingest"
+    assert env["INGEST_MQTT_PASSWORD"] == "<MQTT_INGEST_PASSWORD>"
+    assert _mount_of(ingest, env["INGEST_MQTT_CA_FILE"]) == "tls-ca"
+    setup = _environment(services["setup"])
+    assert setup["MQTT_INGEST_PASSWORD"] == env["INGEST_MQTT_PASSWORD"]
+    assert env["INGEST_METRICS_HOST"] == "0.0.0.0"  # inside; published on loopback only
+
+
+def test_postgres_speaks_tls_only(services: dict[str, dict[str, Any]]) -> None:
+    postgres = services["postgres"]
+    options = dict(item.split("=", 1) for item in postgres["command"] if "=" in item)
+    assert postgres["command"][0] == "postgres"
+    assert options["ssl"] == "on"
+    for key in ("ssl_cert_file", "ssl_key_file"):
+        assert _mount_of(postgres, options[key]) == "tls-postgres"
+    initdb = "".join(p.read_text() for p in sorted(POSTGRES_INITDB.iterdir()))
+    assert "hostssl" in initdb and "pg_hba.conf" in initdb
+
+
+def test_database_logins_are_members_of_the_least_privilege_roles() -> None:
+    initdb = " ".join("".join(p.read_text() for p in sorted(POSTGRES_INITDB.iterdir())).split())
+    assert "CREATE ROLE ingest_daemon LOGIN" in initdb
+    assert re.search(r"CREATE ROLE ingest_daemon LOGIN [^;]* IN ROLE ingest_writer;", initdb)
+    assert re.search(r"CREATE ROLE grafana_reader LOGIN [^;]* IN ROLE ingest_reader;", initdb)
+    assert "ALTER ROLE grafana_reader SET default_transaction_read_only = on" in initdb
+    # Nothing granted directly: the privileges are those `ingest migrate` gives the roles.
+    assert not re.search(r"(?i)\bGRANT\s+\w+(\s*,\s*\w+)*\s+ON\b", initdb)
+    for variable in ("INGEST_DB_PASSWORD", "GRAFANA_DB_PASSWORD"):
+        assert f"${{{variable}:?" in initdb, f"{variable}: must be required"
+    assert "SUPERUSER" not in initdb and "CREATEROLE" not in initdb
 
 
 # --------------------------------------------------------------------------- broker config
 
 
 def test_compose_broker_runs_the_project_config(services: dict[str, dict[str, Any]]) -> None:
-    """The container file adds only what the container needs and includes the project's file
-    unchanged, so both brokers (compose, and tests/benchmarks) run the same settings."""
+    """The container file adds only what the container needs, and the lock-down, and includes
+    the project's file unchanged, so both brokers (compose, and tests/benchmarks) run the same
+    delivery settings."""
     project = _broker_settings(PROJECT_BROKER_CONF)
     deploy = _broker_settings(DEPLOY_BROKER_CONF)
-    assert set(deploy) <= {"listener", "persistence_location", "log_dest", "include_dir"}
-    assert not set(project) & set(deploy), "the container file overrides a project setting"
+    assert set(deploy) <= {
+        "listener", "persistence_location", "log_dest", "include_dir", "cafile", "certfile",
+        "keyfile", "tls_version", "allow_anonymous", "password_file", "acl_file",
+    }  # fmt: skip
+    assert set(project) & set(deploy) <= {"allow_anonymous"}, "overrides a project setting"
     for key in ("max_inflight_messages", "max_queued_messages", "persistence"):
         assert key in project, key
     assert project["persistence"] == ["true"]
@@ -343,6 +522,107 @@ def test_compose_broker_runs_the_project_config(services: dict[str, dict[str, An
     assert mounts[location.rstrip("/")] == "mosquitto-data"
 
 
+def test_compose_broker_requires_logins_and_tls(services: dict[str, dict[str, Any]]) -> None:
+    lines = _broker_lines(DEPLOY_BROKER_CONF)
+    keys = [key for key, _ in lines]
+    # Later lines win: the lock-down must come after the project's `allow_anonymous true`.
+    assert ("allow_anonymous", "false") in lines
+    assert keys.index("allow_anonymous") > keys.index("include_dir")
+    assert _broker_settings(DEPLOY_BROKER_CONF)["listener"] == [str(MQTT_PLAIN), str(MQTT_TLS)]
+    tls_block = keys[keys.index("listener", keys.index("listener") + 1) :]
+    for key in ("cafile", "certfile", "keyfile", "tls_version"):
+        assert key in tls_block, f"{key} must follow `listener {MQTT_TLS}`"
+    settings = _broker_settings(DEPLOY_BROKER_CONF)
+    mosquitto = services["mosquitto"]
+    for key in ("cafile", "certfile", "keyfile"):
+        assert _mount_of(mosquitto, settings[key][0]) == "tls-mosquitto", key
+    assert _mount_of(mosquitto, settings["password_file"][0]) == "mosquitto-auth"
+    (acl_file,) = settings["acl_file"]
+    assert dict((t, s) for s, t in _mounts(mosquitto))[acl_file] == "./deploy/mosquitto/acl"
+
+
+def test_acl_devices_publish_only_under_devices_and_only_the_daemon_reads() -> None:
+    acl = _acl()
+    assert acl == {
+        "ingest": ["read devices/#"],
+        "devices": ["write devices/#"],
+        "health": ["read $SYS/broker/uptime"],
+    }
+    setup = SETUP_SCRIPT.read_text()
+    for user in acl:  # every login the setup script makes has its rules, and no other login
+        assert f'mosquitto_passwd -b "$new" {user} ' in setup, user
+    assert len(re.findall(r"mosquitto_passwd -b", setup)) == len(acl)
+
+
+# --------------------------------------------------------------------------- setup script
+
+
+def _run_setup(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    dirs = {
+        "CA_PRIVATE": tmp_path / "ca-private",
+        "CA_PUBLIC": tmp_path / "ca",
+        "MOSQUITTO_TLS": tmp_path / "mosquitto",
+        "POSTGRES_TLS": tmp_path / "postgres",
+        "MOSQUITTO_AUTH": tmp_path / "auth",
+    }
+    return subprocess.run(
+        ["sh", str(SETUP_SCRIPT)],
+        env={"PATH": os.environ["PATH"], **{k: str(v) for k, v in dirs.items()}, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+needs_tools = pytest.mark.skipif(
+    not (shutil.which("openssl") and shutil.which("mosquitto_passwd")),
+    reason="openssl and mosquitto_passwd are needed to run deploy/setup/setup.sh",
+)
+
+
+@needs_tools
+def test_setup_makes_certificates_that_verify_the_servers_names(tmp_path: Path) -> None:
+    done = _run_setup(tmp_path, MQTT_INGEST_PASSWORD="pw-ingest", MQTT_DEVICE_PASSWORD="pw-dev")
+    assert done.returncode == 0, done.stderr
+    ca = tmp_path / "ca" / "ca.crt"
+    context = ssl.create_default_context(cafile=str(ca))
+    for server, names in (("mosquitto", ["mosquitto", "localhost"]), ("postgres", ["postgres"])):
+        cert = tmp_path / server / "server.crt"
+        assert (tmp_path / server / "ca.crt").read_bytes() == ca.read_bytes()
+        assert (tmp_path / server / "server.key").stat().st_mode & 0o077 == 0
+        text = subprocess.run(
+            ["openssl", "x509", "-in", str(cert), "-noout", "-ext", "subjectAltName"],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        for name in names:
+            assert f"DNS:{name}" in text, (server, name)
+        verified = subprocess.run(
+            ["openssl", "verify", "-CAfile", str(ca), "-x509_strict", str(cert)],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert context.verify_mode == ssl.CERT_REQUIRED
+    assert (tmp_path / "ca-private" / "ca.key").exists()
+    assert not (tmp_path / "ca" / "ca.key").exists()
+    passwd = (tmp_path / "auth" / "passwd").read_text()
+    assert [line.split(":")[0] for line in passwd.splitlines()] == ["ingest", "devices", "health"]
+    assert "pw-ingest" not in passwd and "pw-dev" not in passwd  # hashed
+    # A second run keeps the certificates and rewrites the passwords.
+    before = (tmp_path / "mosquitto" / "server.crt").read_bytes()
+    again = _run_setup(tmp_path, MQTT_INGEST_PASSWORD="new", MQTT_DEVICE_PASSWORD="pw-dev")
+    assert again.returncode == 0, again.stderr
+    assert (tmp_path / "mosquitto" / "server.crt").read_bytes() == before
+    assert (tmp_path / "auth" / "passwd").read_text() != passwd
+
+
+@needs_tools
+def test_setup_refuses_to_run_without_passwords(tmp_path: Path) -> None:
+    done = _run_setup(tmp_path, MQTT_INGEST_PASSWORD="x")
+    assert done.returncode != 0
+    assert "MQTT_DEVICE_PASSWORD" in done.stderr
+    assert not (tmp_path / "auth" / "passwd").exists()
+
+
 # --------------------------------------------------------------------------- Dockerfile
 
 
@@ -358,6 +638,9 @@ def test_dockerfile() -> None:
     command = json.loads(healthcheck.split(" CMD ", 1)[1])
     assert command[0] == "python" and "/healthz" in command[-1] and "urllib" in command[-1]
     assert ("EXPOSE", str(METRICS_PORT)) in instructions
+    # The daemon binds loopback unless told otherwise; in a container that would be unreachable.
+    env = " ".join(rest for keyword, rest in instructions if keyword == "ENV").split()
+    assert "INGEST_METRICS_HOST=0.0.0.0" in env
     assert ("ENTRYPOINT", '["ingest"]') in instructions
     assert ("CMD", '["run"]') in instructions
 
@@ -405,13 +688,18 @@ def test_datasource_reaches_the_database(
     assert datasource["uid"]
     assert datasource["url"] == "postgres:5432"
     assert datasource["jsonData"]["database"] == _environment(services["postgres"])["POSTGRES_DB"]
-    # Read-only role from the initdb script; its password reaches both containers.
+    # The read-only login from the initdb script; its password reaches both containers.
     assert datasource["user"] == "grafana_reader"
     initdb = "".join(p.read_text() for p in sorted(POSTGRES_INITDB.iterdir()))
-    assert "CREATE ROLE grafana_reader" in initdb and "GRAFANA_DB_PASSWORD" in initdb
+    assert "CREATE ROLE grafana_reader LOGIN" in initdb and "GRAFANA_DB_PASSWORD" in initdb
     assert datasource["secureJsonData"]["password"] == "${GRAFANA_DB_PASSWORD}"
     passwords = {_environment(services[s])["GRAFANA_DB_PASSWORD"] for s in ("postgres", "grafana")}
-    assert len(passwords) == 1
+    assert passwords == {"<GRAFANA_DB_PASSWORD>"}
+    # TLS with the certificate and the host name verified, against the stack's CA.
+    tls = datasource["jsonData"]
+    assert tls["sslmode"] == "verify-full"
+    assert tls["tlsConfigurationMethod"] == "file-path"
+    assert _mount_of(services["grafana"], tls["sslRootCertFile"]) == "tls-ca"
 
 
 def test_provisioning_is_mounted(services: dict[str, dict[str, Any]]) -> None:
