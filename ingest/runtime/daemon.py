@@ -137,8 +137,11 @@ class Daemon:
                 log=logging.getLogger("ingest.pipeline"),
             )
             self.pipeline = pipeline
-            self.observability.attach(pipeline, writer)
-            await self._run_pipeline(pipeline)
+            folder = dashboard.Folder(
+                self.settings.database_url, self.settings, logging.getLogger("ingest.dashboard")
+            )
+            self.observability.attach(pipeline, writer, dashboard=folder.statistics)
+            await self._run_pipeline(pipeline, folder)
             await self._final_fold()
             self._log_drained(pipeline)
 
@@ -184,7 +187,7 @@ class Daemon:
         if dropped:
             self.log.info("partitions dropped (retention): %s", ", ".join(dropped))
 
-    async def _run_pipeline(self, pipeline: Pipeline) -> None:
+    async def _run_pipeline(self, pipeline: Pipeline, folder: dashboard.Folder) -> None:
         """The pipeline, with the stats line and the maintenance tasks beside it until it
         has drained."""
         s = self.settings
@@ -200,13 +203,7 @@ class Daemon:
                 logging.getLogger("ingest.partitions"),
                 name="ingest[partitions]",
             )
-            tg.start_soon(
-                dashboard.fold_forever,
-                s.database_url,
-                s,
-                logging.getLogger("ingest.dashboard"),
-                name="ingest[dashboard]",
-            )
+            tg.start_soon(folder.run, name="ingest[dashboard]")
             await pipeline.run()
             tg.cancel_scope.cancel()
 
