@@ -79,19 +79,8 @@ class Batcher:
         """The next batch, or None once the channel is closed and empty."""
         if self._ended:
             return None
-        rx = self._rx
-        try:
-            first = rx.receive_nowait()
-            busy = True  # something was already waiting: we are under load
-        except anyio.WouldBlock:
-            busy = False
-            try:
-                first = await rx.receive()
-            except anyio.EndOfStream:
-                self._ended = True
-                return None
-        except anyio.EndOfStream:
-            self._ended = True
+        first, busy = await self._first()
+        if first is None:
             return None
         batch = [first]
         rows = rows_of(first)
@@ -101,32 +90,13 @@ class Batcher:
             if len(batch) >= share:
                 self.cut_by_window += 1
                 break
-            try:
-                item = rx.receive_nowait()
+            try:  # the fast path, once per message under load: no coroutine
+                item = self._rx.receive_nowait()
             except anyio.WouldBlock:
-                outstanding = self._outstanding()
-                if self._observed_window is not None and outstanding > self._observed_window:
-                    self._observed_window = None  # the broker sent more: it was not the window
-                if outstanding >= self.window:
-                    self.cut_by_window += 1
+                more = await self._more(deadline, busy)
+                if more is None:
                     break
-                remaining = deadline - self._clock()
-                if remaining <= 0:
-                    self.cut_by_delay += 1
-                    break
-                item_or_none: Delivery | None = None
-                with anyio.move_on_after(remaining):
-                    try:
-                        item_or_none = await rx.receive()
-                    except anyio.EndOfStream:
-                        self._ended = True
-                if item_or_none is None:
-                    if self._ended:
-                        break
-                    self.cut_by_delay += 1
-                    self._note_stall(outstanding, busy)
-                    break
-                item = item_or_none
+                item = more
             except anyio.EndOfStream:
                 self._ended = True
                 break
@@ -136,6 +106,51 @@ class Batcher:
             self.cut_by_rows += 1
         self.batches += 1
         return batch
+
+    async def _first(self) -> tuple[Delivery | None, bool]:
+        """The batch's first message (None once the channel is closed and empty), and whether
+        it was already waiting: then we are under load (see :meth:`_note_stall`)."""
+        try:
+            return self._rx.receive_nowait(), True
+        except anyio.WouldBlock:
+            pass
+        except anyio.EndOfStream:
+            self._ended = True
+            return None, False
+        try:
+            return await self._rx.receive(), False
+        except anyio.EndOfStream:
+            self._ended = True
+            return None, False
+
+    async def _more(self, deadline: float, busy: bool) -> Delivery | None:
+        """Nothing waits in the channel: the batch's next message once it arrives, or None when
+        the batch ends here: the channel ended, or the batch is cut (counted by cause) because
+        the window is in hand or time is up."""
+        outstanding = self._outstanding()
+        if self._observed_window is not None and outstanding > self._observed_window:
+            self._observed_window = None  # the broker sent more: it was not the window
+        if outstanding >= self.window:
+            self.cut_by_window += 1
+            return None
+        remaining = deadline - self._clock()
+        if remaining <= 0:
+            self.cut_by_delay += 1
+            return None
+        return await self._wait(remaining, outstanding, busy)
+
+    async def _wait(self, remaining: float, outstanding: int, busy: bool) -> Delivery | None:
+        """One more message within ``remaining`` seconds, else None (a cut by delay, unless
+        the channel ended)."""
+        with anyio.move_on_after(remaining):
+            try:
+                return await self._rx.receive()
+            except anyio.EndOfStream:
+                self._ended = True
+                return None
+        self.cut_by_delay += 1
+        self._note_stall(outstanding, busy)
+        return None
 
     def _note_stall(self, outstanding: int, busy: bool) -> None:
         """A wait ended by the timer with nothing new while ``outstanding`` were unacked."""
