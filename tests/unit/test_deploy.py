@@ -63,7 +63,7 @@ SHUTDOWN_TIMEOUT_S = 30.0
 METRICS_PORT = 9600
 MQTT_PLAIN, MQTT_TLS = 1883, 8883
 
-# DESIGN.md §2 "Database" and the dashboard issue: the tables and columns panels may use.
+# README "Database schema" (docs/design.md, Public contract): what panels may use.
 SCHEMA: dict[str, frozenset[str]] = {
     "readings": frozenset({"device_id", "metric", "ts", "value"}),
     "dead_letters": frozenset({"id", "received_at", "topic", "payload", "error", "reason"}),
