@@ -71,6 +71,19 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    _add_fleet_flags(p)
+    _add_fault_flags(p)
+    _add_scale_flags(p)
+    _add_connection_flags(p)
+    p.add_argument(
+        "--report", choices=("text", "json"), default="text", help="report format (default text)"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress line on stderr")
+    return p
+
+
+def _add_fleet_flags(p: argparse.ArgumentParser) -> None:
+    """Where the fleet publishes, how big it is, how fast and for how long."""
     p.add_argument(
         "--mqtt-url",
         metavar="URL",
@@ -114,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="K",
         help="samples per message; K > 1 sends a JSON array (default 1)",
     )
+
+
+def _add_fault_flags(p: argparse.ArgumentParser) -> None:
+    """The shares of messages that misbehave (see README, Faults)."""
     p.add_argument(
         "--bad-ratio",
         type=float,
@@ -136,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="F",
         help="share of samples with a timestamp 2-15 minutes in the past (default 0)",
     )
+
+
+def _add_scale_flags(p: argparse.ArgumentParser) -> None:
+    """How the fleet is spread over connections and processes."""
     p.add_argument(
         "--connections",
         type=int,
@@ -149,12 +170,6 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="P",
         help="processes the fleet is spread over, for more than one core can carry (default 1)",
     )
-    _add_connection_flags(p)
-    p.add_argument(
-        "--report", choices=("text", "json"), default="text", help="report format (default text)"
-    )
-    p.add_argument("--quiet", action="store_true", help="no progress line on stderr")
-    return p
 
 
 #: Flags whose default is the daemon's environment variable of the same meaning.
