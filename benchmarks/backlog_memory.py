@@ -1,12 +1,12 @@
-"""Memory with a backlog at the broker (issues 4 and 5).
+"""Memory with a backlog at the broker: the daemon must stay bounded whatever waits upstream.
 
 Two modes, each on its own throwaway Mosquitto (project config) and Postgres cluster:
 
-* ``outage`` (issue 4): the daemon runs, the database goes away, ``--messages`` (default
+* ``outage``: the daemon runs, the database goes away, ``--messages`` (default
   500,000) pile up at the broker; the daemon's RSS is sampled throughout. It must stay flat: the
   broker holds the backlog, the daemon holds at most its channel and the in-flight window. Then
   the database returns and the time to catch up is measured.
-* ``prequeued`` (issue 5): ``--messages`` (default 1,000,000) wait at the broker before the
+* ``prequeued``: ``--messages`` (default 1,000,000) wait at the broker before the
   daemon starts (``--workers N`` for several processes); peak RSS per worker while it drains.
 
     python -m benchmarks.backlog_memory --mode outage --messages 500000

@@ -1,4 +1,4 @@
-"""Scaling of ``ingest run --workers N`` on one pre-queued backlog (issue 5).
+"""Scaling of ``ingest run --workers N`` on one pre-queued backlog: does throughput follow N?
 
 For each N (default 1, 2, 4): a throwaway Mosquitto (project config) and Postgres cluster
 (durable), N persistent sessions registered in one shared subscription group

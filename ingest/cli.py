@@ -75,13 +75,13 @@ def _parser() -> argparse.ArgumentParser:
     migrate.add_argument("--config", metavar="FILE", help="TOML file with settings")
     _add_settings_flags(migrate, only={"database_url", "log_level", "log_format"})
 
-    # Operator tools (issue 4): each module adds its subcommand and sets args.handler.
+    # Operator tools: each module adds its own subcommand and handler; their options live there.
     from ingest.tools import audit, replay
 
     audit.register(sub, _add_settings_flags)
     replay.register(sub, _add_settings_flags)
 
-    from ingest.tools import demo  # issue 7: embedded servers + daemon + simulated fleet
+    from ingest.tools import demo  # a first try with nothing installed: embedded servers, fleet
 
     demo.register(sub)
     return parser

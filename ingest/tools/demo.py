@@ -485,7 +485,7 @@ async def _queries(dsn: str) -> dict[str, Any]:
         out["dead_letters"] = await conn.fetch(
             "SELECT reason, count(*) AS n FROM dead_letters GROUP BY reason ORDER BY n DESC"
         )
-        # The dashboard tables when they are there and kept (issue 8), else the raw readings.
+        # The dashboard tables when present and folded (cheaper), else the raw readings.
         out["devices_from"] = "readings"
         out["devices"] = await conn.fetchval("SELECT count(DISTINCT device_id) FROM readings")
         if have["devices"] and (n := await conn.fetchval("SELECT count(*) FROM devices")):

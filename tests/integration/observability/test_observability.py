@@ -1,4 +1,4 @@
-"""Issue 6 against real servers: /metrics under traffic, /healthz, /readyz, secrets in logs."""
+"""Observability against real servers: /metrics under traffic, /healthz, /readyz, secrets in logs."""
 
 from __future__ import annotations
 
