@@ -101,6 +101,8 @@ class SimulatorConfig:
     bad_ratio: float = 0.0
     duplicate_ratio: float = 0.0
     late_ratio: float = 0.0
+    #: Share of messages drawn from the hostile kinds (``_faults.HOSTILE_KINDS``).
+    hostile_ratio: float = 0.0
     connections: int | None = None
     processes: int = 1
     #: Bounded wait for outstanding acknowledgements (QoS 1) once the schedule is done.
@@ -142,6 +144,7 @@ class SimulatorConfig:
             ("--bad-ratio", self.bad_ratio),
             ("--duplicate-ratio", self.duplicate_ratio),
             ("--late-ratio", self.late_ratio),
+            ("--hostile-ratio", self.hostile_ratio),
         ):
             _finite(name, ratio, 0.0, 1.0, open_low=False)
         _positive_int("--processes", self.processes, MAX_PROCESSES)

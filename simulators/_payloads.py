@@ -2,9 +2,10 @@
 
 A message is either valid (``samples_per_message`` samples, each with the device's next
 ``seq`` and a timestamp in epoch milliseconds that no other sample of this device has) or
-malformed (``--bad-ratio``; see ``_faults``). Valid messages may be marked to be published
-twice (``--duplicate-ratio``), and single samples may carry a timestamp minutes in the past
-(``--late-ratio``).
+malformed (``--bad-ratio``) or hostile (``--hostile-ratio``; see ``_faults``): a hostile one is
+bad (a dead letter by the daemon's limits) or ``extreme``, valid samples whose values are the
+largest doubles. Valid messages may be marked to be published twice (``--duplicate-ratio``),
+and single samples may carry a timestamp minutes in the past (``--late-ratio``).
 
 Timestamp uniqueness per device (the daemon's key is ``(device_id, metric, ts)``, so two
 samples sharing a millisecond would collapse into one row):
@@ -18,13 +19,14 @@ samples sharing a millisecond would collapse into one row):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 from simulators._config import device_id
-from simulators._faults import BAD_KINDS, bad_payload
+from simulators._faults import BAD_KINDS, EXTREME, EXTREME_VALUES, HOSTILE_KINDS, bad_payload
 from simulators._signals import STREAM_FAULTS, Noise, Signals, noise_tables
 
 #: How far in the past a late sample is (uniform in this range, milliseconds).
@@ -37,6 +39,7 @@ class FaultRatios:
     bad: float = 0.0
     duplicate: float = 0.0
     late: float = 0.0
+    hostile: float = 0.0
 
 
 NO_FAULTS = FaultRatios()
@@ -63,8 +66,10 @@ class Device:
         "bad",
         "device_id",
         "duplicates",
+        "extreme",
         "failed",
         "index",
+        "kinds",
         "late",
         "messages",
         "published",
@@ -93,7 +98,7 @@ class Device:
         self._faults = Noise(noise_tables(seed)[1], seed, index, STREAM_FAULTS)
         self._ratios = faults
         self._plain = samples_per_message == 1 and not (
-            faults.bad or faults.duplicate or faults.late
+            faults.bad or faults.duplicate or faults.late or faults.hostile
         )
         self._k = samples_per_message
         # Samples of one message are spread over the interval between messages.
@@ -105,6 +110,8 @@ class Device:
         # Counters for the report.
         self.messages = 0  # scheduled messages generated (a duplicate is not a new one)
         self.bad = 0
+        self.kinds: dict[str, int] = {}  # bad messages by kind
+        self.extreme = 0  # valid messages of extreme values
         self.duplicates = 0
         self.late = 0
         self.published = 0  # acknowledged (QoS 1) / handed to the socket (QoS 0), duplicates too
@@ -141,36 +148,47 @@ class Device:
 
         draw = self._faults.next
         if ratios.bad and draw() < ratios.bad:
-            kind = BAD_KINDS[int(draw() * len(BAD_KINDS))]
-            self.bad += 1
-            payload = bad_payload(
-                kind,
-                device_id=self.device_id,
-                ts_ms=now,
-                seq=self.seq + 1,
-                values=self.signals.peek(now),
-                fw=self.signals.fw,
-            )
-            return payload, 0, kind, False, 0
+            return self._bad(BAD_KINDS[int(draw() * len(BAD_KINDS))], now)
+        extreme = False
+        if ratios.hostile and draw() < ratios.hostile:
+            kind = HOSTILE_KINDS[int(draw() * len(HOSTILE_KINDS))]
+            if kind != EXTREME:
+                return self._bad(kind, now)
+            extreme = True
+            self.extreme += 1
+        return self._valid(now, extreme)
 
+    def _bad(self, kind: str, now: int) -> Message:
+        self.bad += 1
+        self.kinds[kind] = self.kinds.get(kind, 0) + 1
+        payload = bad_payload(
+            kind,
+            device_id=self.device_id,
+            ts_ms=now,
+            seq=self.seq + 1,
+            values=self.signals.peek(now),
+            fw=self.signals.fw,
+        )
+        return payload, 0, kind, False, 0
+
+    def _valid(self, now: int, extreme: bool) -> Message:
+        """``samples_per_message`` samples (faults drawn per sample); ``extreme``: their
+        values are the largest doubles instead of the device's signals."""
+        ratios = self._ratios
+        draw = self._faults.next
         k = self._k
-        spacing = self._spacing_ms
         fw = self.signals.fw
         late = 0
         samples: list[dict[str, Any]] = []
-        for j in range(k):
+        for _ in range(k):
             if ratios.late and draw() < ratios.late:
-                offset = LATE_MIN_MS + int(draw() * (LATE_MAX_MS - LATE_MIN_MS))
-                ts = min(now - offset, self._late_floor - 1)
-                self._late_floor = ts
+                ts = self._late_ts(now, draw)
                 late += 1
             else:
-                ts = round(now - (k - 1 - j) * spacing)
-                if ts <= self._last_ts:
-                    ts = self._last_ts + 1
-                self._last_ts = ts
+                ts = self._on_time_ts(now, len(samples))
             self.seq += 1
-            t, h, b, r = self.signals.step(ts)
+            step = self.signals.step(ts)  # advanced either way: the signals stay the same
+            t, h, b, r = EXTREME_VALUES if extreme else step
             samples.append(
                 {
                     "ts": ts,
@@ -188,3 +206,16 @@ class Device:
         if duplicate:
             self.duplicates += 1
         return payload, k, None, duplicate, late
+
+    def _late_ts(self, now: int, draw: Callable[[], float]) -> int:
+        offset = LATE_MIN_MS + int(draw() * (LATE_MAX_MS - LATE_MIN_MS))
+        ts = min(now - offset, self._late_floor - 1)
+        self._late_floor = ts
+        return ts
+
+    def _on_time_ts(self, now: int, j: int) -> int:
+        ts = round(now - (self._k - 1 - j) * self._spacing_ms)
+        if ts <= self._last_ts:
+            ts = self._last_ts + 1
+        self._last_ts = ts
+        return ts

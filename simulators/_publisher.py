@@ -25,14 +25,14 @@ import math
 import os
 import random
 import secrets
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from simulators._config import MqttUrl
 from simulators._errors import ConnectError
-from simulators._faults import BAD_KINDS
+from simulators._faults import BAD_KINDS, HOSTILE_BAD_KINDS
 from simulators._mqtt import Connection, ProtocolError, RefusedError, publish_packet, topic_field
-from simulators._payloads import Device
-from simulators._schedule import Schedule
+from simulators._payloads import Device, Message
+from simulators._schedule import Schedule, Slot
 
 #: Messages generated and written per batch before the loop gets a turn.
 BATCH = 256
@@ -67,7 +67,7 @@ class Stats:
         self.failed = 0
         self.samples = 0  # valid samples in published messages (duplicates excluded)
         self.late = 0
-        self.bad = dict.fromkeys(BAD_KINDS, 0)
+        self.bad = dict.fromkeys((*BAD_KINDS, *HOSTILE_BAD_KINDS), 0)
         self.failures = {"disconnected": 0, "unacknowledged": 0}
         self.reconnects = 0
         self.connect_failures = 0
@@ -276,14 +276,8 @@ class Publisher:
 
     async def _send(self, start: float, start_wall_ms: float) -> None:
         loop = asyncio.get_running_loop()
-        devices = self._devices
-        stats = self._stats
-        bad_counts = stats.bad
-        qos1 = self._qos == 1
-        window = self._window
         per_slot = self._schedule.interval
-        per_slot_ms = per_slot * 1000.0
-        slots = self._schedule.slots(devices)
+        slots = self._schedule.slots(self._devices)
         pending = next(slots, None)
         # --duration bounds the run's time: what a slow machine could not send by then (plus
         # a little grace for a late wake-up) is left out, and the report shows the shortfall.
@@ -295,70 +289,124 @@ class Publisher:
                 break
             due = start + pending[0] * per_slot
             if due > now:
-                stats.lag = 0.0
+                self._stats.lag = 0.0
                 await self._wait(due)
                 continue
-            conn = self._conn
-            connected = conn is not None and conn.is_open
-            if connected and conn is not None:
-                if not conn.writable:
-                    await self._wait()
-                    continue
-                room = min(BATCH, window - len(conn.inflight) - 1) if qos1 else BATCH
-                if room <= 0:
-                    await self._wait(inflight_at_most=window // 2)
-                    continue
-            else:
-                room = BATCH
-            lag = now - due
-            stats.lag = lag
-            if lag > stats.max_lag:
-                stats.max_lag = lag
-            packets: list[bytes] = []
-            while room > 0 and pending is not None:
-                slot, position = pending
-                if start + slot * per_slot > now:
-                    break
-                device = devices[position]
-                payload, samples, bad, duplicate, late = device.next_message(
-                    start_wall_ms + slot * per_slot_ms
-                )
-                stats.messages += 1
-                copies = 1
-                if bad is not None:
-                    bad_counts[bad] += 1
-                elif duplicate:
-                    stats.duplicates += 1
-                    copies = 2
-                stats.late += late
-                if not connected or conn is None:
-                    device.failed += copies
-                    stats.failed += copies
-                    stats.failures["disconnected"] += copies
-                elif qos1:
-                    inflight = conn.inflight
-                    mid = conn.next_mid()
-                    inflight[mid] = (device, False, samples)
-                    packets.append(publish_packet(device.wire_topic, payload, mid))
-                    if copies == 2:
-                        mid = conn.next_mid()
-                        inflight[mid] = (device, True, samples)
-                        packets.append(publish_packet(device.wire_topic, payload, mid))
-                else:
-                    packet = publish_packet(device.wire_topic, payload)
-                    packets.append(packet)
-                    device.published += copies
-                    stats.published += copies
-                    stats.samples += samples
-                    if copies == 2:
-                        packets.append(packet)
-                        stats.published_duplicates += 1
-                room -= copies
-                pending = next(slots, None)
-            if packets and conn is not None:
-                conn.write(b"".join(packets))
+            room = await self._room()
+            if room is None:
+                continue  # waited: time, connection and window may all have changed
+            self._note_lag(now - due)
+            pending = self._send_due(slots, pending, room, start, start_wall_ms, now)
             # Let acknowledgements and the other connections in before the next batch.
             await asyncio.sleep(0)
+
+    async def _room(self) -> int | None:
+        """How many messages may be generated now, or None after waiting for room. While
+        disconnected, a batch is generated all the same (and failed: ``_send_due``)."""
+        conn = self._conn
+        if conn is None or not conn.is_open:
+            return BATCH
+        if not conn.writable:
+            await self._wait()
+            return None
+        if self._qos != 1:
+            return BATCH
+        room = min(BATCH, self._window - len(conn.inflight) - 1)
+        if room <= 0:
+            await self._wait(inflight_at_most=self._window // 2)
+            return None
+        return room
+
+    def _note_lag(self, lag: float) -> None:
+        stats = self._stats
+        stats.lag = lag
+        if lag > stats.max_lag:
+            stats.max_lag = lag
+
+    def _send_due(
+        self,
+        slots: Iterator[Slot],
+        pending: Slot | None,
+        room: int,
+        start: float,
+        start_wall_ms: float,
+        now: float,
+    ) -> Slot | None:
+        """Generate the messages due by ``now`` (at most ``room``, a duplicate counting
+        twice) and write them in one go; returns the first slot not yet sent."""
+        devices = self._devices
+        per_slot = self._schedule.interval
+        per_slot_ms = per_slot * 1000.0
+        conn = self._conn
+        if conn is not None and not conn.is_open:
+            conn = None
+        packets: list[bytes] = []
+        while room > 0 and pending is not None:
+            slot, position = pending
+            if start + slot * per_slot > now:
+                break
+            device = devices[position]
+            message = device.next_message(start_wall_ms + slot * per_slot_ms)
+            copies = self._count(message)
+            if conn is None:
+                self._fail(device, copies, "disconnected")
+            elif self._qos == 1:
+                self._queue_qos1(conn, device, message, copies, packets)
+            else:
+                self._queue_qos0(device, message, copies, packets)
+            room -= copies
+            pending = next(slots, None)
+        if packets and conn is not None:
+            conn.write(b"".join(packets))
+        return pending
+
+    def _count(self, message: Message) -> int:
+        """Count a generated message; returns how many copies of it go out."""
+        _payload, _samples, bad, duplicate, late = message
+        stats = self._stats
+        stats.messages += 1
+        stats.late += late
+        if bad is not None:
+            stats.bad[bad] += 1
+        elif duplicate:
+            stats.duplicates += 1
+            return 2
+        return 1
+
+    def _fail(self, device: Device, copies: int, why: str) -> None:
+        device.failed += copies
+        self._stats.failed += copies
+        self._stats.failures[why] += copies
+
+    @staticmethod
+    def _queue_qos1(
+        conn: Connection, device: Device, message: Message, copies: int, packets: list[bytes]
+    ) -> None:
+        # Published when the PUBACK arrives (_on_ack); the token says what to count then.
+        payload, samples = message[0], message[1]
+        inflight = conn.inflight
+        mid = conn.next_mid()
+        inflight[mid] = (device, False, samples)
+        packets.append(publish_packet(device.wire_topic, payload, mid))
+        if copies == 2:
+            mid = conn.next_mid()
+            inflight[mid] = (device, True, samples)
+            packets.append(publish_packet(device.wire_topic, payload, mid))
+
+    def _queue_qos0(
+        self, device: Device, message: Message, copies: int, packets: list[bytes]
+    ) -> None:
+        # Published when handed to the transport: counted now.
+        payload, samples = message[0], message[1]
+        stats = self._stats
+        packet = publish_packet(device.wire_topic, payload)
+        packets.append(packet)
+        device.published += copies
+        stats.published += copies
+        stats.samples += samples
+        if copies == 2:
+            packets.append(packet)
+            stats.published_duplicates += 1
 
     async def _drain(self) -> float:
         """Wait (at most ``ack_timeout``) for outstanding acknowledgements."""

@@ -7,13 +7,17 @@ from datetime import UTC, datetime
 from typing import Any
 
 from simulators._config import SimulatorConfig
-from simulators._faults import BAD_KINDS
+from simulators._faults import BAD_KINDS, HOSTILE_BAD_KINDS
 
 #: Per-device counters go into the report up to this many devices.
 PER_DEVICE_LIMIT = 1000
 
 #: The achieved rate may fall this far below the target before the report calls it short.
 RATE_TOLERANCE = 0.05
+
+
+DeviceCounts = tuple[int, int, int, int, int, int, int]
+DeviceKinds = tuple[int, dict[str, int]]
 
 
 @dataclass(slots=True)
@@ -27,7 +31,10 @@ class ProcessResult:
     failed: int = 0
     samples: int = 0
     late: int = 0
-    bad: dict[str, int] = field(default_factory=lambda: dict.fromkeys(BAD_KINDS, 0))
+    bad: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys((*BAD_KINDS, *HOSTILE_BAD_KINDS), 0)
+    )
+    extreme: int = 0
     failures: dict[str, int] = field(default_factory=dict)
     reconnects: int = 0
     connect_failures: int = 0
@@ -35,7 +42,9 @@ class ProcessResult:
     #: Epoch seconds when its last message was settled (acknowledged, failed or handed over).
     finished: float = 0.0
     #: device id -> (messages, published, failed, last seq, bad, duplicates, late)
-    devices: dict[str, tuple[int, int, int, int, int, int, int]] | None = None
+    devices: dict[str, DeviceCounts] | None = None
+    #: device id -> (extreme messages, bad messages by kind), kept with ``devices``
+    kinds: dict[str, DeviceKinds] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
 
 
@@ -86,7 +95,7 @@ class Report:
     started_at: str
     finished_at: str
     errors: list[str]
-    per_device: dict[str, dict[str, int]] | None
+    per_device: dict[str, dict[str, Any]] | None
 
     @property
     def exit_status(self) -> int:
@@ -120,8 +129,9 @@ class Report:
         bad = self.faults["bad_kinds"]
         lines.append(
             f"  faults    bad {self.faults['bad']:,} ("
-            + ", ".join(f"{k} {bad[k]:,}" for k in BAD_KINDS)
+            + ", ".join(f"{k} {bad[k]:,}" for k in bad)
             + f"), duplicate {self.faults['duplicate']:,}, late samples {self.faults['late']:,}"
+            + (f", extreme {self.faults['extreme']:,}" if "extreme" in self.faults else "")
         )
         if self.reconnects or self.connect_failures:
             lines.append(
@@ -164,35 +174,7 @@ def build_report(
     the epoch time of an interruption; ``nominal`` the schedule's length and ``scheduled`` its
     messages (``None``: until stopped).
     """
-    total = ProcessResult(failures={})
-    per_device: dict[str, dict[str, int]] = {}
-    for r in results:
-        total.messages += r.messages
-        total.duplicates += r.duplicates
-        total.published += r.published
-        total.published_duplicates += r.published_duplicates
-        total.failed += r.failed
-        total.samples += r.samples
-        total.late += r.late
-        for kind, n in r.bad.items():
-            total.bad[kind] = total.bad.get(kind, 0) + n
-        for reason, n in r.failures.items():
-            total.failures[reason] = total.failures.get(reason, 0) + n
-        total.reconnects += r.reconnects
-        total.connect_failures += r.connect_failures
-        total.max_lag = max(total.max_lag, r.max_lag)
-        total.finished = max(total.finished, r.finished)
-        total.errors.extend(r.errors)
-        for dev, (msgs, pub, failed, seq, bad, dup, late) in (r.devices or {}).items():
-            per_device[dev] = {
-                "messages": msgs,
-                "published": pub,
-                "failed": failed,
-                "last_seq": seq,
-                "bad": bad,
-                "duplicates": dup,
-                "late": late,
-            }
+    total, per_device = _merge(results)
     finished = max(total.finished, started)
     elapsed = finished - started
     # A run that kept up ends with its last slot, one slot short of the schedule's length:
@@ -215,12 +197,7 @@ def build_report(
         messages=total.messages,
         scheduled=scheduled if stopped is None else None,
         samples=total.samples,
-        faults={
-            "bad": sum(total.bad.values()),
-            "bad_kinds": {k: total.bad.get(k, 0) for k in BAD_KINDS},
-            "duplicate": total.duplicates,
-            "late": total.late,
-        },
+        faults=_faults(config, total),
         failures=total.failures,
         reconnects=total.reconnects,
         connect_failures=total.connect_failures,
@@ -239,6 +216,66 @@ def build_report(
         errors=total.errors,
         per_device=dict(sorted(per_device.items())) if per_device else None,
     )
+
+
+def _merge(results: list[ProcessResult]) -> tuple[ProcessResult, dict[str, dict[str, Any]]]:
+    """The processes' totals, and the counters of each device (when they were kept)."""
+    total = ProcessResult(failures={})
+    per_device: dict[str, dict[str, Any]] = {}
+    for r in results:
+        total.messages += r.messages
+        total.duplicates += r.duplicates
+        total.published += r.published
+        total.published_duplicates += r.published_duplicates
+        total.failed += r.failed
+        total.samples += r.samples
+        total.late += r.late
+        total.extreme += r.extreme
+        for kind, n in r.bad.items():
+            total.bad[kind] = total.bad.get(kind, 0) + n
+        for reason, n in r.failures.items():
+            total.failures[reason] = total.failures.get(reason, 0) + n
+        total.reconnects += r.reconnects
+        total.connect_failures += r.connect_failures
+        total.max_lag = max(total.max_lag, r.max_lag)
+        total.finished = max(total.finished, r.finished)
+        total.errors.extend(r.errors)
+        for dev, counts in (r.devices or {}).items():
+            per_device[dev] = _device(counts, r.kinds.get(dev, (0, {})))
+    return total, per_device
+
+
+def _device(counts: DeviceCounts, more: DeviceKinds) -> dict[str, Any]:
+    msgs, pub, failed, seq, bad, dup, late = counts
+    extreme, kinds = more
+    return {
+        "messages": msgs,
+        "published": pub,
+        "failed": failed,
+        "last_seq": seq,
+        "bad": bad,
+        "duplicates": dup,
+        "late": late,
+        "extreme": extreme,
+        # Bad messages by kind (``_faults.REASONS`` names the dead letter reason of each):
+        # with ``failed`` 0, this device's dead letters by reason, kind for kind.
+        "bad_kinds": dict(sorted(kinds.items())),
+    }
+
+
+def _faults(config: SimulatorConfig, total: ProcessResult) -> dict[str, Any]:
+    """The fault counters; the hostile kinds (and ``extreme``) only when they were asked
+    for, so that a run without them reports exactly what it always did."""
+    kinds = (*BAD_KINDS, *HOSTILE_BAD_KINDS) if config.hostile_ratio else BAD_KINDS
+    faults: dict[str, Any] = {
+        "bad": sum(total.bad.values()),
+        "bad_kinds": {k: total.bad.get(k, 0) for k in kinds},
+        "duplicate": total.duplicates,
+        "late": total.late,
+    }
+    if config.hostile_ratio:
+        faults["extreme"] = total.extreme
+    return faults
 
 
 def progress_line(p: Progress) -> str:

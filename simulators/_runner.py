@@ -65,9 +65,35 @@ def schedule_of(config: SimulatorConfig) -> Schedule:
 
 async def run_process(config: SimulatorConfig, part: int, control: Control) -> ProcessResult:
     """Simulate process ``part``'s share of the fleet."""
-    loop = asyncio.get_running_loop()
+    stats = Stats()
+    devices, publishers = _fleet(config, part, stats)
+    result = ProcessResult(failures={})
+    if not await _connect_all(publishers, control, config.connect_timeout):
+        result.finished = time.time()
+        return result
+    start_wall = await control.start()
+    if start_wall is None:
+        for p in publishers:
+            p.abort()
+        result.finished = time.time()
+        return result
+    start = asyncio.get_running_loop().time() + (start_wall - time.time())
+    for d in devices:
+        d.start(int(start_wall * 1000.0))
+    settled = await _run_all(publishers, control, stats, start, start_wall * 1000.0)
+    _fill(result, stats, devices, keep_devices=config.devices <= PER_DEVICE_LIMIT)
+    result.finished = start_wall + (max(settled) - start)
+    return result
+
+
+def _fleet(
+    config: SimulatorConfig, part: int, stats: Stats
+) -> tuple[list[Device], list[Publisher]]:
+    """Process ``part``'s devices, and its publishers (one per connection) sharing them."""
     schedule = schedule_of(config)
-    faults = FaultRatios(config.bad_ratio, config.duplicate_ratio, config.late_ratio)
+    faults = FaultRatios(
+        config.bad_ratio, config.duplicate_ratio, config.late_ratio, config.hostile_ratio
+    )
     devices = [
         Device(
             i,
@@ -79,7 +105,6 @@ async def run_process(config: SimulatorConfig, part: int, control: Control) -> P
         )
         for i in process_devices(config.devices, config.processes, part)
     ]
-    stats = Stats()
     groups = deal(
         devices,
         process_connections(config.connection_count, config.processes, part, config.devices),
@@ -98,9 +123,14 @@ async def run_process(config: SimulatorConfig, part: int, control: Control) -> P
         )
         for c, group in enumerate(groups)
     ]
-    result = ProcessResult(failures={})
+    return devices, publishers
+
+
+async def _connect_all(publishers: list[Publisher], control: Control, within: float) -> bool:
+    """Connect every publisher; False when stopped meanwhile. Raises the first
+    :class:`ConnectError` (or a bug) after dropping whatever did connect."""
     connecting = [
-        asyncio.create_task(p.connect(config.connect_timeout), name=f"simulate[{p.name}:connect]")
+        asyncio.create_task(p.connect(within), name=f"simulate[{p.name}:connect]")
         for p in publishers
     ]
     stopped = asyncio.ensure_future(control.stop.wait())
@@ -113,27 +143,23 @@ async def run_process(config: SimulatorConfig, part: int, control: Control) -> P
         t.cancel()  # interrupted while connecting (no-op for those done)
     await asyncio.gather(*connecting, return_exceptions=True)
     errors = [e for t in connecting if not t.cancelled() and (e := t.exception()) is not None]
-    if errors or any(t.cancelled() for t in connecting):
-        for p in publishers:
-            p.abort()
-        for e in errors:
-            if not isinstance(e, ConnectError):
-                raise e
-        if errors:
-            raise errors[0]
-        result.finished = time.time()
-        return result
+    if not errors and not any(t.cancelled() for t in connecting):
+        return True
+    for p in publishers:
+        p.abort()
+    for e in errors:
+        if not isinstance(e, ConnectError):
+            raise e
+    if errors:
+        raise errors[0]
+    return False
 
-    start_wall = await control.start()
-    if start_wall is None:
-        for p in publishers:
-            p.abort()
-        result.finished = time.time()
-        return result
-    start = loop.time() + (start_wall - time.time())
-    start_ms = start_wall * 1000.0
-    for d in devices:
-        d.start(int(start_ms))
+
+async def _run_all(
+    publishers: list[Publisher], control: Control, stats: Stats, start: float, start_ms: float
+) -> list[float]:
+    """Run every publisher from ``start`` (loop time), steered by ``control``; returns when
+    each settled its last message."""
 
     async def steer() -> None:
         await control.stop.wait()
@@ -143,15 +169,15 @@ async def run_process(config: SimulatorConfig, part: int, control: Control) -> P
         for p in publishers:
             p.force()
 
-    async def report_progress() -> None:
-        assert control.report is not None
+    async def report_progress(report: Callable[[Stats], None]) -> None:
         while True:
             await asyncio.sleep(PROGRESS_PERIOD / 2)
-            control.report(stats)
+            report(stats)
 
     helpers = [asyncio.create_task(steer(), name="simulate[steer]")]
     if control.report is not None:
-        helpers.append(asyncio.create_task(report_progress(), name="simulate[progress]"))
+        progress = report_progress(control.report)
+        helpers.append(asyncio.create_task(progress, name="simulate[progress]"))
     try:
         async with asyncio.TaskGroup() as group:  # a bug in one cancels the others
             runs = [
@@ -167,7 +193,12 @@ async def run_process(config: SimulatorConfig, part: int, control: Control) -> P
                 await h
     if control.report is not None:
         control.report(stats)
+    return settled
 
+
+def _fill(
+    result: ProcessResult, stats: Stats, devices: list[Device], *, keep_devices: bool
+) -> None:
     result.messages = stats.messages
     result.duplicates = stats.duplicates
     result.published = stats.published
@@ -175,18 +206,18 @@ async def run_process(config: SimulatorConfig, part: int, control: Control) -> P
     result.failed = stats.failed
     result.samples = stats.samples
     result.late = stats.late
+    result.extreme = sum(d.extreme for d in devices)
     result.bad = dict(stats.bad)
     result.failures = dict(stats.failures)
     result.reconnects = stats.reconnects
     result.connect_failures = stats.connect_failures
     result.max_lag = stats.max_lag
-    result.finished = start_wall + (max(settled) - start)
-    if config.devices <= PER_DEVICE_LIMIT:
+    if keep_devices:
         result.devices = {
             d.device_id: (d.messages, d.published, d.failed, d.seq, d.bad, d.duplicates, d.late)
             for d in devices
         }
-    return result
+        result.kinds = {d.device_id: (d.extreme, dict(d.kinds)) for d in devices}
 
 
 # -- one process -------------------------------------------------------------------------------
@@ -299,112 +330,145 @@ async def _child(
             await relay_task
 
 
+class _Children:
+    """The processes of a multi-process run, their shared events and counters, and what
+    they have reported so far (ready, results, errors)."""
+
+    def __init__(self, config: SimulatorConfig) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self.n = n = config.processes
+        self.stop, self.force, self.start = ctx.Event(), ctx.Event(), ctx.Event()
+        self.start_at = ctx.Value("d", 0.0)
+        self.counters = ctx.Array("d", n * _FIELDS, lock=False)
+        self.results: multiprocessing.Queue[tuple[str, int, Any]] = ctx.Queue()
+        self.processes = [
+            ctx.Process(
+                target=_child_main,
+                args=(
+                    config,
+                    part,
+                    (self.stop, self.force, self.start),
+                    self.start_at,
+                    self.counters,
+                    self.results,
+                ),
+                name=f"simulate-{part}",
+                daemon=True,
+            )
+            for part in range(n)
+        ]
+        self.ready: set[int] = set()
+        self.connect_errors: list[ConnectError] = []
+        self.done: dict[int, ProcessResult] = {}
+        self.errors: dict[int, str] = {}
+        self.started: float | None = None
+
+    def spawn(self) -> None:
+        # Children inherit the blocked mask through exec and ignore SIGINT before unblocking
+        # it: a Ctrl-C during their start-up cannot kill them half-way.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            for proc in self.processes:
+                proc.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+    @property
+    def settled(self) -> bool:
+        return len(self.done) + len(self.errors) >= self.n
+
+    def take(self, kind: str, part: int, payload: Any) -> None:
+        """One message from a child."""
+        if kind == "ready":
+            self.ready.add(part)
+        elif kind == "result":
+            self.done[part] = payload
+        elif kind == "connect":
+            self.connect_errors.append(ConnectError(*payload))
+            self.errors[part] = str(self.connect_errors[-1])
+        else:
+            self.errors[part] = str(payload)
+
+    def check(self, stop: asyncio.Event, force: asyncio.Event) -> None:
+        """Between messages: notice dead children, relay stop and force, start the run once
+        every child is ready."""
+        for part, proc in enumerate(self.processes):
+            if (
+                proc.exitcode is not None
+                and part not in self.done
+                and part not in self.errors
+                and self.results.empty()
+            ):
+                self.errors[part] = f"process {part} exited with status {proc.exitcode}"
+        if stop.is_set():
+            self.stop.set()
+        if force.is_set():
+            self.force.set()
+        if self.errors and self.started is None:
+            self.stop.set()  # a process could not connect: call the others off
+        if self.started is None and len(self.ready) == self.n and not stop.is_set():
+            self.started = time.time() + START_MARGIN
+            self.start_at.value = self.started
+            self.start.set()
+
+    def progress(self, target_rate: float) -> Progress:
+        assert self.started is not None
+        c, fields = self.counters, range(self.n)
+        return Progress(
+            time.time() - self.started,
+            int(sum(c[p * _FIELDS] for p in fields)),
+            int(sum(c[p * _FIELDS + 1] for p in fields)),
+            int(sum(c[p * _FIELDS + 2] for p in fields)),
+            max(c[p * _FIELDS + 3] for p in fields),
+            target_rate,
+        )
+
+    async def reap(self, force: asyncio.Event) -> None:
+        self.stop.set()
+        if force.is_set():
+            self.force.set()
+        for proc in self.processes:
+            await asyncio.to_thread(proc.join, 5.0)
+            if proc.is_alive():
+                proc.kill()
+                await asyncio.to_thread(proc.join, 1.0)
+
+    def outcome(self) -> tuple[list[ProcessResult], float]:
+        if self.connect_errors and self.started is None:
+            raise self.connect_errors[0]
+        out = [self.done[p] for p in sorted(self.done)]
+        if self.errors:
+            failed = [self.errors[p] for p in sorted(self.errors)]
+            out.append(ProcessResult(failures={}, errors=failed))
+        return out, (self.started if self.started is not None else time.time())
+
+
 async def _multi(
     config: SimulatorConfig,
     stop: asyncio.Event,
     force: asyncio.Event,
     progress: Callable[[Progress], Awaitable[None]] | None,
 ) -> tuple[list[ProcessResult], float]:
-    ctx = multiprocessing.get_context("spawn")
-    n = config.processes
-    stop_event, force_event, start_event = ctx.Event(), ctx.Event(), ctx.Event()
-    start_at = ctx.Value("d", 0.0)
-    counters = ctx.Array("d", n * _FIELDS, lock=False)
-    results: multiprocessing.Queue[tuple[str, int, Any]] = ctx.Queue()
-    processes = [
-        ctx.Process(
-            target=_child_main,
-            args=(
-                config,
-                part,
-                (stop_event, force_event, start_event),
-                start_at,
-                counters,
-                results,
-            ),
-            name=f"simulate-{part}",
-            daemon=True,
-        )
-        for part in range(n)
-    ]
-    # Children inherit the blocked mask through exec and ignore SIGINT before unblocking it:
-    # a Ctrl-C during their start-up cannot kill them half-way.
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-    try:
-        for proc in processes:
-            proc.start()
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-
-    ready: set[int] = set()
-    connect_errors: list[ConnectError] = []
-    done: dict[int, ProcessResult] = {}
-    errors: dict[int, str] = {}
-    started: float | None = None
+    children = _Children(config)
+    children.spawn()
     last_progress = time.monotonic()
     try:
-        while len(done) + len(errors) < n:
+        while not children.settled:
             try:
-                kind, part, payload = results.get_nowait()
-            except queue.Empty:
-                for part, proc in enumerate(processes):
-                    if (
-                        proc.exitcode is not None
-                        and part not in done
-                        and part not in errors
-                        and results.empty()
-                    ):
-                        errors[part] = f"process {part} exited with status {proc.exitcode}"
-                if stop.is_set():
-                    stop_event.set()
-                if force.is_set():
-                    force_event.set()
-                if errors and started is None:
-                    stop_event.set()  # a process could not connect: call the others off
-                if started is None and len(ready) == n and not stop.is_set():
-                    started = time.time() + START_MARGIN
-                    start_at.value = started
-                    start_event.set()
-                if progress is not None and started is not None:
-                    now = time.monotonic()
-                    if now - last_progress >= PROGRESS_PERIOD:
-                        last_progress = now
-                        await progress(
-                            Progress(
-                                time.time() - started,
-                                int(sum(counters[p * _FIELDS] for p in range(n))),
-                                int(sum(counters[p * _FIELDS + 1] for p in range(n))),
-                                int(sum(counters[p * _FIELDS + 2] for p in range(n))),
-                                max(counters[p * _FIELDS + 3] for p in range(n)),
-                                config.target_rate,
-                            )
-                        )
-                await asyncio.sleep(_POLL)
+                children.take(*children.results.get_nowait())
                 continue
-            if kind == "ready":
-                ready.add(part)
-            elif kind == "result":
-                done[part] = payload
-            elif kind == "connect":
-                connect_errors.append(ConnectError(*payload))
-                errors[part] = str(connect_errors[-1])
-            else:
-                errors[part] = str(payload)
+            except queue.Empty:
+                pass
+            children.check(stop, force)
+            if progress is not None and children.started is not None:
+                now = time.monotonic()
+                if now - last_progress >= PROGRESS_PERIOD:
+                    last_progress = now
+                    await progress(children.progress(config.target_rate))
+            await asyncio.sleep(_POLL)
     finally:
-        stop_event.set()
-        if force.is_set():
-            force_event.set()
-        for proc in processes:
-            await asyncio.to_thread(proc.join, 5.0)
-            if proc.is_alive():
-                proc.kill()
-                await asyncio.to_thread(proc.join, 1.0)
-    if connect_errors and started is None:
-        raise connect_errors[0]
-    out = [done[p] for p in sorted(done)]
-    if errors:
-        out.append(ProcessResult(failures={}, errors=[errors[p] for p in sorted(errors)]))
-    return out, (started if started is not None else time.time())
+        await children.reap(force)
+    return children.outcome()
 
 
 # -- the public entry points -------------------------------------------------------------------

@@ -27,6 +27,10 @@ class _Indexed(Protocol):
     def index(self) -> int: ...
 
 
+#: ``(slot, position in the group of devices)``: one message due.
+Slot = tuple[int, int]
+
+
 @dataclass(frozen=True, slots=True)
 class Schedule:
     """The fleet's timetable: ``devices`` in all processes, ``rate`` per device, and at most
@@ -78,7 +82,7 @@ class Schedule:
             return self.count / self.rate
         return self.duration
 
-    def slots(self, devices: Sequence[_Indexed]) -> Iterator[tuple[int, int]]:
+    def slots(self, devices: Sequence[_Indexed]) -> Iterator[Slot]:
         """``(slot, position in devices)`` in due order for a group of devices sorted by index."""
         n = self.devices
         limits = [self.messages_for(d.index) for d in devices]

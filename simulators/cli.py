@@ -140,6 +140,15 @@ def _add_fault_flags(p: argparse.ArgumentParser) -> None:
         "no numeric field, unreadable ts (default 0)",
     )
     p.add_argument(
+        "--hostile-ratio",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="share of messages from a hostile device: over 1 MiB, over 10,000 readings, "
+        "year 9999 or 1999 timestamps, control characters in names (dead letters), or "
+        "values of +-1e308 (stored) (default 0)",
+    )
+    p.add_argument(
         "--duplicate-ratio",
         type=float,
         default=0.0,
@@ -270,6 +279,7 @@ def _config(args: argparse.Namespace, password: str | None) -> SimulatorConfig:
         seed=args.seed,
         samples_per_message=args.samples_per_message,
         bad_ratio=args.bad_ratio,
+        hostile_ratio=args.hostile_ratio,
         duplicate_ratio=args.duplicate_ratio,
         late_ratio=args.late_ratio,
         connections=args.connections,

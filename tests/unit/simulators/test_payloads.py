@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
 import pytest
 
-from simulators._faults import BAD_KINDS, UNREADABLE_TS, bad_payload
+from simulators._faults import (
+    BAD_KINDS,
+    EXTREME_VALUES,
+    HOSTILE_BAD_KINDS,
+    HOSTILE_KINDS,
+    MAX_PAYLOAD_BYTES,
+    MAX_READINGS,
+    REASONS,
+    UNREADABLE_TS,
+    bad_payload,
+)
 from simulators._payloads import LATE_MAX_MS, LATE_MIN_MS, Device, FaultRatios
 
 START_MS = 1_732_000_000_000
@@ -239,3 +249,85 @@ def test_the_fast_path_sends_what_the_general_path_sends() -> None:
         a = plain.next_message(START_MS + n * 1000)
         b = general.next_message(START_MS + n * 1000)
         assert a == b
+
+
+# --- hostile devices (--hostile-ratio) -------------------------------------------------------
+
+
+def test_oversized_is_well_formed_and_just_over_the_limit() -> None:
+    payload = malformed("oversized")
+    assert MAX_PAYLOAD_BYTES < len(payload) <= MAX_PAYLOAD_BYTES + 8192
+    data = json.loads(payload)
+    # Only its size is wrong: without a limit it would be stored.
+    assert data["ts"] == START_MS and isinstance(data["temperature"], float)
+
+
+def test_too_many_readings_is_one_over_the_limit() -> None:
+    data = json.loads(malformed("too_many_readings"))
+    readings = [k for k, v in data.items() if k != "ts" and type(v) in (int, float)]
+    assert len(readings) == MAX_READINGS + 1
+    assert len(malformed("too_many_readings")) < MAX_PAYLOAD_BYTES  # not also too large
+
+
+def test_far_timestamps() -> None:
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    ts = json.loads(malformed("ts_year_9999"))["ts"]
+    assert (epoch + timedelta(seconds=ts)).year == 9999
+    assert ts > 1e11  # the magnitude that a decoder could mistake for 1978 in milliseconds
+    ts = json.loads(malformed("ts_before_2000"))["ts"]
+    assert epoch + timedelta(milliseconds=ts) < datetime(2000, 1, 1, tzinfo=UTC)
+    assert epoch + timedelta(milliseconds=ts) > datetime(1999, 12, 31, tzinfo=UTC)
+
+
+def test_control_characters_in_names() -> None:
+    data = json.loads(malformed("control_chars"))
+    names = [k for k in data if k != "ts"]
+    assert any("\x1b" in k for k in names) and any("\x07" in k for k in names)
+    assert all(type(v) in (int, float) for v in data.values())
+
+
+@pytest.mark.parametrize("kind", HOSTILE_BAD_KINDS)
+def test_no_hostile_payload_carries_a_seq(kind: str) -> None:
+    assert "seq" not in json.loads(malformed(kind))
+
+
+def test_every_bad_kind_has_a_reason() -> None:
+    assert set(REASONS) == {*BAD_KINDS, *HOSTILE_BAD_KINDS}
+    assert set(HOSTILE_KINDS) == {*HOSTILE_BAD_KINDS, "extreme"}
+
+
+def test_hostile_messages_come_in_every_kind() -> None:
+    d = device(faults=FaultRatios(hostile=0.6))
+    kinds: Counter[str] = Counter()
+    seqs: list[int] = []
+    extreme = 0
+    for n in range(3000):
+        payload, samples, bad, duplicate, _late = d.next_message(START_MS + n * 1000)
+        if bad is not None:
+            assert samples == 0 and not duplicate and bad in HOSTILE_BAD_KINDS
+            kinds[bad] += 1
+            continue
+        sample = samples_of(payload)[0]
+        seqs.append(sample["seq"])
+        if sample["temperature"] == EXTREME_VALUES[0]:
+            extreme += 1
+            values = (sample["temperature"], sample["humidity"], sample["battery"], sample["rssi"])
+            assert values == EXTREME_VALUES
+    assert set(kinds) == set(HOSTILE_BAD_KINDS)
+    assert seqs == list(range(1, len(seqs) + 1))  # extreme messages are valid: they use seqs
+    assert d.extreme == extreme > 0
+    assert d.kinds == dict(kinds) and d.bad == sum(kinds.values())
+    share = (sum(kinds.values()) + extreme) / 3000
+    assert share == pytest.approx(0.6, abs=0.03)
+    assert all(0.12 < n / (sum(kinds.values()) + extreme) < 0.22 for n in kinds.values())
+
+
+def test_extreme_values_with_sample_arrays() -> None:
+    d = device(k=3, faults=FaultRatios(hostile=1.0))
+    for n in range(200):
+        payload, samples, bad, _dup, _late = d.next_message(START_MS + n * 1000)
+        if bad is None:
+            assert samples == 3
+            for sample in samples_of(payload):
+                assert sample["battery"] == 1e308 and sample["rssi"] == -1e308
+    assert d.extreme > 0 and d.seq == 3 * d.extreme
