@@ -297,12 +297,7 @@ class Settings:
             raise ConfigError(_env("mqtt_session_expiry"), "must be >= 0")
         if not 0 <= self.metrics_port <= 65535:
             raise ConfigError(_env("metrics_port"), "must be a port number (0 disables)")
-        if self.mqtt_protocol not in _PROTOCOLS:
-            raise ConfigError(_env("mqtt_protocol"), f"must be one of {', '.join(_PROTOCOLS)}")
-        if self.log_format not in _LOG_FORMATS:
-            raise ConfigError(_env("log_format"), f"must be one of {', '.join(_LOG_FORMATS)}")
-        if self.log_level.upper() not in _LOG_LEVELS:
-            raise ConfigError(_env("log_level"), f"must be one of {', '.join(_LOG_LEVELS)}")
+        self._check_choices()
         if not self.client_id or len(self.client_id) > 200:
             raise ConfigError(_env("client_id"), "must be 1 to 200 characters")
         if self.share_group is not None and (
@@ -314,6 +309,23 @@ class Settings:
                 check_database_url(self.database_url)
             except UrlError as exc:  # its message never quotes the URL
                 raise ConfigError(_env("database_url"), str(exc)) from None
+        self._check_upkeep()
+        self.mqtt_endpoint()  # validates the URL
+        self._check_no_plaintext_with_tls_files()
+        # Imported here: decode imports settings' error type, not the other way round.
+        from ingest.formats.decode import TopicTemplate
+
+        TopicTemplate(self.topic)
+
+    def _check_choices(self) -> None:
+        if self.mqtt_protocol not in _PROTOCOLS:
+            raise ConfigError(_env("mqtt_protocol"), f"must be one of {', '.join(_PROTOCOLS)}")
+        if self.log_format not in _LOG_FORMATS:
+            raise ConfigError(_env("log_format"), f"must be one of {', '.join(_LOG_FORMATS)}")
+        if self.log_level.upper() not in _LOG_LEVELS:
+            raise ConfigError(_env("log_level"), f"must be one of {', '.join(_LOG_LEVELS)}")
+
+    def _check_upkeep(self) -> None:
         if not 0 < self.dashboard_interval <= 3600:
             raise ConfigError(_env("dashboard_interval"), "must be > 0 and at most 3600")
         if not 0 <= self.partition_days_ahead <= 366:
@@ -326,12 +338,6 @@ class Settings:
                 f"must be at least {_env('retention')} ({self.retention}): the rollups are "
                 "what dashboards read once raw readings are gone",
             )
-        self.mqtt_endpoint()  # validates the URL
-        self._check_no_plaintext_with_tls_files()
-        # Imported here: decode imports settings' error type, not the other way round.
-        from ingest.formats.decode import TopicTemplate
-
-        TopicTemplate(self.topic)
 
     def _check_limits(self) -> None:
         if not isinstance(self.max_ts_ahead, timedelta) or self.max_ts_ahead < timedelta(0):
