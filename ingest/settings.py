@@ -400,6 +400,8 @@ class Settings:
                 out[f.name] = "***"
             elif f.metadata["secret_url"]:
                 out[f.name] = redact_url(out[f.name])
+            elif isinstance(out[f.name], timedelta | datetime):
+                out[f.name] = _format_value(out[f.name])  # as it is written: 1d, RFC 3339
         return out
 
 

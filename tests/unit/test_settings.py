@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -185,6 +186,9 @@ def test_secrets_never_shown() -> None:
     assert "hunter2-pw" not in shown and "key-secret" not in shown
     assert s.redacted()["mqtt_password"] == "***"
     assert s.redacted()["mqtt_username"] == "ingest"
+    assert s.redacted()["max_ts_ahead"] == "1d"
+    assert s.redacted()["min_ts"] == "2000-01-01T00:00:00Z"
+    json.dumps(s.redacted())  # loggable as it is
 
 
 def test_to_environ_loads_back_to_the_same_settings() -> None:
