@@ -7,12 +7,14 @@ The files live in the repository's ``migrations/`` folder and are shipped inside
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 import asyncpg
 
+from ingest.db.roles import ensure_roles
 from ingest.errors import MigrationError
 
 __all__ = ["Migration", "apply_migrations", "load_migrations", "migrate_dsn"]
@@ -47,13 +49,28 @@ def load_migrations() -> list[Migration]:
     return [Migration(version=f.stem, sql=f.read_text(encoding="utf-8")) for f in files]
 
 
-async def apply_migrations(conn: asyncpg.Connection) -> list[str]:
+_DONE_SQL = """
+    SELECT version FROM schema_migrations
+"""
+# Whether the connected role may act as the owner of the schema's tables (a superuser may).
+_OWNER_SQL = """
+    SELECT pg_has_role(current_user, relowner, 'USAGE') FROM pg_class
+    WHERE oid = to_regclass('schema_migrations')
+"""
+
+
+async def apply_migrations(conn: asyncpg.Connection[asyncpg.Record]) -> list[str]:
     """Apply the pending migrations on ``conn``; returns the versions applied now.
 
     Each migration runs in its own transaction. A session-level advisory lock serializes
-    concurrent instances: the second waits, then finds nothing left to do.
+    concurrent instances: the second waits, then finds nothing left to do. The owner of the
+    tables (``ingest migrate``) also makes the roles and their grants (:mod:`ingest.db.roles`).
+    Any other role (an ``ingest_writer`` login) with nothing pending only reads
+    ``schema_migrations``: no lock, no DDL.
     """
     migrations = load_migrations()
+    if not await _pending(conn, migrations) and not await conn.fetchval(_OWNER_SQL):
+        return []
     applied_now: list[str] = []
     await conn.execute("SELECT pg_advisory_lock($1)", _ADVISORY_LOCK_KEY)
     try:
@@ -65,10 +82,7 @@ async def apply_migrations(conn: asyncpg.Connection) -> list[str]:
             )
             """
         )
-        done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
-        for m in migrations:
-            if m.version in done:
-                continue
+        for m in await _pending(conn, migrations):
             try:
                 async with conn.transaction():
                     await conn.execute(m.sql)
@@ -79,9 +93,42 @@ async def apply_migrations(conn: asyncpg.Connection) -> list[str]:
                 raise MigrationError(m.version, str(exc)) from exc
             log.info("applied migration %s", m.version)
             applied_now.append(m.version)
+        await _roles(conn)
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", _ADVISORY_LOCK_KEY)
     return applied_now
+
+
+async def _pending(
+    conn: asyncpg.Connection[asyncpg.Record], migrations: list[Migration]
+) -> list[Migration]:
+    if await conn.fetchval("SELECT to_regclass('schema_migrations')") is None:
+        return migrations
+    done = {r["version"] for r in await conn.fetch(_DONE_SQL)}
+    return [m for m in migrations if m.version not in done]
+
+
+async def _roles(conn: asyncpg.Connection[asyncpg.Record]) -> None:
+    try:
+        outcome = await ensure_roles(conn)
+    except asyncpg.PostgresError as exc:
+        raise MigrationError("roles", str(exc)) from exc
+    if outcome.created:
+        log.info("roles created: %s", ", ".join(outcome.created))
+    if outcome.missing:
+        user = await conn.fetchval("SELECT current_user")
+        log.warning(
+            "cannot create roles %s: role %s may not create roles (no CREATEROLE); run the SQL"
+            " printed on standard output in this database as a role that may (or create the"
+            " roles and run `ingest migrate` again)",
+            ", ".join(outcome.missing),
+            user,
+        )
+        # For the operator to pipe to psql; a few hundred bytes, once, before anything runs.
+        sys.stdout.write(outcome.sql + "\n")
+        sys.stdout.flush()
+    for warning in outcome.warnings:
+        log.warning("roles: %s", warning)
 
 
 async def migrate_dsn(dsn: str | None) -> list[str]:
