@@ -249,7 +249,9 @@ def _database(f: _Families, s: Snapshot) -> Iterator[Metric]:
 def _dashboard(f: _Families, d: DashboardStatistics) -> Iterator[Metric]:
     """The fold that keeps the latest values, devices and rollups current."""
     yield f.counter(
-        "ingest_dashboard_folds", "Dashboard folds that succeeded (batches applied).", d.folds
+        "ingest_dashboard_folds",
+        "Dashboard fold rounds that succeeded (whether or not batches were pending).",
+        d.folds,
     )
     yield f.counter(
         "ingest_dashboard_fold_failures",

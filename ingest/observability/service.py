@@ -123,9 +123,6 @@ class Observability:
         commit hook, called once per batch."""
         self._histograms.record(batch, result, seconds, at)
 
-    # The daemon's working copy still passes this name as the hook; it goes once that is gone.
-    batch_committed = record_commit
-
     # -- health ----------------------------------------------------------------------------------
 
     def beat(self, now: float | None = None) -> None:

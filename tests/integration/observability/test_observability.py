@@ -19,6 +19,7 @@ from tests.integration.support import (
     Daemon,
     Publisher,
     fleet,
+    query,
     scalar,
     topic_for,
     unique_topic,
@@ -200,6 +201,44 @@ def test_readyz_follows_postgres_down_and_back(
         assert d.stop() == 0
     finally:
         d.close()
+
+
+def test_readyz_names_a_dashboard_fold_that_keeps_failing(database_url: str, mqtt_url: str) -> None:
+    port = free_port()
+    topic = unique_topic()
+    max_lag = 2
+    with Daemon(
+        database_url=database_url,
+        mqtt_url=mqtt_url,
+        topic=topic,
+        extra_env=metrics_env(port, INGEST_READY_MAX_LAG=str(max_lag)),
+    ) as d:
+        d.wait_subscribed()
+        wait_http(port, "/readyz", 200, timeout=30)
+        # The readings are stored, but the fold cannot reach one of the tables it maintains.
+        query(database_url, "ALTER TABLE readings_fleet_1m RENAME TO readings_fleet_1m_away")
+        msgs = fleet(topic, devices=2, count=3)
+        with Publisher(mqtt_url) as pub:
+            pub.publish_many(msgs)
+        wait_rows(database_url, len(msgs) * READINGS_PER_SAMPLE)
+        body = json.loads(wait_http(port, "/readyz", 503, timeout=60))
+        assert body["ready"] is False, body
+        assert "dashboard fold failing" in body["reason"], body
+        assert "readings_fleet_1m" in body["reason"], body  # the error, as the database said it
+        found = scrape(port)
+        assert metric(found, "ingest_dashboard_fold_failures_total") >= 1
+        assert wait_http(port, "/healthz", 200)  # alive all along
+        query(database_url, "ALTER TABLE readings_fleet_1m_away RENAME TO readings_fleet_1m")
+        wait_http(port, "/readyz", 200, timeout=60)
+        wait_until(
+            lambda: (
+                metric(scrape(port), "ingest_dashboard_pending_batches") == 0
+                and scalar(database_url, "SELECT count(*) FROM readings_fleet_1m") > 0
+            ),
+            60,
+            what="the pending batches folded once the table is back",
+        )
+        assert d.stop() == 0
 
 
 def _with_password(url: str, password: str, port: int | None = None) -> str:
