@@ -176,3 +176,22 @@ def test_simulate_names_an_unreadable_tls_file_in_one_line(tmp_path: Path) -> No
     code, report, err = simulate("mqtts://127.0.0.1:1", "t/{device_id}", "--ca-file", str(missing))
     assert code == 2 and report is None
     assert err == f"simulate: error: --ca-file: cannot read {missing}: No such file or directory\n"
+
+
+@pytest.mark.parametrize("variable", ["INGEST_MQTT_CA_FILE", "INGEST_MQTT_CERT_FILE"])
+def test_the_daemon_names_an_unreadable_tls_file_and_exits_2(
+    variable: str, pki: TlsFiles, database_url: str, tmp_path: Path
+) -> None:
+    missing = tmp_path / "missing.pem"
+    env = {**tls_env(pki.ca, pki.client_cert, pki.client_key), variable: str(missing)}
+    daemon = Daemon(
+        database_url=database_url,
+        mqtt_url="mqtts://127.0.0.1:1",
+        topic=unique_topic(),
+        extra_env=env,
+    )
+    with daemon:
+        assert daemon.wait(60) == 2
+    last = daemon.log_text().strip().splitlines()[-1]
+    assert last.startswith(f"ingest: configuration error: {variable}: "), daemon.log_text()
+    assert str(missing) in last and "Traceback" not in daemon.log_text()
