@@ -195,3 +195,34 @@ def test_the_daemon_names_an_unreadable_tls_file_and_exits_2(
     last = daemon.log_text().strip().splitlines()[-1]
     assert last.startswith(f"ingest: configuration error: {variable}: "), daemon.log_text()
     assert str(missing) in last and "Traceback" not in daemon.log_text()
+
+
+def certificate_for_another_host(pki: TlsFiles, directory: Path) -> tuple[Path, Path]:
+    """A server certificate signed by our CA for a name that is not 127.0.0.1."""
+    key, csr, cert, ext = (directory / f"elsewhere.{x}" for x in ("key", "csr", "crt", "ext"))
+    ext.write_text("subjectAltName=DNS:elsewhere.invalid\nextendedKeyUsage=serverAuth\n")
+    for args in (
+        ["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-keyout", str(key), "-out", str(csr), "-subj", "/CN=elsewhere.invalid"],
+        ["x509", "-req", "-in", str(csr), "-CA", str(pki.ca), "-CAkey", str(pki.ca.parent / "ca.key"),
+         "-CAcreateserial", "-out", str(cert), "-days", "2", "-extfile", str(ext)],
+    ):  # fmt: skip
+        subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
+def test_a_certificate_for_another_host_is_refused_even_from_the_right_ca(
+    pki: TlsFiles, mosquitto_factory: MosquittoFactory, database_url: str, tmp_path: Path
+) -> None:
+    cert, key = certificate_for_another_host(pki, tmp_path)
+    broker = mosquitto_factory(listeners=[Listener(certfile=cert, keyfile=key)])
+    url = f"mqtts://127.0.0.1:{broker.ports[1]}"
+    code, report, err = simulate(url, unique_topic(), "--ca-file", str(pki.ca))
+    assert code == 1 and report is None
+    assert "certificate verify failed" in err and "mismatch" in err.lower()
+    env = {"INGEST_MQTT_CA_FILE": str(pki.ca)}
+    with Daemon(
+        database_url=database_url, mqtt_url=url, topic=unique_topic(), extra_env=env
+    ) as daemon:
+        daemon.wait_for_log("certificate verify failed", 60)
+        assert "subscribed to" not in daemon.log_text()
