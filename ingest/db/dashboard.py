@@ -431,7 +431,7 @@ class Folder:
         self._last_error = describe_error(exc)
         if (held := self._failure_log.allow()) is not None:
             self._log.warning(
-                "dashboard fold failed (%d in a row%s), retrying in %.0fs: %s",
+                "dashboard fold failed (%d in a row%s), retrying in %gs: %s",
                 self._in_a_row,
                 _held(held),
                 self._retry_interval,

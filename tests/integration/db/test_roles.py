@@ -8,23 +8,29 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import anyio
 import asyncpg
 import pytest
 
+from ingest.db.dashboard import Folder
 from ingest.db.migrate import migrate_dsn
 from ingest.db.partitions import ensure_partitions
 from ingest.db.roles import READER, WRITER
 from ingest.devservers.throwaway import PostgresFactory
+from ingest.flow.writer import Writer
+from ingest.model import DashboardStatistics, Decoded, Envelope, Reading
+from ingest.settings import Settings
 from tests.integration.support import Daemon, Publisher, query, scalar, unique_topic, wait_until
 
 READER_RELATIONS = [
@@ -306,3 +312,52 @@ def test_a_migrating_role_that_cannot_create_roles_prints_the_sql(
     assert second.returncode == 0 and "cannot create roles" not in second.stderr, second.stderr
     assert privileges(app_admin, READER) == {t: {"SELECT"} for t in READER_RELATIONS}
     assert privileges(app_admin, WRITER)["readings"] == {"SELECT", "INSERT", "UPDATE", "DELETE"}
+
+
+def test_a_writer_that_loses_a_privilege_names_it_and_sets_nothing_aside(
+    database_url: str, login: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    migrate(database_url)
+    writer_url = as_user(database_url, login(WRITER))
+    now = datetime.now(UTC)
+    log = logging.getLogger("test.roles.folder")
+
+    async def until(condition: Callable[[], bool]) -> None:
+        for _ in range(2400):
+            if condition():
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError("condition never met")
+
+    async def go() -> tuple[DashboardStatistics, DashboardStatistics, int]:
+        async with Writer(dsn=writer_url, connect_timeout=5.0, write_timeout=20.0) as writer:
+            for d in range(3):
+                rows = [Reading(f"dev-{d}", "t", now, float(d))]
+                await writer.write([Envelope("t", b"{}", now, Decoded(rows, 0))])
+        admin = await asyncpg.connect(database_url)
+        try:
+            await admin.execute(f"REVOKE UPDATE ON devices FROM {WRITER}")
+            settings = Settings(database_url=writer_url, dashboard_interval=0.05)
+            folder = Folder(writer_url, settings, log, retry_interval=0.1)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(folder.run)
+                await until(lambda: folder.statistics().fold_failures >= 2)
+                failing = folder.statistics()
+                pending = await admin.fetchval("SELECT count(*) FROM dashboard_pending")
+                await admin.execute(f"GRANT UPDATE ON devices TO {WRITER}")
+                await until(lambda: folder.statistics().failing_since is None)
+                tg.cancel_scope.cancel()
+            return failing, folder.statistics(), pending
+        finally:
+            await admin.close()
+
+    with caplog.at_level(logging.WARNING, logger="test.roles.folder"):
+        failing, recovered, pending = asyncio.run(go())
+    devices = scalar(database_url, "SELECT count(*) FROM devices")
+
+    assert failing.last_error is not None and "42501" in failing.last_error
+    assert "permission denied for table devices" in failing.last_error
+    assert failing.set_aside == 0 and pending == 3  # a privilege is not bad data
+    assert "42501" in caplog.text
+    assert recovered.set_aside == 0 and recovered.failing_since is None
+    assert devices == 3
