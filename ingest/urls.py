@@ -154,8 +154,8 @@ def _split(
         raise UrlError(f"not a URL: must look like {shape}")
     if schemes is not None and match.group(1).lower() not in schemes:
         raise UrlError(f"unknown scheme: must look like {shape}")
-    if any(ch.isspace() or not ch.isprintable() for ch in url):
-        raise UrlError("spaces and control characters must be percent-encoded")
+    if not url.isprintable():  # a space is printable: libpq and asyncpg take it as typed
+        raise UrlError("control characters (tabs, line breaks) must be percent-encoded")
     rest = url[match.end() :]
     end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
     authority, tail = rest[:end], rest[end:]

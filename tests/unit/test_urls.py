@@ -27,8 +27,8 @@ MALFORMED_PASSWORDS = [
     f"{SECRET}[",
     f"[{SECRET}]",
     f"{SECRET}]x",
-    f"{SECRET} x",
     f"{SECRET}\nx",
+    f"{SECRET}\tx",
 ]
 
 
@@ -59,6 +59,7 @@ BROKER_CASES = [
     ("mqtt://u:@h", MqttEndpoint("h", 1883, False, "u", "")),
     ("mqtt://us%40er:p%3As%2Fs%40%23%3F@h:1", MqttEndpoint("h", 1, False, "us@er", "p:s/s@#?")),
     ("mqtt://u:pa:ss@h:65535", MqttEndpoint("h", 65535, False, "u", "pa:ss")),
+    ("mqtt://u:pa ss@h", MqttEndpoint("h", 1883, False, "u", "pa ss")),
     ("  mqtt://h:1884\n", MqttEndpoint("h", 1884, False)),
 ]
 
@@ -100,6 +101,7 @@ BAD_BROKER_URLS = [
     "mqtt://h]",
     "mqtt://:pw@h",
     "mqtt://h o st",
+    "mqtt://h\x7f",
     *[url for password in MALFORMED_PASSWORDS for url in mqtt_urls(password)],
 ]
 
