@@ -183,31 +183,13 @@ async def replay(
         last_id = 0
         while limit is None or summary.examined < limit:
             size = batch if limit is None else min(batch, limit - summary.examined)
-            params: list[Any] = [last_id]
-            sql = "SELECT id, received_at, topic, payload, reason FROM dead_letters WHERE id > $1"
-            if since is not None:
-                params.append(since)
-                sql += f" AND received_at >= ${len(params)}"
-            if reasons:
-                params.append(list(reasons))
-                sql += f" AND reason = ANY(${len(params)}::text[])"
-            params.append(size)
-            sql += f" ORDER BY id LIMIT ${len(params)}"
+            sql, params = _select(last_id, since, reasons, size)
             rows = await conn.fetch(sql, *params)
             if not rows:
                 break
             last_id = rows[-1]["id"]
             summary.examined += len(rows)
-            candidates: list[_Candidate] = []
-            for r in rows:
-                result = decode(
-                    r["topic"], bytes(r["payload"]), r["received_at"], template, limits=limits
-                )
-                if isinstance(result, DecodeError):
-                    summary.still_failing += 1
-                    summary.outcomes[(r["reason"], result.reason)] += 1
-                else:
-                    candidates.append(_Candidate(r["id"], r["reason"], result.readings))
+            candidates = _decode(rows, template, limits, summary)
             if candidates:
                 if dry_run:
                     await _dry_run(conn, candidates, summary, seen_keys)
@@ -218,6 +200,37 @@ async def replay(
     finally:
         await conn.close()
     return summary
+
+
+def _select(
+    after_id: int, since: datetime | None, reasons: Sequence[str], size: int
+) -> tuple[str, list[Any]]:
+    """The next ``size`` dead letters after ``after_id`` (oldest first), with the filters."""
+    params: list[Any] = [after_id]
+    sql = "SELECT id, received_at, topic, payload, reason FROM dead_letters WHERE id > $1"
+    if since is not None:
+        params.append(since)
+        sql += f" AND received_at >= ${len(params)}"
+    if reasons:
+        params.append(list(reasons))
+        sql += f" AND reason = ANY(${len(params)}::text[])"
+    params.append(size)
+    return sql + f" ORDER BY id LIMIT ${len(params)}", params
+
+
+def _decode(
+    rows: Sequence[asyncpg.Record], template: TopicTemplate, limits: Limits, summary: ReplaySummary
+) -> list[_Candidate]:
+    """The dead letters that decode now; those that still fail are counted in ``summary``."""
+    candidates: list[_Candidate] = []
+    for r in rows:
+        result = decode(r["topic"], bytes(r["payload"]), r["received_at"], template, limits=limits)
+        if isinstance(result, DecodeError):
+            summary.still_failing += 1
+            summary.outcomes[(r["reason"], result.reason)] += 1
+        else:
+            candidates.append(_Candidate(r["id"], r["reason"], result.readings))
+    return candidates
 
 
 async def _dry_run(

@@ -60,31 +60,14 @@ def load_report(text: str, source: str = "--report") -> SimReport:
     faults = data.get("faults") or {}
     if not isinstance(faults, dict):
         raise ConfigError("--report", f"{source}: 'faults' is not an object")
-    per_device: dict[str, DeviceExpectation] | None = None
     spm = _int(data, "samples_per_message", source, 1) or 1
     raw_devices = data.get("per_device")
+    per_device = None
     if isinstance(raw_devices, dict) and raw_devices:
-        per_device = {}
-        for dev, counts in raw_devices.items():
-            where = f"{source}: per_device[{dev!r}]"
-            if not isinstance(counts, dict):
-                raise ConfigError("--report", f"{where} is not an object")
-            bad = _int(counts, "bad", where, 0)
-            samples: int | None
-            if "last_seq" in counts:
-                samples = _int(counts, "last_seq", where)
-            elif "messages" in counts:
-                samples = (_int(counts, "messages", where) - bad) * spm
-            else:
-                samples = None
-            published = counts.get("published")
-            per_device[str(dev)] = DeviceExpectation(
-                samples=samples,
-                published=_int(counts, "published", where) if published is not None else None,
-                failed=_int(counts, "failed", where, 0),
-                bad=bad,
-                duplicates=_int(counts, "duplicates", where, 0),
-            )
+        per_device = {
+            str(dev): _expectation(counts, f"{source}: per_device[{dev!r}]", spm)
+            for dev, counts in raw_devices.items()
+        }
     return SimReport(
         published=_int(data, "published", source),
         failed=_int(data, "failed", source),
@@ -94,4 +77,25 @@ def load_report(text: str, source: str = "--report") -> SimReport:
         duplicates=_int(faults, "duplicate", f"{source}: faults", 0),
         samples_per_message=spm,
         per_device=per_device,
+    )
+
+
+def _expectation(counts: object, where: str, spm: int) -> DeviceExpectation:
+    """One device of the report's ``per_device``: its samples are its ``last_seq`` (else its
+    valid messages times the samples per message, when the report counts messages)."""
+    if not isinstance(counts, dict):
+        raise ConfigError("--report", f"{where} is not an object")
+    bad = _int(counts, "bad", where, 0)
+    samples: int | None = None
+    if "last_seq" in counts:
+        samples = _int(counts, "last_seq", where)
+    elif "messages" in counts:
+        samples = (_int(counts, "messages", where) - bad) * spm
+    published = counts.get("published")
+    return DeviceExpectation(
+        samples=samples,
+        published=_int(counts, "published", where) if published is not None else None,
+        failed=_int(counts, "failed", where, 0),
+        bad=bad,
+        duplicates=_int(counts, "duplicates", where, 0),
     )
