@@ -2,6 +2,7 @@
 
 * :mod:`~ingest.observability.collector`: counters and gauges read from the stages'
   statistics at scrape time;
+* :mod:`~ingest.observability.histograms`: the four histograms, observed once per batch;
 * :mod:`~ingest.observability.health`: liveness and readiness verdicts;
 * :mod:`~ingest.observability.http`: the HTTP listener;
 * :mod:`~ingest.observability.merge`: one exposition from several worker processes;
