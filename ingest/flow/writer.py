@@ -3,7 +3,9 @@
 Contract of :meth:`Writer.write`:
 
 - A batch is stored in one transaction: the readings of every decoded message and one
-  ``dead_letters`` row per message that did not decode. A message is stored whole or not at all.
+  ``dead_letters`` row per message that did not decode (``payload_size``: its size on the wire
+  when the payload holds only its start, a ``too_large`` one). A message is stored whole or not
+  at all.
 - Idempotent on ``(device_id, metric, ts)``: the first write wins, later ones are counted as
   duplicates (redeliveries, and duplicates inside one batch).
 - Fast path: binary COPY straight into ``readings``. Only when that hits a unique violation is
@@ -68,7 +70,8 @@ if TYPE_CHECKING:
 
 REJECTED_BY_DATABASE = "rejected_by_database"
 
-_DEAD_LETTER_COLUMNS = ("received_at", "topic", "payload", "error", "reason")
+# In DeadLetter's field order: copy_records_to_table takes the records as they are.
+_DEAD_LETTER_COLUMNS = ("received_at", "topic", "payload", "error", "reason", "payload_size")
 _STAGING_TABLE = "ingest_staging"
 # Temporary, so per connection and never seen by others; ON COMMIT DELETE ROWS empties it at the
 # end of every transaction that touched it (PostgreSQL skips that for transactions that did not).
@@ -402,6 +405,7 @@ class Writer:
             payload=envelope.payload,
             error=_storable(error),
             reason=_storable(reason),
+            payload_size=envelope.size,
         )
         self._log.debug("dead-lettering a message on %r: %s", envelope.topic, error)
         try:
@@ -429,6 +433,7 @@ class Writer:
                         payload=envelope.payload,
                         error=str(result),
                         reason=result.reason,
+                        payload_size=envelope.size,
                     )
                 )
             else:

@@ -144,6 +144,28 @@ async def test_dead_letters_land_in_the_same_transaction(database_url: str) -> N
     assert xmins == {row["xmin"]}, "readings and dead letters were committed separately"
 
 
+async def test_too_large_keeps_its_start_and_records_its_size(database_url: str) -> None:
+    # The source keeps the first 64 KiB of an oversized payload; the size on the wire is
+    # recorded beside it, and a whole payload records no size (NULL: the payload is all of it).
+    start = bytes(range(256)) * 256
+    oversized = Envelope(
+        "devices/dev-2/telemetry",
+        start,
+        RECEIVED,
+        DecodeError("too_large", "payload of 100000000 bytes is over the limit"),
+        100_000_000,
+    )
+    batch = [message("dev-1", ("t", T0, 1.0)), oversized, malformed("dev-3", b"{")]
+    async with database(database_url) as db, quick_writer(database_url) as writer:
+        result = await writer.write(batch)
+        dead = await db.fetch("SELECT topic, payload, reason, payload_size FROM dead_letters")
+
+    assert (result.inserted, result.dead_reasons) == (1, {"too_large": 1, "not_json": 1})
+    got = {r["reason"]: (bytes(r["payload"]), r["payload_size"]) for r in dead}
+    assert got == {"too_large": (start, 100_000_000), "not_json": (b"{", None)}
+    assert len(start) == 65536
+
+
 async def test_duplicates_collapse_and_are_counted(database_url: str) -> None:
     first = fleet(10)
     async with database(database_url) as db, quick_writer(database_url) as writer:
