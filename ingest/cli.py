@@ -132,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         log.info("migrations applied: %s", ", ".join(applied) if applied else "none pending")
         return 0
-    handler = getattr(args, "handler", None)  # operator tools: ingest/tools/audit.py, replay.py
+    handler = getattr(args, "handler", None)  # operator tools: ingest/tools/audit/, replay.py
     if handler is not None:
         return int(handler(args, settings))
     raise AssertionError(args.command)

@@ -258,7 +258,8 @@ class Settings:
     )  # fmt: skip
     ready_max_lag: float = _setting(
         "INGEST_READY_MAX_LAG", 30.0, group=OBSERVABILITY,
-        help="receive-to-commit lag (seconds) above which `/readyz` says not ready",
+        help="receive-to-commit lag (seconds) above which `/readyz` says not ready; also how "
+        "long dashboard folds may keep failing before it does",
     )  # fmt: skip
     stats_interval: float = _setting(
         "INGEST_STATS_INTERVAL", 30.0, group=OBSERVABILITY,

@@ -24,7 +24,6 @@ import os
 import signal
 import socket
 import sys
-from dataclasses import fields
 
 import anyio
 from anyio.abc import Process
@@ -40,23 +39,11 @@ from ingest.observability.http import (
     serve_http,
 )
 from ingest.observability.merge import merge_expositions
-from ingest.settings import Settings
+from ingest.settings import Settings, worker_environ
 
 __all__ = ["Supervisor", "run_supervisor"]
 
 EXIT_CONFIG = 2
-
-
-def settings_env(settings: Settings) -> dict[str, str]:
-    """The settings as ``INGEST_*`` variables, so a worker sees exactly what the parent saw."""
-    env: dict[str, str] = {}
-    for f in fields(Settings):
-        value = getattr(settings, f.name)
-        if value is None:
-            continue
-        var = str(f.metadata["env"])
-        env[var] = ("true" if value else "false") if isinstance(value, bool) else str(value)
-    return env
 
 
 def _free_port() -> int:
@@ -86,7 +73,9 @@ class Supervisor:
         self.stopping = False
         self.exit_code = 0
         self._signals = 0
-        base = {**os.environ, **settings_env(settings)}
+        # A worker sees exactly what the parent resolved; a parent started with INGEST_X_FILE
+        # must not hand a worker both INGEST_X and INGEST_X_FILE.
+        base = worker_environ(settings, os.environ)
         group = settings.share_group or settings.client_id
         self.workers: list[_Worker] = []
         for i in range(settings.workers):
