@@ -91,6 +91,7 @@ queue_qos0_messages false
 persistence true
 autosave_interval 30
 persistent_client_expiration 7d
+max_packet_size 16777216
 allow_anonymous true
 """
 
