@@ -10,17 +10,27 @@ import logging
 import sys
 from collections.abc import Sequence
 from dataclasses import fields
-from typing import Any
+from typing import Any, NoReturn
 
 from ingest._version import __version__
 from ingest.errors import ConfigError, IngestError, describe_root
 from ingest.logs import configure_logging
 from ingest.settings import Settings, load_settings
 from ingest.settings import help_text as settings_help
+from ingest.urls import redact_urls_in
 
 __all__ = ["main"]
 
 EXIT_CONFIG = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """Subcommands' parsers are of this class too (argparse builds them from the parent's)."""
+
+    def error(self, message: str) -> NoReturn:
+        # argparse quotes stray arguments, which may be a URL with a password.
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_CONFIG, f"{self.prog}: error: {redact_urls_in(message)}\n")
 
 
 def _add_settings_flags(parser: argparse.ArgumentParser, only: set[str] | None = None) -> None:
@@ -46,7 +56,7 @@ def _add_settings_flags(parser: argparse.ArgumentParser, only: set[str] | None =
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser: argparse.ArgumentParser = _Parser(
         prog="ingest",
         description="MQTT -> PostgreSQL sensor ingestion: at-least-once from the broker, "
         "exactly-once rows in the database.",

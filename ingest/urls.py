@@ -27,6 +27,7 @@ __all__ = [
     "check_database_url",
     "parse_mqtt_url",
     "redact_url",
+    "redact_urls_in",
 ]
 
 MQTT_SHAPE = "mqtt://[user:pass@]host[:port] or mqtts://..."
@@ -139,6 +140,15 @@ def redact_url(url: str) -> str:
     user, colon, _ = parts.userinfo.partition(":")
     after = _mask_params(rest[len(parts.userinfo) + 1 :])
     return f"{match.group(0)}{user}{':***' if colon else ''}@{after}"
+
+
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"]*")
+
+
+def redact_urls_in(text: str) -> str:
+    """``text`` (an error message that may quote what was typed) with every URL in it
+    redacted by :func:`redact_url`."""
+    return _URL_IN_TEXT.sub(lambda m: redact_url(m.group()), text)
 
 
 def _mask_params(text: str) -> str:

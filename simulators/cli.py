@@ -8,22 +8,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 from collections.abc import Mapping, Sequence
 from typing import NoReturn
 
 import orjson
 
-from ingest.urls import redact_url
+from ingest.urls import redact_urls_in
 from simulators._config import DEFAULT_MQTT_URL, DEFAULT_TOPIC, SimulatorConfig
 from simulators._errors import ConfigError, ConnectError
 from simulators._report import Progress, progress_line
 from simulators._runner import run
 
 PROG = "simulate"
-
-_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s']*")
 
 DESCRIPTION = """\
 Simulate a fleet of MQTT sensor devices for iot-ingest.
@@ -60,7 +57,7 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         # One clear line, no usage block: scripts and people both read it. argparse quotes
         # stray arguments, which may be a URL with a password: those are redacted.
-        message = _URL.sub(lambda m: redact_url(m.group()), message)
+        message = redact_urls_in(message)
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 

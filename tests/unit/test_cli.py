@@ -72,3 +72,12 @@ def test_bad_duration_exits_2(
     monkeypatch.setenv("INGEST_MAX_TS_AHEAD", "soon")
     assert cli.main(["migrate"]) == cli.EXIT_CONFIG
     assert "INGEST_MAX_TS_AHEAD" in capsys.readouterr().err
+
+
+def test_a_stray_url_in_an_argument_error_is_redacted(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main(["run", "extra", "mqtt://u:Sup3rSecret@broker"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Sup3rSecret" not in err
+    assert "mqtt://u:***@broker" in err
