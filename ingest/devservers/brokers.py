@@ -82,7 +82,7 @@ def iotcore_available() -> bool:
 
 
 # The settings of config/mosquitto.conf (see the comments there), for installs that do not carry
-# the repository's config/ folder; tests/unit/devservers/test_embedded.py keeps the two equal.
+# the repository's config/ folder; tests/unit/devservers/test_brokers.py keeps the two equal.
 _MOSQUITTO_SETTINGS = """\
 max_inflight_messages 10000
 max_queued_messages 2000000

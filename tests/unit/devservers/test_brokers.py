@@ -1,4 +1,4 @@
-"""The embedded servers' pieces that need no server: config text, discovery, the demo's CLI."""
+"""The brokers' pieces that need no broker: config text, listeners, discovery; the demo's CLI."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from ingest.devservers import brokers as _embedded
+from ingest.devservers import brokers
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -26,18 +26,18 @@ def _settings(text: str) -> dict[str, str]:
 def test_built_in_broker_settings_match_the_project_config() -> None:
     # A wheel does not carry config/: the built-in copy must say the same.
     project = _settings((ROOT / "config" / "mosquitto.conf").read_text())
-    assert _settings(_embedded._MOSQUITTO_SETTINGS) == project
+    assert _settings(brokers._MOSQUITTO_SETTINGS) == project
 
 
 def test_overrides_replace_in_place_and_append() -> None:
-    text = _embedded._override_config("a 1\n# b 2\nc 3\nc 4\n", {"c": "9", "d": "5"})
+    text = brokers._override_config("a 1\n# b 2\nc 3\nc 4\n", {"c": "9", "d": "5"})
     assert text == "a 1\n# b 2\nc 9\nd 5\n"
 
 
 def test_rumqttd_config_listens_on_loopback_only(tmp_path: Path) -> None:
-    if not _embedded.iotcore_available():
+    if not brokers.iotcore_available():
         pytest.skip("iotcore is not installed")
-    broker = _embedded.IotcoreBroker(tmp_path)
+    broker = brokers.IotcoreBroker(tmp_path)
     command = broker._command()
     config = (tmp_path / "rumqttd.toml").read_text()
     assert command[-1] == str(tmp_path / "rumqttd.toml")
@@ -67,7 +67,7 @@ def test_demo_rejects_a_non_positive_duration() -> None:
 
 
 def test_listener_config_lines() -> None:
-    listener = _embedded.Listener(
+    listener = brokers.Listener(
         cafile=Path("/c/ca.crt"),
         certfile=Path("/c/s.crt"),
         keyfile=Path("/c/s.key"),
@@ -77,7 +77,7 @@ def test_listener_config_lines() -> None:
         "listener 8883 127.0.0.1\ncafile /c/ca.crt\ncertfile /c/s.crt\nkeyfile /c/s.key\n"
         "require_certificate true\n"
     )
-    assert _embedded.Listener().config(1) == "listener 1 127.0.0.1\n"
+    assert brokers.Listener().config(1) == "listener 1 127.0.0.1\n"
 
 
 @pytest.mark.parametrize(
@@ -90,4 +90,4 @@ def test_listener_config_lines() -> None:
 )
 def test_listener_rejects_what_mosquitto_would(kwargs: dict[str, Any], words: str) -> None:
     with pytest.raises(ValueError, match=words):
-        _embedded.Listener(**kwargs)
+        brokers.Listener(**kwargs)
