@@ -63,10 +63,14 @@ SHUTDOWN_TIMEOUT_S = 30.0
 METRICS_PORT = 9600
 MQTT_PLAIN, MQTT_TLS = 1883, 8883
 
-# README "Database schema" (docs/design.md, Public contract): what panels may use.
+# README "Database schema" (docs/design.md, Public contract): what panels may use. Grafana
+# reads as an ingest_reader login, which may not read dead_letters (payloads a device sent):
+# its panels count dead letters through dead_letters_summary.
 SCHEMA: dict[str, frozenset[str]] = {
     "readings": frozenset({"device_id", "metric", "ts", "value"}),
-    "dead_letters": frozenset({"id", "received_at", "topic", "payload", "error", "reason"}),
+    "dead_letters_summary": frozenset(
+        {"id", "received_at", "topic", "error", "reason", "payload_size"}
+    ),
     "devices": frozenset({"device_id", "first_seen", "last_seen", "last_ts"}),
     "latest_readings": frozenset({"device_id", "metric", "ts", "value"}),
     "readings_1m": frozenset({"device_id", "metric", "bucket", "n", "sum", "min", "max"}),
