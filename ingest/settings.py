@@ -391,6 +391,11 @@ class Settings:
                 env[_env(f.name)] = _format_value(value)
         return env
 
+    def __repr__(self) -> str:
+        # A Settings may end up in a traceback or a debug line: never with its secrets.
+        shown = ", ".join(f"{k}={v!r}" for k, v in self.redacted().items())
+        return f"Settings({shown})"
+
     def redacted(self) -> dict[str, Any]:
         """The settings as a dict with secrets masked and URLs' passwords hidden, for logs."""
         out = dataclasses.asdict(self)

@@ -293,3 +293,15 @@ def test_a_setting_outside_the_ingest_table_is_an_error(tmp_path: Path) -> None:
     cfg.write_text("batch_max_rows = 9\n[ingest]\nbatch_max_delay = 0.1\n")
     with pytest.raises(ConfigError, match="batch_max_rows"):
         load_settings(environ={}, config_file=cfg)
+
+
+def test_repr_hides_secrets() -> None:
+    s = Settings(
+        database_url="postgresql://ingest:Db5ecret@db/x",
+        mqtt_url="mqtt://broker",
+        mqtt_username="u",
+        mqtt_password="Mq5ecret",
+    )
+    shown = repr(s)
+    assert "Db5ecret" not in shown and "Mq5ecret" not in shown
+    assert "mqtt_username='u'" in shown
