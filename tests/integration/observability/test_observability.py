@@ -14,6 +14,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from ingest.devservers import free_port
 from ingest.devservers.throwaway import PostgresFactory
 from tests.integration.support import (
     Daemon,
@@ -29,13 +30,6 @@ from tests.integration.support import (
 
 READINGS_PER_SAMPLE = 5  # tests.integration.support.sample: 5 numbers and one string ("fw")
 Metrics = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def metrics_env(port: int, **more: str) -> dict[str, str]:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import time
 import urllib.request
 from pathlib import Path
 
+from ingest.devservers import free_port
 from ingest.devservers.throwaway import MosquittoFactory
 from tests.integration.support import (
     Daemon,
@@ -20,12 +20,6 @@ from tests.integration.support import (
     wait_rows,
     wait_until,
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def children(pid: int) -> list[int]:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -42,28 +40,6 @@ def test_rumqttd_config_listens_on_loopback_only(tmp_path: Path) -> None:
     config = (tmp_path / "rumqttd.toml").read_text()
     assert command[-1] == str(tmp_path / "rumqttd.toml")
     assert 'listen = "127.0.0.1:' in config and "0.0.0.0" not in config
-
-
-def test_demo_help_says_what_root_implies() -> None:
-    r = subprocess.run(
-        [sys.executable, "-m", "ingest", "demo", "--help"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    )
-    assert "--duration" in r.stdout and "--data-dir" in r.stdout and "--keep" in r.stdout
-    assert "as root" in r.stdout and "system user 'pgserver'" in r.stdout
-
-
-def test_demo_rejects_a_non_positive_duration() -> None:
-    r = subprocess.run(
-        [sys.executable, "-m", "ingest", "demo", "--duration", "0"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert r.returncode == 2 and "--duration" in r.stderr
 
 
 def test_listener_config_lines() -> None:
