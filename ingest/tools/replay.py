@@ -338,7 +338,10 @@ def register(
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.add_argument("--config", metavar="FILE", help="TOML file with settings")
     add_settings_flags(
-        p, {"database_url", "topic", "db_connect_timeout", "log_level", "log_format"}
+        p,
+        {"database_url", "topic", "db_connect_timeout", "log_level", "log_format"}
+        # A dead letter refused by a limit is decoded again under the limits given now.
+        | {"max_readings_per_message", "max_ts_ahead", "min_ts", "max_text_bytes"},
     )
     p.set_defaults(handler=run)
 

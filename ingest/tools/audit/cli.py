@@ -14,6 +14,7 @@ import asyncpg
 
 from ingest.errors import ConfigError
 from ingest.formats.decode import TopicTemplate
+from ingest.formats.limits import Limits
 from ingest.settings import Settings
 from ingest.tools.audit.output import format_table, visible
 from ingest.tools.audit.scan import audit
@@ -56,7 +57,10 @@ def register(
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.add_argument("--config", metavar="FILE", help="TOML file with settings")
     add_settings_flags(
-        p, {"database_url", "topic", "db_connect_timeout", "log_level", "log_format"}
+        p,
+        {"database_url", "topic", "db_connect_timeout", "log_level", "log_format"}
+        # A dead letter refused by a limit is decoded again under the limits given now.
+        | {"max_readings_per_message", "max_ts_ahead", "min_ts", "max_text_bytes"},
     )
     p.set_defaults(handler=run)
 
@@ -105,6 +109,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                 samples_per_message=args.samples_per_message,
                 connect_timeout=settings.db_connect_timeout,
                 progress=stream,
+                limits=Limits.from_settings(settings),
             )
         )
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:

@@ -16,6 +16,7 @@ import anyio
 import asyncpg
 
 from ingest.formats.decode import TopicTemplate, decode
+from ingest.formats.limits import DEFAULT_LIMITS, Limits
 from ingest.model import Decoded, Reading
 from ingest.tools.audit.output import Progress
 from ingest.tools.audit.queries import (
@@ -54,11 +55,12 @@ async def audit(
     samples_per_message: int | None = None,
     connect_timeout: float = 10.0,
     progress: TextIO | None = None,
+    limits: Limits = DEFAULT_LIMITS,
 ) -> AuditResult:
     """Read the database and reconcile (see the package docstring). Three scans run at once,
     each on its own connection: readings per device, ``seq`` gaps, dead letters."""
     started = time.monotonic()
-    scan = _Scan(dsn, template, since, until, set(devices), connect_timeout)
+    scan = _Scan(dsn, template, since, until, set(devices), connect_timeout, limits)
     await scan.run(Progress(progress))
     if report is not None and report.per_device is not None:
         scan.expect(report.per_device)
@@ -88,9 +90,11 @@ class _Scan:
         until: datetime | None,
         wanted: set[str],
         connect_timeout: float,
+        limits: Limits,
     ) -> None:
         self._dsn = dsn
         self._template = template
+        self._limits = limits
         self._since = since
         self._until = until
         self._wanted = wanted
@@ -198,7 +202,7 @@ class _Scan:
         d = self.device(device_id)
         d.dead_letters += 1
         d.dead_letter_reasons[reason] += 1
-        decoded = decode(topic, payload, received_at, self._template)
+        decoded = decode(topic, payload, received_at, self._template, limits=self._limits)
         if isinstance(decoded, Decoded):
             d.dead_letters_decodable += 1
             self._note_samples(device_id, decoded.readings)

@@ -432,6 +432,41 @@ def test_replay_with_a_new_topic_template(
     assert audit["unmatched_dead_letters"]["count"] == 1
 
 
+def test_replay_takes_a_dead_letter_of_a_limit_back_after_the_setting_changed(
+    database_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A sample dated 1999 is ts_out_of_range under the default INGEST_MIN_TS; once the
+    operator lowers the limit, replay stores it, and only it."""
+    migrate(database_url)
+    now = datetime.now(UTC)
+    y1999 = datetime(1999, 6, 1, tzinfo=UTC)
+    ids = _load(
+        database_url,
+        dead=[
+            (now, _topic("dev-old"), _payload([7], base=y1999), "ts_out_of_range"),
+            (
+                now,
+                _topic("dev-far"),
+                _payload([8], base=datetime(9000, 1, 1, tzinfo=UTC)),
+                "ts_out_of_range",
+            ),
+        ],
+    )
+    url = ["--database-url", database_url]
+    status, data = _run_json(capsys, "replay", *url)
+    assert (status, data["moved"], data["still_failing"]) == (0, 0, 2)
+    status, data = _run_json(capsys, "replay", *url, "--min-ts", "1990-01-01T00:00:00Z")
+    assert (status, data["moved"], data["readings_inserted"], data["still_failing"]) == (
+        0,
+        1,
+        5,
+        1,
+    )
+    assert [r["id"] for r in query(database_url, "SELECT id FROM dead_letters")] == [ids[1]]
+    rows = query(database_url, "SELECT ts FROM readings WHERE device_id = 'dev-old'")
+    assert {r["ts"] for r in rows} == {_ts(7, y1999)}
+
+
 # --- end to end: simulator -> broker -> daemon -> audit ---------------------------------------
 
 
