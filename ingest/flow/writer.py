@@ -23,9 +23,16 @@ Contract of :meth:`Writer.write`:
 - Errors are sorted by :func:`ingest.flow.classify.classify`:
 
   - TRANSIENT: the batch is retried forever with capped jittered backoff; the caller's bounded
-    channel holds the broker back meanwhile. A write that takes longer than ``write_timeout``
-    counts as a dead connection (a blackholed server sends no reset): it is terminated and the
-    batch retried.
+    channel holds the broker back meanwhile.
+  - A write that outlasts ``write_timeout`` is cancelled and its connection terminated; then a
+    ``SELECT 1`` on another connection says who is to blame. No answer within ``ping_timeout``:
+    the database is away (a blackholed server sends no reset), which is TRANSIENT. An answer:
+    the batch is too slow, and it is narrowed down as ROW errors are (below); a message that
+    still times out alone :data:`SLOW_ATTEMPTS_ALONE` times becomes a dead letter
+    ``rejected_by_database`` ("write timed out ..."), so one message never holds back the
+    acknowledgements of the others for more than a batch (docs/design.md, Limits). Waiting
+    for a lock held elsewhere is nobody's data: ``lock_timeout`` (half of ``write_timeout``)
+    turns it into 55P03, transient, before the write timeout could blame the batch.
   - ROW: the batch is narrowed down by bisection over its messages, committing the halves that
     pass, so only the messages whose rows the database rejects become dead letters (reason
     ``rejected_by_database``, raw payload kept). For n messages of which k are rejected this
@@ -69,6 +76,9 @@ if TYPE_CHECKING:
     _Conn: TypeAlias = PoolConnectionProxy[asyncpg.Record]
 
 REJECTED_BY_DATABASE = "rejected_by_database"
+#: Attempts a single message gets, alone, to be written within ``write_timeout`` while the
+#: database answers a probe; then it is a dead letter instead of holding back the ones after it.
+SLOW_ATTEMPTS_ALONE = 3
 
 # In DeadLetter's field order: copy_records_to_table takes the records as they are.
 _DEAD_LETTER_COLUMNS = ("received_at", "topic", "payload", "error", "reason", "payload_size")
@@ -117,6 +127,24 @@ WITH ins AS (
     + "SELECT count(*) FROM ins"
 )
 _TS = itemgetter(2)
+# Allowed on a process of one's own role; false when it is gone already.
+_TERMINATE = "SELECT pg_terminate_backend($1)"
+_TERMINATE_AND_WAIT = "SELECT pg_terminate_backend($1, $2::bigint)"
+
+
+class _WriteTimeout(TimeoutError):
+    """``write_timeout`` ran out in the middle of a write on server process ``pid``. Whether
+    the database is away or the batch is too slow, a probe on another connection decides
+    (:meth:`Writer._database_answers`)."""
+
+    def __init__(self, message: str, pid: int) -> None:
+        super().__init__(message)
+        self.pid = pid
+
+
+class _TooSlow(Exception):
+    """A segment outlasted ``write_timeout`` while the database answered a probe promptly:
+    the segment is the problem, not the database. Narrowed down like rejected rows."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,7 +309,13 @@ class Writer:
             timeout=self._connect_timeout,
             command_timeout=None,
             reset=_keep_session,
-            server_settings={"application_name": self._application_name},
+            server_settings={
+                "application_name": self._application_name,
+                # A lock held elsewhere (an operator's ALTER TABLE, partition upkeep) is not
+                # the batch's fault: waiting for it fails as "lock not available", retried
+                # whole, before write_timeout could blame the batch and split it.
+                "lock_timeout": f"{max(1, round(self._write_timeout * 500))}ms",
+            },
         )
         self._pool = pool
         try:
@@ -361,42 +395,57 @@ class Writer:
 
     async def _write_narrowing(self, envelopes: Sequence[Envelope], tally: _Tally) -> None:
         # A stack of segments, left half on top, so messages still commit in receive order
-        # (and the first of two duplicates in one batch stays the one that wins).
-        pending: list[Sequence[Envelope]] = [envelopes]
-        first_rejection: BaseException | None = None
+        # (and the first of two duplicates in one batch stays the one that wins). Each segment
+        # carries how often it timed out alone.
+        pending: list[tuple[Sequence[Envelope], int]] = [(envelopes, 0)]
+        first_failure: BaseException | None = None
         while pending:
-            segment = pending.pop()
-            try:
-                await self._write_segment(segment, (), tally)
+            segment, slow = pending.pop()
+            failure = await self._try_segment(segment, tally)
+            if failure is None:
                 continue
-            except Exception as exc:
-                if classify(exc) is not ErrorClass.ROW:
-                    raise _fatal("cannot write to the database", exc) from exc
-                if first_rejection is None:
-                    first_rejection = exc
-                failure = exc
+            if first_failure is None:
+                first_failure = failure
             self._count_retry(ErrorClass.ROW, tally)
-            if len(segment) == 1:
-                await self._reject(segment[0], failure, tally)
-            else:
+            if len(segment) > 1:
                 middle = len(segment) // 2
-                pending.append(segment[middle:])
-                pending.append(segment[:middle])
-        if first_rejection is not None:
+                pending.append((segment[middle:], 0))
+                pending.append((segment[:middle], 0))
+            elif isinstance(failure, _TooSlow) and slow + 1 < SLOW_ATTEMPTS_ALONE:
+                pending.append((segment, slow + 1))
+            else:
+                await self._reject(segment[0], failure, tally)
+        if first_failure is not None:
             self._log.warning(
-                "batch of %d messages: %d rejected by the database became dead letters "
+                "batch of %d messages: %d rejected by the database (or too slow to write)"
+                " became dead letters "
                 "(%d extra attempts); first error: %s",
                 len(envelopes),
                 tally.rejected,
                 tally.retries,
-                _describe(first_rejection),
+                _describe(first_failure),
             )
+
+    async def _try_segment(self, segment: Sequence[Envelope], tally: _Tally) -> Exception | None:
+        """Write ``segment``: None when it committed; the error when the database refused its
+        rows or it was too slow (narrow it down); FatalError for anything else."""
+        try:
+            await self._write_segment(segment, (), tally)
+        except _TooSlow as exc:
+            return exc
+        except Exception as exc:
+            if classify(exc) is not ErrorClass.ROW:
+                raise _fatal("cannot write to the database", exc) from exc
+            return exc
+        return None
 
     async def _reject(self, envelope: Envelope, exc: BaseException, tally: _Tally) -> None:
         """Store ``envelope`` alone as a dead letter, since the database refused it as is."""
         if isinstance(envelope.result, DecodeError):
             # Its own dead-letter row was refused (text the database cannot store).
             error, reason = str(envelope.result), envelope.result.reason
+        elif isinstance(exc, _TooSlow):
+            error, reason = f"{exc}, {SLOW_ATTEMPTS_ALONE} times alone", REJECTED_BY_DATABASE
         else:
             error, reason = _database_message(exc), REJECTED_BY_DATABASE
         dead = DeadLetter(
@@ -462,6 +511,11 @@ class Writer:
             except Exception as exc:
                 if classify(exc) is not ErrorClass.TRANSIENT:
                     raise
+                if isinstance(exc, _WriteTimeout) and await self._database_answers(exc.pid):
+                    raise _TooSlow(
+                        f"write timed out after {self._write_timeout:g}s"
+                        " (INGEST_DB_WRITE_TIMEOUT) while the database answered"
+                    ) from exc
                 self._connected = False
                 self._count_retry(ErrorClass.TRANSIENT, tally)
                 delay = backoff.next_delay()
@@ -483,6 +537,7 @@ class Writer:
         self, rows: Sequence[Reading], dead: Sequence[DeadLetter], tally: _Tally
     ) -> int:
         async with self._connection() as conn:
+            pid = conn.get_server_pid()
             try:
                 async with asyncio.timeout(self._write_timeout):
                     if not tally.conflict_safe:
@@ -493,9 +548,10 @@ class Writer:
                             tally.conflict_safe = True
                     return await self._transaction(conn, rows, dead, conflict_safe=True)
             except TimeoutError as exc:
-                raise TimeoutError(
+                raise _WriteTimeout(
                     f"no answer within write_timeout={self._write_timeout:g}s,"
-                    " connection presumed dead"
+                    " connection presumed dead",
+                    pid,
                 ) from exc
 
     async def _transaction(
@@ -560,6 +616,28 @@ class Writer:
                 "dead_letters", records=dead, columns=_DEAD_LETTER_COLUMNS
             )
         return inserted
+
+    async def _database_answers(self, pid: int) -> bool:
+        """After a write on server process ``pid`` timed out: does the database answer on
+        another connection within ``ping_timeout``? Yes: the write was too slow. No: the
+        database (or the path to it) is away, and nothing may become a dead letter for that.
+
+        Answering, it also ends that process: a server does not notice that its client left
+        until it next writes to it, and meanwhile the abandoned transaction holds the keys of
+        its rows, on which the next attempt would wait.
+        """
+        try:
+            async with self._connection() as conn, asyncio.timeout(self._ping_timeout):
+                if conn.get_server_version().major >= 14:
+                    # Waits (server side) until the process is gone and its locks with it.
+                    await conn.fetchval(_TERMINATE_AND_WAIT, pid, round(self._ping_timeout * 1000))
+                else:
+                    await conn.fetchval(_TERMINATE, pid)
+        except Exception as exc:
+            self._log.debug("probe after a write timeout failed: %s", _describe(exc))
+            return False
+        self._connected = True
+        return True
 
     async def _probe(self) -> None:
         async with self._connection() as conn, asyncio.timeout(self._write_timeout):

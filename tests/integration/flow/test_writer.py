@@ -374,10 +374,16 @@ async def test_blackholed_database_is_noticed_by_the_write_timeout(database_url:
             proxy.heal()
             async with asyncio.timeout(10):
                 result = await task
-            assert writer.statistics().connected
+            stats = writer.statistics()
         count = await db.fetchval("SELECT count(*) FROM readings")
+        dead = await db.fetchval("SELECT count(*) FROM dead_letters")
+    assert stats.connected
     assert result.inserted + result.duplicates == 40
     assert count == 10 + 40
+    # Every write timed out, but so did the probe after it: the database was away, and that is
+    # no message's fault. Retried whole, never split, nothing dead-lettered.
+    assert (result.dead_letters, dead) == (0, 0)
+    assert stats.retries_by_class.get("row", 0) == 0
 
 
 async def test_ping_and_close(database_url: str) -> None:
