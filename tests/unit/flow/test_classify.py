@@ -106,3 +106,38 @@ def test_partition_routing_race_is_transient_not_a_bad_row() -> None:
         'new row for relation "readings_p20261127" violates check constraint "sane"'
     )
     assert classify(operator_check) is ErrorClass.ROW
+
+
+def _server_errors(*classes: str) -> list[type[asyncpg.PostgresError]]:
+    """Every asyncpg server error type whose SQLSTATE is in one of ``classes``."""
+    found = [
+        value
+        for value in vars(asyncpg.exceptions).values()
+        if isinstance(value, type)
+        and issubclass(value, asyncpg.PostgresError)
+        and str(getattr(value, "sqlstate", "") or "")[:2] in classes
+    ]
+    return sorted(found, key=lambda t: t.sqlstate)
+
+
+# Schema, privileges, credentials, catalog, roles: the setup is wrong, not the data. Retrying
+# cannot fix it and narrowing a batch would turn every message into a dead letter.
+_SETUP = _server_errors("42", "28", "3D", "3F", "0L", "0P")
+
+
+@pytest.mark.parametrize("error_type", _SETUP, ids=lambda t: f"{t.sqlstate}-{t.__name__}")
+def test_setup_errors_are_fatal_never_row_errors(error_type: type[asyncpg.PostgresError]) -> None:
+    assert classify(error_type("permission denied or missing")) is ErrorClass.FATAL
+
+
+def test_the_setup_classes_hold_what_a_lost_privilege_or_login_raises() -> None:
+    names = {t.sqlstate for t in _SETUP}
+    # 42501 privilege revoked, 42P01 table gone, 28P01 password changed, 28000 pg_hba refuses,
+    # 3D000 database gone, 3F000 schema gone, 42883 function gone (a migration undone).
+    assert {"42501", "42P01", "28P01", "28000", "3D000", "3F000", "42883"} <= names
+    assert len(_SETUP) > 40
+
+
+@pytest.mark.parametrize("error_type", _server_errors("08"), ids=lambda t: t.sqlstate)
+def test_every_connection_exception_is_transient(error_type: type[asyncpg.PostgresError]) -> None:
+    assert classify(error_type("connection lost")) is ErrorClass.TRANSIENT
