@@ -11,6 +11,7 @@ reads files), so certificates renewed on disk are picked up at the next reconnec
 
 from __future__ import annotations
 
+import os
 import ssl
 from dataclasses import dataclass
 
@@ -93,9 +94,11 @@ def _load_client_certificate(context: ssl.SSLContext, settings: Settings) -> Non
             f"cannot use {cert_file}{f' with {key_file}' if key_file else ''}: {_why(exc)}",
         ) from None
     except OSError as exc:
-        missing = exc.filename or cert_file
-        setting = "INGEST_MQTT_KEY_FILE" if missing == key_file else "INGEST_MQTT_CERT_FILE"
-        raise ConfigError(setting, f"cannot read {missing}: {_why(exc)}") from None
+        # ssl does not say which of the two files it could not open.
+        setting, path = "INGEST_MQTT_CERT_FILE", cert_file
+        if key_file is not None and os.access(cert_file, os.R_OK):
+            setting, path = "INGEST_MQTT_KEY_FILE", key_file
+        raise ConfigError(setting, f"cannot read {path}: {_why(exc)}") from None
 
 
 def _why(exc: OSError) -> str:
