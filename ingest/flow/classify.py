@@ -39,7 +39,15 @@ Decision table, first match wins (after Telegraf's ``outputs/postgresql`` ``isTe
       outdated schema cache, target_session_attrs)
     asyncpg InterfaceError saying the connection or      TRANSIENT
       pool is closed/closing; any other InterfaceError   FATAL      (client misuse, config)
-    ssl.SSLCertVerificationError                         FATAL      (an OSError, but a setup one)
+    ssl.SSLCertVerificationError (wrong root             FATAL      (an OSError, but a setup one)
+      certificate, hostname mismatch), any other
+      ssl.SSLError (a protocol or cipher the server
+      refuses, a client certificate it rejects, a
+      file that holds no certificate)
+    ssl.SSLEOFError, SSLZeroReturnError,                 TRANSIENT  (the connection dropped
+      SSLSyscallError                                                mid-handshake)
+    ConnectionError "rejected SSL upgrade" (the DSN      FATAL      (the server runs without TLS)
+      asks for TLS, the server has it off)
     OSError (ConnectionError, refused, reset, DNS),      TRANSIENT
       TimeoutError (asyncio timeouts included)
     anything else (TypeError, ValueError, bugs, ...)     FATAL
@@ -66,6 +74,8 @@ _TRANSIENT_SQLSTATE_CLASSES = frozenset({"08", "53", "57", "40"})
 _ROW_SQLSTATE_CLASSES = frozenset({"22", "23", "54"})
 _TRANSIENT_SQLSTATES = frozenset({"55P03"})
 _ROW_SQLSTATES = frozenset({"40002"})
+# TLS errors that say the connection went away, not that the setup is wrong.
+_SSL_DROPPED = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError)
 
 
 def sqlstate_of(exc: BaseException) -> str | None:
@@ -91,7 +101,9 @@ def classify(exc: BaseException) -> ErrorClass:
         if "closed" in message or "closing" in message:
             return ErrorClass.TRANSIENT
         return ErrorClass.FATAL
-    if isinstance(exc, ssl.SSLCertVerificationError):
+    if isinstance(exc, ssl.SSLError):
+        return ErrorClass.TRANSIENT if isinstance(exc, _SSL_DROPPED) else ErrorClass.FATAL
+    if isinstance(exc, ConnectionError) and "rejected SSL upgrade" in str(exc):
         return ErrorClass.FATAL
     if isinstance(exc, OSError | TimeoutError):
         return ErrorClass.TRANSIENT

@@ -55,12 +55,13 @@ from dataclasses import dataclass, field
 from operator import itemgetter
 from types import TracebackType
 from typing import TYPE_CHECKING, Self, TypeAlias, TypeVar
+from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 
 from ingest.backoff import Backoff
 from ingest.db.dashboard import BEGIN_BATCH_SQL, PLANNER_SETTINGS, DashboardMode, upsert_ctes
-from ingest.errors import DecodeError, FatalError
+from ingest.errors import ConfigError, DecodeError, FatalError
 from ingest.flow.classify import ErrorClass, classify, sqlstate_of
 from ingest.flow.pgcopy import COLUMNS as _READING_COLUMNS
 from ingest.flow.pgcopy import encode_readings
@@ -127,6 +128,7 @@ WITH ins AS (
     + "SELECT count(*) FROM ins"
 )
 _TS = itemgetter(2)
+_TLS_FILE_PARAMETERS = ("sslrootcert", "sslcert", "sslkey", "sslcrl")
 # Allowed on a process of one's own role; false when it is gone already.
 _TERMINATE = "SELECT pg_terminate_backend($1)"
 _TERMINATE_AND_WAIT = "SELECT pg_terminate_backend($1, $2::bigint)"
@@ -234,7 +236,9 @@ class Writer:
     """Stores batches of :class:`~ingest.model.Envelope` in PostgreSQL (module docstring).
 
     An async context manager: entering waits for the database (never giving up while it is
-    unreachable, stopping on a FATAL error such as bad credentials); exiting closes the pool,
+    unreachable, stopping on a FATAL error such as bad credentials or a certificate that does
+    not verify, and on a ConfigError when a TLS file the DSN names cannot be read, since
+    asyncpg's error would say neither which nor that it is no outage); exiting closes the pool,
     terminating it when a graceful close takes longer than ``close_timeout``.
     """
 
@@ -300,6 +304,10 @@ class Writer:
     async def __aenter__(self) -> Self:
         if self._pool is not None:
             raise RuntimeError("Writer is already open")
+        if unreadable := await asyncio.to_thread(_unreadable_tls_file, self._dsn):
+            # Found by asyncpg, it would be an OSError at every attempt: an outage that never
+            # ends, and one that does not name the file.
+            raise ConfigError("INGEST_DATABASE_URL", unreadable)
         # min_size=0: creating the pool does no I/O; connections open on first use, so the
         # wait below (and every reconnect later) goes through one retry loop.
         pool: asyncpg.Pool[asyncpg.Record] = await asyncpg.create_pool(
@@ -666,6 +674,24 @@ class Writer:
         if self._pool is None:
             raise RuntimeError("Writer is not open: use it as `async with Writer(...)`")
         return self._pool
+
+
+def _unreadable_tls_file(dsn: str | None) -> str | None:
+    """What is wrong with the first TLS file the DSN names (``sslrootcert``, ``sslcert``,
+    ``sslkey``, ``sslcrl``) that cannot be read, or None. Only the parameter and its path are
+    told, never the DSN (it may hold a password)."""
+    try:
+        query = parse_qs(urlsplit(dsn or "").query)
+    except ValueError:
+        return None  # a malformed DSN is asyncpg's to refuse
+    for name in _TLS_FILE_PARAMETERS:
+        for path in query.get(name, ()):
+            try:
+                with open(path, "rb"):
+                    pass
+            except OSError as exc:
+                return f"{name} {path!r} cannot be read: {exc.strerror or exc}"
+    return None
 
 
 async def _copy_readings(conn: _Conn, table: str, rows: Sequence[Reading]) -> str:
