@@ -11,12 +11,11 @@ dashboard tables costs the write path.
 2. **queries**: the usual panels, each ``--runs`` times (a random device each time, planning
    included: no prepared statements, like Grafana's literal SQL); p50, p95, max.
 3. **write path**: the daemon's :class:`~ingest.flow.writer.Writer` storing batches of
-   ``--batch-rows`` rows, two in flight, with the dashboard tables off, deferred (the default:
-   the batch is only recorded, :func:`ingest.db.dashboard.fold` applies it) and inline (upserted
-   in the batch's transaction), alternating, ``--write-rounds`` runs of ``--write-batches``
-   batches each; rows/s (medians) and the server's CPU per row. After each deferred run, the
-   fold of what it wrote, ``--fold-batches`` batches per fold. Two batch shapes: one sample
-   per (device, metric) per batch (each reading its own rollup key, the worst case) and ten
+   ``--batch-rows`` rows, two in flight (the batch is only recorded for the dashboard tables,
+   :func:`ingest.db.dashboard.fold` applies it), ``--write-rounds`` runs of ``--write-batches``
+   batches each; rows/s (medians) and the server's CPU per row. After each run, the fold of
+   what it wrote, ``--fold-batches`` batches per fold. Two batch shapes: one sample per
+   (device, metric) per batch (each reading its own rollup key, the worst case) and ten
    (messages carrying ten samples).
 
 By default everything runs on a throwaway cluster
@@ -46,7 +45,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from ingest.db.dashboard import DashboardMode, fold
+from ingest.db.dashboard import fold
 from ingest.db.migrate import migrate_dsn
 from ingest.db.partitions import ensure_partitions
 from ingest.devservers.throwaway import PostgresCluster
@@ -159,7 +158,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--days", type=float, default=3.0, help="days the readings span, up to now (3)")
     p.add_argument("--runs", type=int, default=50, help="runs of each panel query (50)")
     p.add_argument("--write-batches", type=int, default=30, help="batches per write run (30)")
-    p.add_argument("--write-rounds", type=int, default=3, help="write runs per mode (3)")
+    p.add_argument("--write-rounds", type=int, default=3, help="write runs per batch shape (3)")
     p.add_argument("--batch-rows", type=int, default=5000, help="rows per batch (5000)")
     p.add_argument("--fold-batches", type=int, default=10, help="batches per dashboard fold (10)")
     p.add_argument("--skip-write", action="store_true", help="only load and time the queries")
@@ -360,11 +359,9 @@ async def _pids(dsn: str, application_name: str) -> list[int]:
     return [r["pid"] for r in rows]
 
 
-async def _write_run(
-    dsn: str, batches: list[list[Envelope]], mode: DashboardMode
-) -> dict[str, float]:
+async def _write_run(dsn: str, batches: list[list[Envelope]]) -> dict[str, float]:
     app = f"bench-{uuid.uuid4().hex[:8]}"
-    async with Writer(dsn=dsn, dashboard=mode, application_name=app) as writer:
+    async with Writer(dsn=dsn, application_name=app) as writer:
         # Warm the pool (both connections: the daemon pipelines two batches) and the caches.
         await asyncio.gather(writer.ping(), writer.ping())
         pids = await _pids(dsn, app)
@@ -417,56 +414,45 @@ async def _fold_run(dsn: str, fold_batches: int) -> dict[str, float]:
     return out
 
 
-_MODES: tuple[DashboardMode, ...] = ("off", "deferred", "inline")
-
-
 async def write_path(dsn: str, a: argparse.Namespace, after: datetime) -> list[dict[str, Any]]:
     results: list[dict[str, Any]] = []
     for samples_per_key in (1, 10):
-        runs: dict[str, list[dict[str, float]]] = {m: [] for m in (*_MODES, "fold")}
+        runs: dict[str, list[dict[str, float]]] = {"write": [], "fold": []}
         for r in range(a.write_rounds):
-            for i, mode in enumerate(_MODES):  # alternating, so load on the machine hits all
-                offset = timedelta(hours=1 + len(results) * 24 + r * 3 + i)
-                batches = _batches(a, after + offset, samples_per_key, a.write_batches)
-                runs[mode].append(await _write_run(dsn, batches, mode))
-                _log(
-                    f"  {samples_per_key} sample(s)/key/batch, dashboard {mode}: "
-                    f"{runs[mode][-1]['rows_per_s']:,.0f} rows/s"
-                )
-                if mode == "deferred":
-                    runs["fold"].append(await _fold_run(dsn, a.fold_batches))
-                    f = runs["fold"][-1]
-                    _log(
-                        f"    fold: {f['rows']:,.0f} rows in {f['folds']:.0f} folds,"
-                        f" {f['ms_per_fold']:.0f} ms each, {f['rows_per_s']:,.0f} rows/s"
-                    )
+            offset = timedelta(hours=1 + len(results) * 24 + r * 3)
+            batches = _batches(a, after + offset, samples_per_key, a.write_batches)
+            runs["write"].append(await _write_run(dsn, batches))
+            runs["fold"].append(await _fold_run(dsn, a.fold_batches))
+            w, f = runs["write"][-1], runs["fold"][-1]
+            _log(
+                f"  {samples_per_key} sample(s)/key/batch: {w['rows_per_s']:,.0f} rows/s;"
+                f" fold: {f['rows']:,.0f} rows in {f['folds']:.0f} folds,"
+                f" {f['ms_per_fold']:.0f} ms each, {f['rows_per_s']:,.0f} rows/s"
+            )
 
         def med(
-            mode: str, key: str, runs: dict[str, list[dict[str, float]]] = runs
+            what: str, key: str, runs: dict[str, list[dict[str, float]]] = runs
         ) -> float | None:
-            values = [run[key] for run in runs[mode] if key in run]
+            values = [run[key] for run in runs[what] if key in run]
             return round(statistics.median(values), 2) if values else None
 
-        off = med("off", "rows_per_s")
-        assert off is not None
-        entry: dict[str, Any] = {"samples_per_key_per_batch": samples_per_key}
-        for mode in _MODES:
-            rate = med(mode, "rows_per_s")
-            assert rate is not None
-            entry[mode] = {
-                "rows_per_s": round(rate),
-                "rows_per_s_change_percent": round((rate / off - 1) * 100, 1),
-                "server_cpu_us_per_row": med(mode, "server_cpu_us_per_row"),
-                "client_cpu_us_per_row": med(mode, "client_cpu_us_per_row"),
-                "runs": [round(run["rows_per_s"]) for run in runs[mode]],
+        results.append(
+            {
+                "samples_per_key_per_batch": samples_per_key,
+                "write": {
+                    "rows_per_s": round(med("write", "rows_per_s") or 0),
+                    "server_cpu_us_per_row": med("write", "server_cpu_us_per_row"),
+                    "client_cpu_us_per_row": med("write", "client_cpu_us_per_row"),
+                    "runs": [round(run["rows_per_s"]) for run in runs["write"]],
+                },
+                "fold": {
+                    "batches_per_fold": a.fold_batches,
+                    "rows_per_s": round(med("fold", "rows_per_s") or 0),
+                    "ms_per_fold": med("fold", "ms_per_fold"),
+                    "server_cpu_us_per_row": med("fold", "server_cpu_us_per_row"),
+                },
             }
-        entry["fold"] = {
-            "batches_per_fold": a.fold_batches,
-            "rows_per_s": round(med("fold", "rows_per_s") or 0),
-            "ms_per_fold": med("fold", "ms_per_fold"),
-            "server_cpu_us_per_row": med("fold", "server_cpu_us_per_row"),
-        }
-        results.append(entry)
+        )
     return results
 
 
@@ -491,19 +477,16 @@ def _report(result: dict[str, Any]) -> str:
     if result.get("write_path"):
         lines += [
             "",
-            "| write path: Writer, 2 batches in flight | dashboard off | deferred (default) "
-            "| inline | server CPU us/row: off / deferred + its fold / inline |",
-            "| --- | ---: | ---: | ---: | ---: |",
+            "| write path: Writer, 2 batches in flight | rows/s "
+            "| server CPU us/row: writer + its fold |",
+            "| --- | ---: | ---: |",
         ]
         for w in result["write_path"]:
-            off, de, il, fo = w["off"], w["deferred"], w["inline"], w["fold"]
+            wr, fo = w["write"], w["fold"]
             lines.append(
                 f"| {w['samples_per_key_per_batch']} sample(s) per device and metric per batch "
-                f"| {off['rows_per_s']:,} rows/s "
-                f"| {de['rows_per_s']:,} rows/s ({de['rows_per_s_change_percent']:+}%) "
-                f"| {il['rows_per_s']:,} rows/s ({il['rows_per_s_change_percent']:+}%) "
-                f"| {off['server_cpu_us_per_row']} / {de['server_cpu_us_per_row']} + "
-                f"{fo['server_cpu_us_per_row']} / {il['server_cpu_us_per_row']} |"
+                f"| {wr['rows_per_s']:,} "
+                f"| {wr['server_cpu_us_per_row']} + {fo['server_cpu_us_per_row']} |"
             )
         fold_batches = result["write_path"][0]["fold"]["batches_per_fold"]
         lines.append(

@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Final
 
 import anyio
 import asyncpg
@@ -43,7 +43,6 @@ from ingest.settings import Settings
 
 __all__ = [
     "PLANNER_SETTINGS",
-    "DashboardMode",
     "FoldResult",
     "Folder",
     "describe_error",
@@ -51,8 +50,6 @@ __all__ = [
     "fold_forever",
     "upsert_ctes",
 ]
-
-DashboardMode = Literal["deferred", "inline", "off"]
 
 #: Pending batches one fold applies at most (a backlog is worked off fold after fold).
 FOLD_MAX_BATCHES: Final = 100

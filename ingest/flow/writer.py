@@ -12,14 +12,10 @@ Contract of :meth:`Writer.write`:
   the batch redone, in a new transaction, through a per-connection temporary table and
   ``INSERT ... ON CONFLICT DO NOTHING`` (slower, conflict-safe).
 - Dashboard tables (``devices``, ``latest_readings``, ``readings_1m``, ``readings_fleet_1m``)
-  come from the rows a batch actually inserted, exactly once (:mod:`ingest.db.dashboard`). By
-  default (``dashboard="deferred"``) the batch's transaction only tags its rows with a batch
-  number and records the batch, one small statement; the dashboard tables are folded from it
-  shortly after. ``dashboard="inline"`` upserts them in the batch's own transaction instead:
-  the batch is COPied into the staging table and one statement moves it into ``readings``
-  (plain INSERT on the fast path, ``ON CONFLICT DO NOTHING ... RETURNING`` on the
-  conflict-safe one) and upserts the four tables, in key order. Either way a rolled-back
-  batch (a rejected row, bisection) leaves nothing behind.
+  come from the rows a batch actually inserted, exactly once (:mod:`ingest.db.dashboard`):
+  the batch's transaction only tags its rows with a batch number and records the batch, one
+  small statement; the dashboard tables are folded from it shortly after. A rolled-back batch
+  (a rejected row, bisection) leaves nothing behind.
 - Errors are sorted by :func:`ingest.flow.classify.classify`:
 
   - TRANSIENT: the batch is retried forever with capped jittered backoff; the caller's bounded
@@ -60,7 +56,7 @@ from urllib.parse import parse_qs, urlsplit
 import asyncpg
 
 from ingest.backoff import Backoff
-from ingest.db.dashboard import BEGIN_BATCH_SQL, PLANNER_SETTINGS, DashboardMode, upsert_ctes
+from ingest.db.dashboard import BEGIN_BATCH_SQL
 from ingest.errors import ConfigError, DecodeError, FatalError
 from ingest.flow.classify import ErrorClass, classify, sqlstate_of
 from ingest.flow.pgcopy import COLUMNS as _READING_COLUMNS
@@ -99,34 +95,6 @@ _INSERT_FROM_STAGING = f"""
     ON CONFLICT (device_id, metric, ts) DO NOTHING
 """
 
-_INLINE_DEVICES = """SELECT device_id, now(), now(), max(ts) FROM {rows}
-    GROUP BY device_id ORDER BY device_id"""
-# Dashboard tables, "inline" mode (ingest/db/dashboard.py): the batch is staged, and one statement
-# inserts it into readings and upserts the dashboard tables from what it inserted. Fast path:
-# the batch holds no key already stored (else a unique violation sends it to the conflict-safe
-# path), so every staged row is inserted and feeds the dashboard as is.
-_INLINE_FAST = (
-    f"""
-WITH ins AS (
-    INSERT INTO readings (device_id, metric, ts, value)
-    SELECT device_id, metric, ts, value FROM {_STAGING_TABLE}
-)"""
-    + upsert_ctes(_STAGING_TABLE, devices=_INLINE_DEVICES.format(rows=_STAGING_TABLE))
-    + "SELECT 1"
-)
-# Conflict-safe: only what RETURNING hands back was inserted; staged rows come back in COPY
-# order, so inside one batch the first occurrence wins.
-_INLINE_CONFLICT_SAFE = (
-    f"""
-WITH ins AS (
-    INSERT INTO readings (device_id, metric, ts, value)
-    SELECT device_id, metric, ts, value FROM {_STAGING_TABLE}
-    ON CONFLICT (device_id, metric, ts) DO NOTHING
-    RETURNING device_id, metric, ts, value
-)"""
-    + upsert_ctes("ins", devices=_INLINE_DEVICES.format(rows="ins"))
-    + "SELECT count(*) FROM ins"
-)
 _TS = itemgetter(2)
 _TLS_FILE_PARAMETERS = ("sslrootcert", "sslcert", "sslkey", "sslcrl")
 # Allowed on a process of one's own role; false when it is gone already.
@@ -255,7 +223,6 @@ class Writer:
         backoff_max: float = 10.0,
         retry_log_interval: float = 10.0,
         application_name: str = "iot-ingest",
-        dashboard: DashboardMode = "deferred",
         logger: logging.Logger | None = None,
     ) -> None:
         for name, value in (
@@ -284,11 +251,6 @@ class Writer:
         self._backoff_max = backoff_max
         self._retry_log_interval = retry_log_interval
         self._application_name = application_name
-        if dashboard not in ("deferred", "inline", "off"):
-            raise ValueError(f"dashboard must be deferred, inline or off, got {dashboard!r}")
-        # "off": readings and dead letters only (what the write path costs without the
-        # dashboard tables, benchmarks/dashboard.py; or a schema without them).
-        self._dashboard = dashboard
         self._log = logger if logger is not None else logging.getLogger("ingest.writer")
         self._pool: asyncpg.Pool[asyncpg.Record] | None = None
         self._batches = 0
@@ -595,24 +557,14 @@ class Writer:
         """All the SQL that stores a batch, inside the caller's transaction.
 
         Returns how many of ``rows`` were inserted (the rest were duplicates). Anything else
-        that must change with the batch, in the same transaction (dashboard tables from the
-        rows actually inserted), belongs here.
+        that must change with the batch, in the same transaction (its record for the dashboard
+        fold), belongs here.
         """
         inserted = 0
-        if rows and self._dashboard == "inline":
-            await conn.execute(f"{_CREATE_STAGING}; {PLANNER_SETTINGS}")
-            await _copy_readings(conn, _STAGING_TABLE, rows)
-            # Prepared once per connection (asyncpg's statement cache), not parsed per batch.
-            if conflict_safe:
-                inserted = int(await conn.fetchval(_INLINE_CONFLICT_SAFE))
-            else:
-                await conn.fetchval(_INLINE_FAST)
-                inserted = len(rows)
-        elif rows:
-            if self._dashboard == "deferred":
-                # Tags the rows below with a new batch, recorded for ingest.db.dashboard.fold.
-                stamps = list(map(_TS, rows))
-                await conn.fetchval(BEGIN_BATCH_SQL, min(stamps), max(stamps))
+        if rows:
+            # Tags the rows below with a new batch, recorded for ingest.db.dashboard.fold.
+            stamps = list(map(_TS, rows))
+            await conn.fetchval(BEGIN_BATCH_SQL, min(stamps), max(stamps))
             if conflict_safe:
                 await conn.execute(_CREATE_STAGING)
                 await _copy_readings(conn, _STAGING_TABLE, rows)

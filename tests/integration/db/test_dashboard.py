@@ -1,6 +1,5 @@
 """The dashboard database against a real PostgreSQL: exactly-once rollups and latest values
-under redelivery, duplicates, late samples, rejected rows and concurrent writers (both ways of
-maintaining them: folded after the batch, or inline in its transaction); time partitions
+under redelivery, duplicates, late samples, rejected rows and concurrent writers and folders; time partitions
 created ahead and dropped by retention; upgrading an installation whose readings table is not
 partitioned yet."""
 
@@ -17,7 +16,7 @@ import anyio
 import asyncpg
 import pytest
 
-from ingest.db.dashboard import DashboardMode, fold, fold_forever
+from ingest.db.dashboard import fold, fold_forever
 from ingest.db.migrate import apply_migrations, load_migrations, migrate_dsn
 from ingest.db.partitions import apply_retention, ensure_partitions, maintain
 from ingest.flow.writer import Writer
@@ -55,13 +54,6 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-@pytest.fixture(params=["deferred", "inline"])
-def mode(request: pytest.FixtureRequest) -> DashboardMode:
-    """How the writer maintains the dashboard tables: the correctness tests hold for both."""
-    value: DashboardMode = request.param
-    return value
-
-
 def message(device: str, *readings: tuple[str, datetime, float]) -> Envelope:
     rows = [Reading(device, metric, ts, value) for metric, ts, value in readings]
     return Envelope(
@@ -84,20 +76,19 @@ def samples(
     ]
 
 
-def quick_writer(dsn: str, dashboard: DashboardMode = "deferred") -> Writer:
+def quick_writer(dsn: str) -> Writer:
     return Writer(
         dsn=dsn,
         connect_timeout=5.0,
         write_timeout=20.0,
         backoff_initial=0.02,
         backoff_max=0.1,
-        dashboard=dashboard,
     )
 
 
 async def settle(db: Conn) -> int:
     """Fold every pending batch (what the daemon's folder does within a second); returns how
-    many. Nothing is pending in inline mode."""
+    many."""
     total = 0
     while batches := (await fold(db, max_batches=7)).batches:
         total += batches
@@ -163,7 +154,7 @@ def expected_rollups(envelopes: Iterable[Envelope]) -> dict[tuple[Any, ...], tup
 
 
 async def test_redelivered_batches_and_duplicates_count_once(
-    database_url: str, mode: DashboardMode
+    database_url: str,
 ) -> None:
     first = samples(range(10), T0, 12)
     fresh = samples(range(10), T0 + timedelta(minutes=5), 6)
@@ -171,7 +162,7 @@ async def test_redelivered_batches_and_duplicates_count_once(
     # the same batch, and a different value for a key already stored (the first write wins).
     changed = message("dev-000", ("temp", T0, 999.0))
     second = [*first[:30], *fresh, fresh[0], changed]
-    async with database(database_url) as db, quick_writer(database_url, mode) as writer:
+    async with database(database_url) as db, quick_writer(database_url) as writer:
         one = await writer.write(first)
         await settle(db)
         once = (await rollups(db), await latest(db))
@@ -191,10 +182,10 @@ async def test_redelivered_batches_and_duplicates_count_once(
 
 
 async def test_late_samples_land_in_their_bucket_and_never_regress_latest(
-    database_url: str, mode: DashboardMode
+    database_url: str,
 ) -> None:
     now = T0 + timedelta(minutes=30)
-    async with database(database_url) as db, quick_writer(database_url, mode) as writer:
+    async with database(database_url) as db, quick_writer(database_url) as writer:
         await writer.write(samples(range(3), now, 4))
         await settle(db)
         before = await latest(db)
@@ -228,9 +219,9 @@ async def test_late_samples_land_in_their_bucket_and_never_regress_latest(
 
 
 async def test_devices_are_kept_current_once_per_batch(
-    database_url: str, mode: DashboardMode
+    database_url: str,
 ) -> None:
-    async with database(database_url) as db, quick_writer(database_url, mode) as writer:
+    async with database(database_url) as db, quick_writer(database_url) as writer:
         await writer.write(samples(range(3), T0, 5))
         await settle(db)
         first = {r["device_id"]: r for r in await db.fetch("SELECT * FROM devices")}
@@ -252,14 +243,14 @@ async def test_devices_are_kept_current_once_per_batch(
 
 
 async def test_rejected_rows_leave_no_trace_in_the_dashboard(
-    database_url: str, mode: DashboardMode
+    database_url: str,
 ) -> None:
     batch = samples(range(8), T0, 5)
     bad = T0 + timedelta(seconds=7)
     batch[13] = message("dev-005", ("temp", bad, 1.0), ("rh", bad, 5e6))
     async with database(database_url) as db:
         await db.execute("ALTER TABLE readings ADD CONSTRAINT v CHECK (value < 1e6)")
-        async with quick_writer(database_url, mode) as writer:
+        async with quick_writer(database_url) as writer:
             result = await writer.write(batch)
             redelivered = await writer.write(batch)  # conflict-safe path + the same rejection
         await settle(db)
@@ -275,10 +266,10 @@ async def test_rejected_rows_leave_no_trace_in_the_dashboard(
 
 
 async def test_concurrent_writers_and_folders_do_not_deadlock(
-    database_url: str, mode: DashboardMode
+    database_url: str,
 ) -> None:
-    """Two writers on the same devices, metrics and minutes in opposite orders (inline: their
-    upserts meet; deferred: two folders meet), folding while they write."""
+    """Two writers on the same devices, metrics and minutes in opposite orders, and two
+    folders meeting, folding while they write."""
     rounds, devices = 20, 100
 
     def batch(r: int, reverse: bool) -> list[Envelope]:
@@ -292,8 +283,8 @@ async def test_concurrent_writers_and_folders_do_not_deadlock(
         folders = [await asyncpg.connect(database_url) for _ in range(2)]
         try:
             async with (
-                quick_writer(database_url, mode) as w1,
-                quick_writer(database_url, mode) as w2,
+                quick_writer(database_url) as w1,
+                quick_writer(database_url) as w2,
             ):
                 writing = 2
 
@@ -343,21 +334,6 @@ async def test_deferred_batches_are_folded_once(database_url: str) -> None:
     assert [(t["batch"], t["n"]) for t in tags] == [(p["batch"], 24) for p in pending]
     assert pending[0]["min_ts"] == T0 and pending[0]["max_ts"] == T0 + timedelta(seconds=14)
     assert [(f.batches, f.rows) for f in folds] == [(5, 120), (5, 120), (2, 48), (0, 0)]
-
-
-async def test_without_maintenance_only_readings_are_written(database_url: str) -> None:
-    async with (
-        database(database_url) as db,
-        quick_writer(database_url, "off") as w,
-    ):
-        result = await w.write(samples(range(3), T0, 2))
-        counts = await db.fetchrow(
-            "SELECT (SELECT count(*) FROM readings WHERE batch IS NULL) AS r,"
-            " (SELECT count(*) FROM dashboard_pending) AS p,"
-            " (SELECT count(*) FROM readings_1m) AS m"
-        )
-    assert result.inserted == 12
-    assert counts is not None and (counts["r"], counts["p"], counts["m"]) == (12, 0, 0)
 
 
 async def test_fold_forever_folds_and_survives_an_unreachable_database(

@@ -14,7 +14,7 @@ import anyio
 import asyncpg
 import pytest
 
-from ingest.db.dashboard import DashboardMode, Folder, fold
+from ingest.db.dashboard import Folder, fold
 from ingest.db.migrate import migrate_dsn
 from ingest.flow.writer import Writer
 from ingest.model import Decoded, Envelope, Reading
@@ -38,14 +38,13 @@ def message(device: str, *readings: tuple[str, datetime, float]) -> Envelope:
     return Envelope(f"devices/{device}/telemetry", b"{}", NOW, Decoded(rows, 0))
 
 
-def writer(dsn: str, dashboard: DashboardMode = "deferred") -> Writer:
+def writer(dsn: str) -> Writer:
     return Writer(
         dsn=dsn,
         connect_timeout=5.0,
         write_timeout=20.0,
         backoff_initial=0.02,
         backoff_max=0.1,
-        dashboard=dashboard,
     )
 
 
@@ -73,14 +72,13 @@ async def settle(db: Conn) -> None:
         pass
 
 
-@pytest.mark.parametrize("mode", ["deferred", "inline"])
 @pytest.mark.parametrize("value", [1e308, -1e308, MAX, -MAX])
 async def test_values_that_overflow_a_sum_never_stop_the_fold(
-    database_url: str, value: float, mode: DashboardMode
+    database_url: str, value: float
 ) -> None:
     sign = 1.0 if value > 0 else -1.0
     ts = [NOW + timedelta(seconds=s) for s in range(4)]
-    async with database(database_url) as db, writer(database_url, mode) as w:
+    async with database(database_url) as db, writer(database_url) as w:
         # Two devices in one minute (the fleet rollup adds them), then each device again in
         # that minute (the device rollups add to what they hold), then ordinary values.
         await w.write(
