@@ -21,16 +21,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from ingest.urls import MqttEndpoint, parse_mqtt_url
+
 __all__ = [
     "Backlog",
-    "BrokerAddress",
+    "broker_address",
     "device_id",
     "dumps",
     "make_backlog",
@@ -45,15 +46,14 @@ TOPIC_FILTER = "devices/+/telemetry"
 _METRICS = ("temperature", "humidity", "battery", "rssi", "pressure", "co2", "voltage", "lux")
 
 
-@dataclass(frozen=True, slots=True)
-class BrokerAddress:
-    host: str
-    port: int
-
-    @classmethod
-    def parse(cls, url: str) -> BrokerAddress:
-        parts = urlsplit(url)
-        return cls(parts.hostname or "127.0.0.1", parts.port or 1883)
+def broker_address(url: str) -> MqttEndpoint:
+    """The plain listener ``url`` names (the project's URL parser). The backlog, the sessions
+    and the broker checks always go through a plain listener, also when the consumers drain
+    over TLS, so publishing costs the same either way."""
+    endpoint = parse_mqtt_url(url)
+    if endpoint.tls:
+        raise ValueError("the backlog is published over a plain mqtt:// listener, not mqtts://")
+    return endpoint
 
 
 def device_id(index: int) -> str:
@@ -135,7 +135,7 @@ def _client(client_id: str, protocol: str, *, clean: bool) -> paho.Client:
     return paho.Client(**kwargs)
 
 
-def _connect(client: paho.Client, broker: BrokerAddress, protocol: str, *, clean: bool) -> None:
+def _connect(client: paho.Client, broker: MqttEndpoint, protocol: str, *, clean: bool) -> None:
     if protocol == "5":
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = 0 if clean else 0xFFFFFFFF
@@ -146,7 +146,7 @@ def _connect(client: paho.Client, broker: BrokerAddress, protocol: str, *, clean
 
 def register_sessions(url: str, client_ids: list[str], protocol: str) -> None:
     """A persistent session with a QoS 1 subscription for each id, then disconnect."""
-    broker = BrokerAddress.parse(url)
+    broker = broker_address(url)
     for cid in client_ids:
         client = _client(cid, protocol, clean=False)
         subscribed = threading.Event()
@@ -164,7 +164,7 @@ def register_sessions(url: str, client_ids: list[str], protocol: str) -> None:
 
 def wipe_sessions(url: str, client_ids: list[str], protocol: str) -> None:
     """Discard the sessions (and what is queued for them): connect clean, disconnect."""
-    broker = BrokerAddress.parse(url)
+    broker = broker_address(url)
     for cid in client_ids:
         client = _client(cid, protocol, clean=True)
         connected = threading.Event()
@@ -180,7 +180,7 @@ def queued_for(url: str, client_id: str, protocol: str, *, quiet: float = 1.0) -
     """How many messages the broker still sends to ``client_id``'s session within ``quiet``
     seconds of silence. Nothing is acknowledged, so the session is left as it was; the count
     is capped by the broker's in-flight window (it is "at least", not "exactly")."""
-    broker = BrokerAddress.parse(url)
+    broker = broker_address(url)
     client = _client(client_id, protocol, clean=False)
     client.manual_ack_set(True)
     count = 0
@@ -205,7 +205,7 @@ def queued_for(url: str, client_id: str, protocol: str, *, quiet: float = 1.0) -
 
 def publish(url: str, backlog: Backlog, *, parallel: int = 16, inflight: int = 1000) -> float:
     """Publish the backlog with QoS 1 (``mosquitto_pub -l``); returns the seconds it took."""
-    broker = BrokerAddress.parse(url)
+    broker = broker_address(url)
     with tempfile.TemporaryDirectory(prefix="bench-backlog-") as tmp:
         files: list[tuple[str, Path]] = []
         for n, (topic, payloads) in enumerate(backlog.lines.items()):

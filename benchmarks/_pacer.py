@@ -16,25 +16,30 @@ import sys
 import threading
 import time
 from typing import Any
-from urllib.parse import urlsplit
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from benchmarks._backlog import device_id, dumps, sample_body
+from benchmarks._tls import client_endpoint
 
 
 def main() -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks._pacer")
-    p.add_argument("--url", required=True)
+    p.add_argument("--url", required=True, help="mqtt://... or mqtts://...")
+    p.add_argument("--ca-file", default=None, help="CA for an mqtts:// URL (default: system's)")
     p.add_argument("--devices", type=int, default=100)
     p.add_argument("--rate-total", type=float, required=True)
     p.add_argument("--duration", type=float, required=True)
     p.add_argument("--readings", type=int, default=5)
     a = p.parse_args()
 
-    parts = urlsplit(a.url)
+    endpoint, tls = client_endpoint(a.url, a.ca_file)
     client = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv311)
+    if tls is not None:
+        client.tls_set_context(tls)
+    if endpoint.username is not None:
+        client.username_pw_set(endpoint.username, endpoint.password)
     client.max_inflight_messages_set(100)
     acked = 0
     lock = threading.Lock()
@@ -45,7 +50,7 @@ def main() -> int:
             acked += 1
 
     client.on_publish = on_publish
-    client.connect(parts.hostname or "127.0.0.1", parts.port or 1883)
+    client.connect(endpoint.host, endpoint.port)
     client.loop_start()
     topics = [f"devices/{device_id(d)}/telemetry" for d in range(a.devices)]
     last_ts = [0] * a.devices

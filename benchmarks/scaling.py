@@ -22,7 +22,7 @@ from typing import Any
 import asyncpg
 import paho.mqtt.client as paho
 
-from benchmarks._backlog import BrokerAddress, make_backlog, publish
+from benchmarks._backlog import broker_address, make_backlog, publish
 from benchmarks._daemon import IngestProcess
 from benchmarks._env import fetchval, open_environment
 from benchmarks._procstat import CpuSnapshot, descendants, peak_rss_mb
@@ -31,7 +31,7 @@ CLIENT_ID = "bench-scale"
 
 
 def register_shared(url: str, workers: int) -> None:
-    broker = BrokerAddress.parse(url)
+    broker = broker_address(url)
     for i in range(workers):
         cid = f"{CLIENT_ID}-{i}" if workers > 1 else CLIENT_ID
         topic = f"$share/{CLIENT_ID}/devices/+/telemetry" if workers > 1 else "devices/+/telemetry"
