@@ -28,6 +28,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from benchmarks._procstat import peak_rss_mb
+from benchmarks._tls import client_endpoint
 
 
 def _ts(value: Any) -> datetime:
@@ -49,7 +50,8 @@ def _rows(topic: str, payload: bytes | bytearray) -> list[tuple[str, str, dateti
 
 def main() -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks._naive")
-    p.add_argument("--url", required=True)
+    p.add_argument("--url", required=True, help="mqtt://... or mqtts://...")
+    p.add_argument("--ca-file", default=None, help="CA for an mqtts:// URL (default: system's)")
     p.add_argument("--client-id", required=True)
     p.add_argument("--dsn", required=True)
     p.add_argument("--messages", type=int, required=True)
@@ -92,13 +94,17 @@ def main() -> int:
         clean_session=None if v5 else False,
     )
     client.on_message = on_message
-    parts = a.url.split("//", 1)[1].split(":")
+    endpoint, tls = client_endpoint(a.url, a.ca_file)
+    if tls is not None:
+        client.tls_set_context(tls)
+    if endpoint.username is not None:
+        client.username_pw_set(endpoint.username, endpoint.password)
     if v5:
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = 0xFFFFFFFF
-        client.connect(parts[0], int(parts[1]), clean_start=False, properties=props)
+        client.connect(endpoint.host, endpoint.port, clean_start=False, properties=props)
     else:
-        client.connect(parts[0], int(parts[1]))
+        client.connect(endpoint.host, endpoint.port)
     client.loop_forever()
     loop.run_until_complete(conn.close())
     loop.close()
