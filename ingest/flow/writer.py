@@ -21,7 +21,7 @@ Contract of :meth:`Writer.write`:
   - TRANSIENT: the batch is retried forever with capped jittered backoff; the caller's bounded
     channel holds the broker back meanwhile.
   - A write that outlasts ``write_timeout`` is cancelled and its connection terminated; then a
-    ``SELECT 1`` on another connection says who is to blame. No answer within ``ping_timeout``:
+    tiny commit on another connection says who is to blame. Not done within ``ping_timeout``:
     the database is away (a blackholed server sends no reset), which is TRANSIENT. An answer:
     the batch is too slow, and it is narrowed down as ROW errors are (below); a message that
     still times out alone :data:`SLOW_ATTEMPTS_ALONE` times becomes a dead letter
@@ -100,6 +100,11 @@ _TLS_FILE_PARAMETERS = ("sslrootcert", "sslcert", "sslkey", "sslcrl")
 # Allowed on a process of one's own role; false when it is gone already.
 _TERMINATE = "SELECT pg_terminate_backend($1)"
 _TERMINATE_AND_WAIT = "SELECT pg_terminate_backend($1, $2::bigint)"
+# Writes a WAL record in a transaction (open to any role, no table needed), so its commit is
+# flushed and waits for synchronous standbys as a batch's does; txid_current() alone would not
+# (a transaction that wrote no WAL commits without either). Logical decoding consumers see a
+# message with this prefix, after write timeouts only.
+_COMMIT_PROBE = "SELECT pg_logical_emit_message(true, 'iot-ingest', 'probe')"
 
 
 class _WriteTimeout(TimeoutError):
@@ -578,13 +583,16 @@ class Writer:
         return inserted
 
     async def _database_answers(self, pid: int) -> bool:
-        """After a write on server process ``pid`` timed out: does the database answer on
-        another connection within ``ping_timeout``? Yes: the write was too slow. No: the
-        database (or the path to it) is away, and nothing may become a dead letter for that.
+        """After a write on server process ``pid`` timed out: does the database commit a tiny
+        transaction on another connection within ``ping_timeout``? Yes: the write was too slow.
+        No: the database (or the path to it) is away, and nothing may become a dead letter for
+        that.
 
-        Answering, it also ends that process: a server does not notice that its client left
-        until it next writes to it, and meanwhile the abandoned transaction holds the keys of
-        its rows, on which the next attempt would wait.
+        A commit, not a ``SELECT 1``: a server whose commits hang (storage stalled, a
+        synchronous standby gone) still answers reads, and every batch would look too slow.
+        First it ends that process: a server does not notice that its client left until it
+        next writes to it, and meanwhile the abandoned transaction holds the keys of its rows,
+        on which the next attempt would wait.
         """
         try:
             async with self._connection() as conn, asyncio.timeout(self._ping_timeout):
@@ -593,6 +601,7 @@ class Writer:
                     await conn.fetchval(_TERMINATE_AND_WAIT, pid, round(self._ping_timeout * 1000))
                 else:
                     await conn.fetchval(_TERMINATE, pid)
+                await conn.fetchval(_COMMIT_PROBE)
         except Exception as exc:
             self._log.debug("probe after a write timeout failed: %s", _describe(exc))
             return False
