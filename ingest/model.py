@@ -69,6 +69,14 @@ class Envelope(NamedTuple):
 # --- statistics: what each stage reports (anyio MemoryObjectStreamStatistics style) -------
 
 
+class SessionStatistics(NamedTuple):
+    """How the messages of one MQTT connection were read (``ingest.mqtt.session``)."""
+
+    fast_path: int  # PUBLISH packets parsed from the read buffer by take_publishes
+    paho_path: int  # delivered by paho's on_message (split packets, QoS 2, the unusual)
+    too_large: int  # over the payload limit: read in pieces, kept in part
+
+
 @dataclass(frozen=True, slots=True)
 class SourceStatistics:
     received: int

@@ -46,7 +46,7 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import aiomqtt
 import paho.mqtt.client as paho
@@ -54,6 +54,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from ingest.errors import FatalError
+from ingest.model import SessionStatistics
 from ingest.mqtt.guard import TESTED_VERSIONS, check_internals
 from ingest.mqtt.wire import (
     Inbound,
@@ -65,7 +66,7 @@ from ingest.mqtt.wire import (
 )
 from ingest.settings import MqttEndpoint
 
-__all__ = ["Inbound", "MqttSession", "SessionStatistics"]
+__all__ = ["Inbound", "MqttSession"]
 
 _READ_SIZE = 65536
 # Buffer refills (of up to _READ_SIZE bytes) handled per event-loop callback before yielding.
@@ -79,14 +80,6 @@ _READER_REPLACED = (
     "(aiomqtt registered its own reader after ours); tested with "
     + ", ".join(f"{name}=={version}" for name, version in TESTED_VERSIONS.items())
 )
-
-
-class SessionStatistics(NamedTuple):
-    """How the messages of one connection were read."""
-
-    fast_path: int  # PUBLISH packets parsed from the read buffer by take_publishes
-    paho_path: int  # delivered by paho's on_message (split packets, QoS 2, the unusual)
-    too_large: int  # over the payload limit: read in pieces, kept in part
 
 
 class MqttSession:
