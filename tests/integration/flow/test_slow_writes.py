@@ -20,7 +20,11 @@ from tests.integration.flow.test_writer import T0, database, fleet, message, qui
 pytestmark = pytest.mark.anyio
 
 SLOW_DEVICE = "dev-slow"
-_SLOW_TRIGGER = f"""
+
+
+def slow_trigger() -> str:
+    """SQL that makes every row of SLOW_DEVICE take a minute to insert."""
+    return f"""
 CREATE FUNCTION test_slow_device() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM pg_sleep(60);
@@ -40,7 +44,7 @@ async def test_a_message_too_slow_to_write_becomes_a_dead_letter(database_url: s
     batch = fleet(7)
     batch[3] = message(SLOW_DEVICE, ("t", T0, 1.0), ("h", T0, 2.0))
     async with database(database_url) as db:
-        await db.execute(_SLOW_TRIGGER)
+        await db.execute(slow_trigger())
         async with quick_writer(database_url, write_timeout=1.0) as writer:
             result = await writer.write(batch)
             after = await writer.write(fleet(3, start=100))
