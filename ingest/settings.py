@@ -153,6 +153,12 @@ class Settings:
         help="unacknowledged messages the broker may have in flight to us (v5: our Receive "
         "Maximum; 3.1.1: should match the broker's `max_inflight_messages`)",
     )  # fmt: skip
+    mqtt_inflight_bytes: int = _setting(
+        "INGEST_MQTT_INFLIGHT_BYTES", 64 * 1024 * 1024, group=CONNECTIONS,
+        shown="67108864 (64 MiB)",
+        help="bytes of payload received and not yet acknowledged at most; the source stops "
+        "reading above it (at least `INGEST_MAX_PAYLOAD_BYTES`)",
+    )  # fmt: skip
     mqtt_session_expiry: int = _setting(
         "INGEST_MQTT_SESSION_EXPIRY", 7 * 24 * 3600, group=CONNECTIONS, shown="`604800` (7 days)",
         help="v5: seconds the broker keeps our session (and its queue) while we are away",
@@ -288,6 +294,7 @@ class Settings:
             "db_pool_size", "db_connect_timeout", "db_write_timeout", "retry_max_delay",
             "shutdown_timeout", "stats_interval", "ready_max_lag", "workers",
             "max_payload_bytes", "max_readings_per_message", "max_text_bytes",
+            "mqtt_inflight_bytes",
         ):  # fmt: skip
             positive(name)
         self._check_limits()
@@ -347,6 +354,12 @@ class Settings:
             raise ConfigError(_env("min_ts"), "must be a timezone-aware time (RFC 3339)")
         if self.min_ts.utcoffset() != timedelta(0):
             object.__setattr__(self, "min_ts", self.min_ts.astimezone(UTC))
+        if self.mqtt_inflight_bytes < self.max_payload_bytes:
+            raise ConfigError(
+                _env("mqtt_inflight_bytes"),
+                f"must be at least {_env('max_payload_bytes')} ({self.max_payload_bytes}): "
+                f"one message of the largest size allowed must fit; got {self.mqtt_inflight_bytes}",
+            )
         keep = self.dead_letter_retention
         if keep is not None and (not isinstance(keep, timedelta) or keep <= timedelta(0)):
             raise ConfigError(_env("dead_letter_retention"), "must be a duration > 0, or forever")
