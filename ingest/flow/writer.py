@@ -25,8 +25,10 @@ Contract of :meth:`Writer.write`:
     the database is away (a blackholed server sends no reset), which is TRANSIENT. An answer:
     the batch is too slow, and it is narrowed down as ROW errors are (below); a message that
     still times out alone :data:`SLOW_ATTEMPTS_ALONE` times becomes a dead letter
-    ``rejected_by_database`` ("write timed out ..."), so one message never holds back the
-    acknowledgements of the others for more than a batch (docs/design.md, Limits). Waiting
+    ``rejected_by_database`` ("write timed out ..."): one message holds back the
+    acknowledgements of the others only while its own batch is written, about
+    log2(messages) + SLOW_ATTEMPTS_ALONE write timeouts, never for good (docs/design.md,
+    Limits). Waiting
     for a lock held elsewhere is nobody's data: ``lock_timeout`` (half of ``write_timeout``)
     turns it into 55P03, transient, before the write timeout could blame the batch.
   - ROW: the batch is narrowed down by bisection over its messages, committing the halves that
