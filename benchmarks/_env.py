@@ -1,6 +1,12 @@
 """The servers a benchmark runs against: a throwaway Mosquitto, and a throwaway PostgreSQL
 cluster or an existing server; a fresh database for every measured run.
 
+With ``tls=True`` the broker gets a second listener that speaks TLS, with a throwaway CA and a
+server certificate for ``127.0.0.1`` (``ingest.devservers.tls.make_tls_files``). Backlogs,
+sessions and broker checks keep using the plain listener (``mqtt_url``); consumers drain over
+``consumer_url(tls=True)`` with the CA file, certificate and host name verified, so the
+difference between the two is what TLS costs the consumer.
+
 Uses the throwaway servers of ``ingest.devservers``. The throwaway cluster starts from the
 tests' template (fsync off, 32 MB shared buffers) and is then set to server defaults for a
 benchmark: durable (``fsync``, ``full_page_writes`` on) unless
@@ -13,8 +19,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
+import ssl
+import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +32,9 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 
 from benchmarks._procstat import postmaster_pid
-from ingest.devservers.throwaway import Mosquitto, PostgresCluster
+from ingest.devservers.throwaway import Listener, Mosquitto, PostgresCluster
+from ingest.devservers.tls import make_tls_files
+from ingest.urls import parse_mqtt_url
 
 __all__ = ["Environment", "fetch", "fetchval", "open_environment"]
 
@@ -69,10 +80,58 @@ class Environment:
     postgres_pid: int | None
     commit_timestamps: bool
     external_db: bool
+    tls_url: str | None = None
+    ca_file: Path | None = None
     databases: list[str] = field(default_factory=list)
 
     def pids(self) -> dict[str, int | None]:
         return {"broker": self.broker_pid, "postgres": self.postgres_pid}
+
+    def consumer_url(self, *, tls: bool) -> str:
+        """Where a consumer connects: the plain listener, or the TLS one."""
+        if not tls:
+            return self.mqtt_url
+        if self.tls_url is None:
+            raise ValueError("this environment has no TLS listener (open it with tls=True)")
+        return self.tls_url
+
+    def daemon_settings(self, *, tls: bool) -> dict[str, str]:
+        """The daemon's broker settings for that listener."""
+        settings = {"INGEST_MQTT_URL": self.consumer_url(tls=tls)}
+        if tls and self.ca_file is not None:
+            settings["INGEST_MQTT_CA_FILE"] = str(self.ca_file)
+        return settings
+
+    def tls_session(self) -> str:
+        """What a handshake with the TLS listener agrees on, e.g. ``TLSv1.3
+        TLS_AES_256_GCM_SHA384``, with the consumers' verification (CA, host name)."""
+        endpoint = parse_mqtt_url(self.consumer_url(tls=True))
+        context = ssl.create_default_context(cafile=self.ca_file)
+        with (
+            socket.create_connection((endpoint.host, endpoint.port), timeout=10) as raw,
+            context.wrap_socket(raw, server_hostname=endpoint.host) as sock,
+        ):
+            cipher = sock.cipher()
+            return f"{sock.version()} {cipher[0] if cipher else '?'}"
+
+    def transport_text(self, modes: Sequence[bool]) -> str:
+        """For the report: the listener(s) the consumers used, and where the backlog went."""
+        plain = f"{self.mqtt_url} (plain)"
+        if True not in modes:
+            return plain
+        tls = (
+            f"{self.consumer_url(tls=True)} ({self.tls_session()}, certificate and host name "
+            "verified against a throwaway CA)"
+        )
+        both = f"{plain} and {tls}, alternately" if False in modes else tls
+        return f"{both}; backlog published over {self.mqtt_url}"
+
+    def client_args(self, *, tls: bool) -> list[str]:
+        """``--url`` (and ``--ca-file``) for the benchmark's own clients (_bare, _naive, _pacer)."""
+        args = ["--url", self.consumer_url(tls=tls)]
+        if tls and self.ca_file is not None:
+            args += ["--ca-file", str(self.ca_file)]
+        return args
 
     def fresh_database(self, label: str) -> str:
         name = f"bench_{label}_{uuid.uuid4().hex[:8]}"
@@ -92,10 +151,20 @@ _BENCH_SETTINGS = {"shared_buffers": "128MB", "track_commit_timestamp": "on"}
 
 @contextlib.contextmanager
 def open_environment(
-    *, inflight: int, database_url: str | None, durable: bool = True
+    *, inflight: int, database_url: str | None, durable: bool = True, tls: bool = False
 ) -> Iterator[Environment]:
     with contextlib.ExitStack() as stack:
-        broker = stack.enter_context(Mosquitto(overrides={"max_inflight_messages": str(inflight)}))
+        listeners: list[Listener] = []
+        ca_file: Path | None = None
+        if tls:
+            pki = make_tls_files(Path(stack.enter_context(tempfile.TemporaryDirectory())))
+            ca_file = pki.ca
+            listeners.append(
+                Listener(cafile=pki.ca, certfile=pki.server_cert, keyfile=pki.server_key)
+            )
+        broker = stack.enter_context(
+            Mosquitto(overrides={"max_inflight_messages": str(inflight)}, listeners=listeners)
+        )
         broker_pid = _pid_by_cmdline(str(broker.dir / "mosquitto.conf"))
         if database_url is None:
             cluster = stack.enter_context(PostgresCluster())
@@ -120,6 +189,8 @@ def open_environment(
             postgres_pid=pg_pid,
             commit_timestamps=fetchval(admin, "SHOW track_commit_timestamp") == "on",
             external_db=database_url is not None,
+            tls_url=f"mqtts://127.0.0.1:{broker.ports[1]}" if tls else None,
+            ca_file=ca_file,
         )
         try:
             yield env

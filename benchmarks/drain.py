@@ -7,6 +7,11 @@
 3. **ingest**: ``ingest run`` end to end, from process start to the last row committed with
    every message acknowledged.
 
+``--tls`` drains over a TLS listener of the same broker (``mqtts://``, certificate and host
+name verified against a throwaway CA); ``--transport both`` measures each consumer over both
+listeners on the same backlog, alternating which goes first, and prints mqtts / mqtt. The
+backlog is always published over the plain listener.
+
 See ``benchmarks/README.md`` for what each figure means.
 """
 
@@ -40,7 +45,17 @@ from benchmarks._procstat import CpuSnapshot, cpu_seconds, peak_rss_mb, run_meas
 __all__ = ["main"]
 
 CONSUMERS = ("bare", "naive", "ingest")
+TRANSPORTS = {"mqtt": (False,), "mqtts": (True,), "both": (False, True)}
 Result = dict[str, Any]
+
+
+def _key(consumer: str, tls: bool) -> str:
+    """The name of one measurement: ``ingest`` over plain MQTT, ``ingest_tls`` over TLS."""
+    return f"{consumer}_tls" if tls else consumer
+
+
+def _keys(consumers: Sequence[str], transport: str) -> list[str]:
+    return [_key(c, tls) for c in consumers for tls in TRANSPORTS[transport]]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -64,6 +79,20 @@ def _parser() -> argparse.ArgumentParser:
         "--inflight", type=int, default=10000, help="broker max_inflight_messages (10000)"
     )
     p.add_argument("--protocol", choices=("3.1.1", "5"), default="3.1.1")
+    p.add_argument(
+        "--transport",
+        choices=tuple(TRANSPORTS),
+        default="mqtt",
+        help="how the consumers reach the broker: mqtt (plain), mqtts (TLS listener, CA "
+        "verified) or both, alternately on the same backlog (default mqtt)",
+    )
+    p.add_argument(
+        "--tls",
+        dest="transport",
+        action="store_const",
+        const="mqtts",
+        help="same as --transport mqtts; the backlog is still published over plain MQTT",
+    )
     p.add_argument(
         "--database-url",
         default=None,
@@ -134,12 +163,18 @@ def _finish(r: Result, *, messages: int, rows_per_message: int) -> Result:
 
 
 def measure_bare(
-    env: Environment, a: argparse.Namespace, client_id: str, backlog: Backlog, loop: str
+    env: Environment,
+    a: argparse.Namespace,
+    client_id: str,
+    backlog: Backlog,
+    *,
+    loop: str,
+    tls: bool,
 ) -> Result:
     before = CpuSnapshot.take(env.pids())
     child = run_measured(
         [
-            *(sys.executable, "-m", "benchmarks._bare", "--url", env.mqtt_url),
+            *(sys.executable, "-m", "benchmarks._bare", *env.client_args(tls=tls)),
             *("--client-id", client_id, "--messages", str(backlog.messages)),
             *("--protocol", a.protocol, "--loop", loop),
         ],
@@ -166,7 +201,7 @@ def measure_bare(
 
 
 def measure_naive(
-    env: Environment, a: argparse.Namespace, client_id: str, backlog: Backlog
+    env: Environment, a: argparse.Namespace, client_id: str, backlog: Backlog, *, tls: bool
 ) -> Result:
     subset = min(a.naive_messages, backlog.messages)
     per_message = backlog.rows // backlog.messages
@@ -175,7 +210,8 @@ def measure_naive(
     before = CpuSnapshot.take(env.pids())
     child = run_measured(
         [
-            *(sys.executable, "-m", "benchmarks._naive", "--url", env.mqtt_url, "--dsn", dsn),
+            *(sys.executable, "-m", "benchmarks._naive", *env.client_args(tls=tls)),
+            *("--dsn", dsn),
             *("--client-id", client_id, "--messages", str(subset), "--protocol", a.protocol),
         ],
         timeout=a.timeout,
@@ -198,13 +234,13 @@ def measure_naive(
 
 
 def measure_ingest(
-    env: Environment, a: argparse.Namespace, client_id: str, backlog: Backlog
+    env: Environment, a: argparse.Namespace, client_id: str, backlog: Backlog, *, tls: bool
 ) -> Result:
     args, extra_env = split_ingest_args(a.ingest_args)
     dsn = env.fresh_database("ingest")
     settings = {
         "INGEST_DATABASE_URL": dsn,
-        "INGEST_MQTT_URL": env.mqtt_url,
+        **env.daemon_settings(tls=tls),
         "INGEST_CLIENT_ID": client_id,
         "INGEST_MQTT_PROTOCOL": a.protocol,
         "INGEST_METRICS_PORT": "0",
@@ -278,7 +314,7 @@ def one_run(
 ) -> Result:
     tag = uuid.uuid4().hex[:6]
     consumers = [c for c in CONSUMERS if c not in a.skip]
-    ids = {c: f"bench-{c}-{tag}" for c in consumers}
+    ids = {k: f"bench-{k.replace('_', '-')}-{tag}" for k in _keys(consumers, a.transport)}
     register_sessions(env.mqtt_url, list(ids.values()), a.protocol)
     seconds = publish(env.mqtt_url, backlog, parallel=a.publishers)
     run: Result = {
@@ -291,24 +327,32 @@ def one_run(
         f"({backlog.messages / seconds:,.0f} msg/s) for {len(ids)} sessions",
         file=sys.stderr,
     )
-    measures: dict[str, Callable[[], Result]] = {
-        "bare": lambda: measure_bare(env, a, ids["bare"], backlog, loop),
-        "naive": lambda: measure_naive(env, a, ids["naive"], backlog),
-        "ingest": lambda: measure_ingest(env, a, ids["ingest"], backlog),
+    measures: dict[str, Callable[[bool], Result]] = {
+        "bare": lambda tls: measure_bare(
+            env, a, ids[_key("bare", tls)], backlog, loop=loop, tls=tls
+        ),
+        "naive": lambda tls: measure_naive(env, a, ids[_key("naive", tls)], backlog, tls=tls),
+        "ingest": lambda tls: measure_ingest(env, a, ids[_key("ingest", tls)], backlog, tls=tls),
     }
-    for name in consumers:
-        print(f"  measuring {name} ...", file=sys.stderr)
-        run[name] = result = measures[name]()
-        if not result["ok"]:
-            print(
-                f"  {name}: NOT OK: {result.get('error') or result.get('verified')}",
-                file=sys.stderr,
-            )
-            if result.get("log_excerpt"):
-                print(result["log_excerpt"], file=sys.stderr)
+    # With both transports, every other run starts with TLS, so that neither of the two
+    # always drains first (a warmer cache, a quieter moment).
+    order = TRANSPORTS[a.transport][:: -1 if index % 2 else 1]
+    for consumer in consumers:
+        for tls in order:
+            name = _key(consumer, tls)
+            print(f"  measuring {name} ...", file=sys.stderr)
+            run[name] = result = measures[consumer](tls)
+            _say_if_failed(name, result)
     wipe_sessions(env.mqtt_url, list(ids.values()), a.protocol)
     run["ratios"] = _ratios(run)
     return run
+
+
+def _say_if_failed(name: str, result: Result) -> None:
+    if not result["ok"]:
+        print(f"  {name}: NOT OK: {result.get('error') or result.get('verified')}", file=sys.stderr)
+        if result.get("log_excerpt"):
+            print(result["log_excerpt"], file=sys.stderr)
 
 
 def _ratio(x: Any, y: Any) -> float | None:
@@ -317,18 +361,26 @@ def _ratio(x: Any, y: Any) -> float | None:
     )
 
 
-def _ratios(run: Result) -> dict[str, float | None]:
-    ing, bare, naive = run.get("ingest", {}), run.get("bare", {}), run.get("naive", {})
+def _pair(run: Result, top: str, bottom: str) -> dict[str, float | None]:
+    """``top_over_bottom`` on messages/s, and ``..._steady`` after the first message."""
+    x, y = run.get(top, {}), run.get(bottom, {})
     return {
-        "ingest_over_bare": _ratio(ing.get("msgs_per_s"), bare.get("msgs_per_s")),
-        "ingest_over_bare_steady": _ratio(
-            ing.get("steady_msgs_per_s"), bare.get("steady_msgs_per_s")
-        ),
-        "ingest_over_naive": _ratio(ing.get("msgs_per_s"), naive.get("msgs_per_s")),
-        "ingest_over_naive_steady": _ratio(
-            ing.get("steady_msgs_per_s"), naive.get("steady_msgs_per_s")
+        f"{top}_over_{bottom}": _ratio(x.get("msgs_per_s"), y.get("msgs_per_s")),
+        f"{top}_over_{bottom}_steady": _ratio(
+            x.get("steady_msgs_per_s"), y.get("steady_msgs_per_s")
         ),
     }
+
+
+def _ratios(run: Result) -> dict[str, float | None]:
+    """ingest over the baselines on the same transport; each consumer's mqtts over mqtt."""
+    out: dict[str, float | None] = {}
+    for tls in (False, True):
+        for other in ("bare", "naive"):
+            out |= _pair(run, _key("ingest", tls), _key(other, tls))
+    for consumer in CONSUMERS:
+        out |= _pair(run, _key(consumer, True), consumer)
+    return out
 
 
 def _spread(values: Sequence[Any]) -> dict[str, float] | None:
@@ -338,9 +390,15 @@ def _spread(values: Sequence[Any]) -> dict[str, float] | None:
     return {"median": statistics.median(nums), "min": min(nums), "max": max(nums), "n": len(nums)}
 
 
+def _present(runs: Sequence[Result]) -> list[str]:
+    """The measurements in these runs, in table order (each consumer: mqtt, then mqtts)."""
+    every = [_key(c, tls) for c in CONSUMERS for tls in (False, True)]
+    return [k for k in every if any(k in r for r in runs)]
+
+
 def summarize(runs: Sequence[Result]) -> Result:
     out: Result = {}
-    for name in CONSUMERS:
+    for name in _present(runs):
         ok = [r[name] for r in runs if r.get(name, {}).get("ok")]
         keys = {k for r in ok for k, v in r.items() if isinstance(v, int | float)}
         out[name] = {k: _spread([r.get(k) for r in ok]) for k in sorted(keys) if k != "ok"}
@@ -365,6 +423,9 @@ _TITLES = {
     "bare": "bare aiomqtt",
     "naive": "naive paho+INSERT",
     "ingest": "ingest run",
+    "bare_tls": "bare aiomqtt, mqtts",
+    "naive_tls": "naive paho+INSERT, mqtts",
+    "ingest_tls": "ingest run, mqtts",
 }
 
 
@@ -377,8 +438,32 @@ def _cell(spread: dict[str, float] | None, fmt: str) -> str:
     return text
 
 
+def _ratio_lines(ratios: Result) -> list[str]:
+    def both(name: str, fmt: str) -> str:
+        steady = _cell(ratios.get(f"{name}_steady"), fmt)
+        return f"{_cell(ratios.get(name), fmt)} (after first message: {steady})"
+
+    lines = []
+    for tls in (False, True):
+        ing, bare, naive = (_key(c, tls) for c in ("ingest", "bare", "naive"))
+        if ratios.get(f"{ing}_over_{bare}") or ratios.get(f"{ing}_over_{naive}"):
+            lines.append(
+                f"ratios (messages/s{', mqtts' if tls else ''}): ingest / bare = "
+                f"{both(f'{ing}_over_{bare}', '{:.2f}')}; ingest / naive = "
+                f"{both(f'{ing}_over_{naive}', '{:.1f}')}"
+            )
+    tls_cost = [
+        f"{c} = {both(f'{c}_tls_over_{c}', '{:.3f}')}"
+        for c in CONSUMERS
+        if ratios.get(f"{c}_tls_over_{c}")
+    ]
+    if tls_cost:
+        lines.append("mqtts / mqtt (messages/s, the same as rows/s): " + "; ".join(tls_cost))
+    return lines
+
+
 def render(config: Result, runs: Sequence[Result], summary: Result) -> str:
-    consumers = [c for c in CONSUMERS if any(c in r for r in runs)]
+    consumers = _present(runs)
     lines = [
         f"drain benchmark: {config['messages']:,} QoS 1 messages x {config['rows_per_message']} "
         f"rows (~{config['mean_payload_bytes']:.0f} B), {config['devices']} devices, "
@@ -388,6 +473,7 @@ def render(config: Result, runs: Sequence[Result], summary: Result) -> str:
         "publish: "
         + ", ".join(f"{r['publish_s']:.1f}s ({r['publish_msgs_per_s']:,.0f} msg/s)" for r in runs),
     ]
+    lines.append(f"consumers over {config['transport_text']}")
     lines.append(f"source: {config['source']}")
     lines.append(
         f"load average (1, 5, 15 min) before {config['load_average_before']}, after "
@@ -407,20 +493,9 @@ def render(config: Result, runs: Sequence[Result], summary: Result) -> str:
         )
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
-    ratios = summary["ratios"]
     lines.append("")
-    lines.append(
-        "ratios (messages/s): ingest / bare = "
-        + _cell(ratios["ingest_over_bare"], "{:.2f}")
-        + " (after first message: "
-        + _cell(ratios["ingest_over_bare_steady"], "{:.2f}")
-        + "); ingest / naive = "
-        + _cell(ratios["ingest_over_naive"], "{:.1f}")
-        + " (after first message: "
-        + _cell(ratios["ingest_over_naive_steady"], "{:.1f}")
-        + ")"
-    )
-    if "naive" in consumers:
+    lines += _ratio_lines(summary["ratios"])
+    if any(c.startswith("naive") for c in consumers):
         lines.append(
             f"naive: measured on the first {config['naive_messages']:,} messages of its "
             "backlog and extrapolated as a rate"
@@ -433,11 +508,11 @@ def render(config: Result, runs: Sequence[Result], summary: Result) -> str:
             mark = "ok" if res.get("ok") else "FAILED"
             detail = res.get("error") or res.get("verified")
             lines.append(f"run {r['repeat'] + 1} {c}: {mark}: {detail}")
-            if c == "ingest":
+            if c.startswith("ingest"):
                 if res.get("timing"):
-                    lines.append(f"run {r['repeat'] + 1} ingest end time from {res['timing']}")
+                    lines.append(f"run {r['repeat'] + 1} {c} end time from {res['timing']}")
                 for w in dict.fromkeys(res.get("warnings") or []):
-                    lines.append(f"run {r['repeat'] + 1} ingest logged: {w}")
+                    lines.append(f"run {r['repeat'] + 1} {c} logged: {w}")
     return "\n".join(lines)
 
 
@@ -494,9 +569,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     runs: list[Result] = []
     started = time.monotonic()
+    modes = TRANSPORTS[a.transport]
     with open_environment(
-        inflight=a.inflight, database_url=a.database_url, durable=a.durable
+        inflight=a.inflight, database_url=a.database_url, durable=a.durable, tls=True in modes
     ) as env:
+        config["transport"] = a.transport
+        config["transport_text"] = env.transport_text(modes)
         config["postgres"] = (
             "external server" if env.external_db
             else "throwaway cluster, " + ("durable (fsync on)" if a.durable else "fsync off")
@@ -512,7 +590,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         a.json.write_text(
             json.dumps({"config": config, "runs": runs, "summary": summary}, indent=2) + "\n"
         )
-    ok = all(r[c]["ok"] for r in runs for c in CONSUMERS if c in r)
+    ok = all(r[k]["ok"] for r in runs for k in _present(runs) if k in r)
     return 0 if ok else 1
 
 
