@@ -105,6 +105,7 @@ class AckStatistics:
     acknowledged: int
     lost_connection: int
     held_batches: int
+    outstanding_bytes: int = 0  # payload bytes of the outstanding messages
 
 
 @dataclass(frozen=True, slots=True)

@@ -238,7 +238,7 @@ class Source:
                     break  # the SUBACK: report it now, not once a long backlog is drained
                 delivery = self._delivery(session, inbox.popleft(), received_at)
                 self.received += 1
-                self._acker.received()
+                self._acker.received(len(delivery.envelope.payload))
                 try:
                     send.send_nowait(delivery)
                 except anyio.WouldBlock:

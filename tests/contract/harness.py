@@ -110,7 +110,7 @@ class FeedSource:
     async def run(self, send: MemoryObjectSendStream[Delivery]) -> None:
         async with send:
             for item in self._items:
-                self._acker.received()
+                self._acker.received(len(item.envelope.payload))
                 send.send_nowait(item)
             await self._stop.wait()
         await self._drained.wait()
