@@ -5,7 +5,10 @@ with a session expiry), a fresh ``Client`` per connection, reconnecting forever 
 jittered backoff. Decoding is a pure function called here, so what goes into the bounded channel
 is already readings or a dead letter. When the channel is full the source stops taking messages:
 unacknowledged messages then wait at the broker, whose in-flight window bounds what the client
-library holds, and memory stays flat however long the database is away.
+library holds, and memory stays flat however long the database is away. Memory is bounded in
+bytes as well (docs/design.md, Limits): the source stops taking messages while the payload
+bytes not yet acknowledged are over ``INGEST_MQTT_INFLIGHT_BYTES``, and the session stops
+reading the socket when its inbox holds more than that.
 
 Stopping (``stop_reading``) closes the channel's send side; the batcher sees ``EndOfStream``,
 the writer flushes and acknowledges, the pipeline sets ``drained``, and only then does the
@@ -112,6 +115,7 @@ class Source:
             receive_maximum=s.mqtt_inflight,
             session_expiry=s.mqtt_session_expiry,
             max_payload=s.max_payload_bytes,
+            max_inbox_bytes=s.mqtt_inflight_bytes,
             username=login.username,
             password=login.password,
             tls_context=tls,
@@ -201,14 +205,13 @@ class Source:
             self._failures,
             delay,
         )
-        if len(session.inbox):
+        if session.inbox:
             # Not acknowledged: the broker redelivers them on the next connection.
             self._log.info(
                 "dropped %d unacknowledged messages of the lost connection "
                 "(the broker redelivers them)",
-                len(session.inbox),
+                session.discard(),
             )
-            session.inbox.clear()
         with anyio.CancelScope() as self._scope:
             if not self._stopping:
                 await anyio.sleep(delay)
@@ -222,33 +225,47 @@ class Source:
     ) -> None:
         """Decode and hand on messages. Reading starts before the SUBACK: a resumed session's
         backlog may arrive first, and it belongs to us."""
-        inbox = session.inbox
         pending: asyncio.Future[None] | None = suback
         while True:
             if pending is not None and pending.done():
                 pending.result()  # raises MqttError when the broker refused the subscription
                 pending = None
                 self._on_subscribed()
-            if not inbox:
+            if not session.inbox:
                 await session.wait_inbox(pending)
                 continue
+            await self._hand_on(session, send, pending)
+
+    async def _hand_on(
+        self,
+        session: MqttSession,
+        send: MemoryObjectSendStream[Delivery],
+        pending: asyncio.Future[None] | None,
+    ) -> None:
+        """Decode what the inbox holds and send it on, until it is empty or the SUBACK came
+        (reported at once, not once a long backlog is drained). Waits while the bytes not yet
+        acknowledged are over the bound; ``received_at`` is taken afresh after every wait."""
+        inbox = session.inbox
+        acker = self._acker
+        bound = self._settings.mqtt_inflight_bytes
+        received_at = datetime.now(UTC)
+        while inbox and (pending is None or not pending.done()):
+            message = session.take()
+            delivery = self._delivery(session, message, received_at)
+            self.received += 1
+            acker.received(len(message[1]))
+            try:
+                send.send_nowait(delivery)
+            except anyio.WouldBlock:
+                await send.send(delivery)  # backpressure: stop reading until there is room
+            else:
+                if acker.outstanding_bytes <= bound:
+                    continue
+                await acker.wait_bytes_at_most(bound)  # the bytes bound: as above
             received_at = datetime.now(UTC)
-            while inbox:
-                if pending is not None and pending.done():
-                    break  # the SUBACK: report it now, not once a long backlog is drained
-                delivery = self._delivery(session, inbox.popleft(), received_at)
-                self.received += 1
-                self._acker.received(len(delivery.envelope.payload))
-                try:
-                    send.send_nowait(delivery)
-                except anyio.WouldBlock:
-                    await send.send(delivery)  # backpressure: stop reading until there is room
-                    received_at = datetime.now(UTC)
 
     def _delivery(self, session: MqttSession, message: Inbound, received_at: datetime) -> Delivery:
         topic, payload, qos, mid, size = message
-        if session.paused:
-            session.resume_if_drained()
         if size is None:
             result = decode(topic, payload, received_at, self._template, limits=self._limits)
             if isinstance(result, DecodeError):

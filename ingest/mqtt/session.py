@@ -23,11 +23,13 @@ aiomqtt has no public API for manual acknowledgement, so this adapter:
   it in the inbox with its full size. paho never sees it (docs/design.md, Limits);
 * sends the PUBACKs of a batch as one write (``ack_many``): paho would queue each one, wake the
   loop and issue a ``send`` per acknowledgement;
-* bounds the inbox itself. The broker's in-flight window is meant to bound it, but Mosquitto
-  2.0 stops honouring ``max_inflight_messages`` for a persistent session with a backlog once
-  the first acknowledgements arrive (measured: 1,000 in flight, then after 1,000 PUBACKs the
-  remaining 19,000 at once). When the inbox reaches the window we stop reading the socket, so
-  TCP flow control holds the backlog at the broker; we read again at half. While we are not
+* bounds the inbox itself, in messages and in bytes. The broker's in-flight window is meant to
+  bound it, but Mosquitto 2.0 stops honouring ``max_inflight_messages`` for a persistent
+  session with a backlog once the first acknowledgements arrive (measured: 1,000 in flight,
+  then after 1,000 PUBACKs the remaining 19,000 at once), and a window of messages is no bound
+  on memory when each may be 1 MiB. When the inbox reaches the window, or holds more payload
+  bytes than ``max_inbox_bytes``, we stop reading the socket, so TCP flow control holds the
+  backlog at the broker; we read again at half of both. While we are not
   reading on purpose, paho's keepalive timer is held (it would take the PINGRESP we do not read
   for a dead link); a dead link is noticed as soon as we read again.
 
@@ -46,6 +48,7 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Sequence
+from itertools import islice
 from typing import Any
 
 import aiomqtt
@@ -75,6 +78,7 @@ _PUBACK_HEAD = bytes((0x40, 0x02))
 # What is kept of a payload over the limit (docs/design.md, Limits: dead letter too_large).
 _KEEP_OF_OVERSIZED = 65536
 _DEFAULT_MAX_PAYLOAD = 1048576  # Settings.max_payload_bytes' default, for callers that omit it
+_DEFAULT_INBOX_BYTES = 67108864  # Settings.mqtt_inflight_bytes' default, likewise
 _READER_REPLACED = (
     "MQTT client library internals changed: paho read the socket outside this adapter's reader "
     "(aiomqtt registered its own reader after ours); tested with "
@@ -95,6 +99,7 @@ class MqttSession:
         receive_maximum: int,
         session_expiry: int,
         max_payload: int = _DEFAULT_MAX_PAYLOAD,
+        max_inbox_bytes: int = _DEFAULT_INBOX_BYTES,
         username: str | None = None,
         password: str | None = None,
         tls_context: ssl.SSLContext | None = None,
@@ -148,10 +153,14 @@ class MqttSession:
         self.too_large = 0
         self._high = max(receive_maximum, 1)
         self._low = self._high // 2
+        self._high_bytes = max_inbox_bytes
+        self._low_bytes = max_inbox_bytes // 2
         self.paused = False
         self.pauses = 0
         self._hold: asyncio.TimerHandle | None = None
+        # Read with take(); inbox_bytes counts the payload bytes it holds.
         self.inbox: deque[Inbound] = deque()
+        self.inbox_bytes = 0
         self._waiter: asyncio.Future[None] | None = None
         self.closed = False
 
@@ -186,7 +195,7 @@ class MqttSession:
         buf = self._rbuf
         if buf:
             self._take_fast()
-            if len(self.inbox) >= self._high:
+            if self._full():
                 self._pause()
                 return False
         over = oversized_publish(buf, self._max_payload)
@@ -205,13 +214,15 @@ class MqttSession:
         used = take_publishes(buf, self._v5, inbox, self._high - before, self._max_payload)
         if used:
             del buf[:used]
-            self.fast_path += len(inbox) - before
+            taken = len(inbox) - before
+            self.fast_path += taken
+            self.inbox_bytes += sum([len(m[1]) for m in islice(reversed(inbox), taken)])
             self._wake()
 
     def _paho_read(self) -> bool:
         if self._paho.loop_read() != paho.MQTT_ERR_SUCCESS:
             return False
-        if len(self.inbox) >= self._high:
+        if self._full():
             self._pause()
             return False
         return bool(self._rbuf) or self._tls_pending()
@@ -262,8 +273,9 @@ class MqttSession:
             if message[4] is not None:
                 self.too_large += 1
             self.inbox.append(message)
+            self.inbox_bytes += len(message[1])
             self._wake()
-            if len(self.inbox) >= self._high:
+            if self._full():
                 self._pause()
                 return False
         return True
@@ -316,6 +328,9 @@ class MqttSession:
 
     # -- flow control -------------------------------------------------------------------------
 
+    def _full(self) -> bool:
+        return len(self.inbox) >= self._high or self.inbox_bytes > self._high_bytes
+
     def _pause(self) -> None:
         sock = self._paho._sock
         if self.paused or sock is None:
@@ -334,8 +349,9 @@ class MqttSession:
         self._hold = self.client._loop.call_later(1.0, self._hold_keepalive)
 
     def resume_if_drained(self) -> None:
-        """Read the socket again once the inbox is down to half the window."""
-        if not self.paused or len(self.inbox) > self._low:
+        """Read the socket again once the inbox is down to half the window, and to half its
+        bytes."""
+        if not self.paused or len(self.inbox) > self._low or self.inbox_bytes > self._low_bytes:
             return
         self.paused = False
         if self._hold is not None:
@@ -353,9 +369,28 @@ class MqttSession:
         # The packets take_publishes leaves to paho. paho raises on a topic that is not UTF-8.
         raw_topic: bytes = msg._topic
         topic = raw_topic.decode("utf-8", "surrogateescape")
-        self.inbox.append((topic, bytes(msg.payload), msg.qos, msg.mid, None))
+        payload = bytes(msg.payload)
+        self.inbox.append((topic, payload, msg.qos, msg.mid, None))
+        self.inbox_bytes += len(payload)
         self.paho_path += 1
         self._wake()
+
+    def take(self) -> Inbound:
+        """The oldest message of the inbox (which must not be empty); reading resumes once
+        enough has been taken."""
+        message = self.inbox.popleft()
+        self.inbox_bytes -= len(message[1])
+        if self.paused:
+            self.resume_if_drained()
+        return message
+
+    def discard(self) -> int:
+        """Empty the inbox of a lost connection (never acknowledged: the broker redelivers
+        those messages on the next one); returns how many there were."""
+        count = len(self.inbox)
+        self.inbox.clear()
+        self.inbox_bytes = 0
+        return count
 
     def _wake(self) -> None:
         waiter = self._waiter
