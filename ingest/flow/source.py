@@ -10,6 +10,11 @@ bytes as well (docs/design.md, Limits): the source stops taking messages while t
 bytes not yet acknowledged are over ``INGEST_MQTT_INFLIGHT_BYTES``, and the session stops
 reading the socket when its inbox holds more than that.
 
+Decoding is CPU work: after every ~256 KiB of payload decoded the source lets the other tasks
+run, and a payload of 256 KiB or more is decoded in a worker thread (the interpreter hands the
+event loop its turn every few milliseconds meanwhile), so neither a burst of messages nor one
+of the largest and costliest shapes stalls the loop for long.
+
 Stopping (``stop_reading``) closes the channel's send side; the batcher sees ``EndOfStream``,
 the writer flushes and acknowledges, the pipeline sets ``drained``, and only then does the
 source disconnect (keeping the session), so the last acknowledgements still go out.
@@ -23,9 +28,11 @@ import ssl
 import time
 from collections import Counter
 from datetime import UTC, datetime
+from functools import partial
 
 import aiomqtt
 import anyio
+import anyio.lowlevel
 import anyio.to_thread
 from anyio.streams.memory import MemoryObjectSendStream
 
@@ -33,7 +40,7 @@ from ingest.backoff import Backoff
 from ingest.errors import ConfigError, DecodeError
 from ingest.flow.acker import Acker, Delivery
 from ingest.formats.decode import Limits, TopicTemplate, decode
-from ingest.model import Envelope, SourceStatistics, build
+from ingest.model import Decoded, Envelope, SourceStatistics, build
 from ingest.mqtt.answers import explain
 from ingest.mqtt.session import Inbound, MqttSession
 from ingest.mqtt.tls import credentials, tls_context
@@ -45,6 +52,13 @@ __all__ = ["STABLE_AFTER", "Source"]
 #: takes every connection away at once (another client with our id, credentials revoked after
 #: CONNACK) then meets a growing delay, not a reconnect every fraction of a second.
 STABLE_AFTER = 10.0
+
+# Payload bytes decoded between two turns of the other tasks, and the payload size from which
+# one message is decoded in a worker thread. Decoding runs at 10 to 50 MB/s depending on the
+# shape (nested objects with a number orjson cannot read are the slowest): a 1 MiB payload
+# can take 100 ms on its own, while 256 KiB stays well under it.
+_DECODED_BETWEEN_YIELDS = 256 * 1024
+_DECODE_APART_FROM = 256 * 1024
 
 
 class Source:
@@ -243,31 +257,61 @@ class Source:
         pending: asyncio.Future[None] | None,
     ) -> None:
         """Decode what the inbox holds and send it on, until it is empty or the SUBACK came
-        (reported at once, not once a long backlog is drained). Waits while the bytes not yet
-        acknowledged are over the bound; ``received_at`` is taken afresh after every wait."""
+        (reported at once, not once a long backlog is drained). Yields to the other tasks every
+        ``_DECODED_BETWEEN_YIELDS`` bytes, and waits while the bytes not yet acknowledged are
+        over the bound; ``received_at`` is taken afresh after every wait."""
         inbox = session.inbox
         acker = self._acker
         bound = self._settings.mqtt_inflight_bytes
         received_at = datetime.now(UTC)
+        decoded = 0  # payload bytes decoded since the other tasks last had a turn
         while inbox and (pending is None or not pending.done()):
             message = session.take()
-            delivery = self._delivery(session, message, received_at)
+            size = len(message[1])
+            if size < _DECODE_APART_FROM:
+                delivery = self._delivery(session, message, received_at)
+            else:
+                delivery = await self._delivery_apart(session, message, received_at)
+                decoded = _DECODED_BETWEEN_YIELDS  # the loop had its turns meanwhile
             self.received += 1
-            acker.received(len(message[1]))
+            acker.received(size)
+            decoded += size
             try:
                 send.send_nowait(delivery)
             except anyio.WouldBlock:
                 await send.send(delivery)  # backpressure: stop reading until there is room
             else:
-                if acker.outstanding_bytes <= bound:
+                if acker.outstanding_bytes <= bound and decoded < _DECODED_BETWEEN_YIELDS:
                     continue
-                await acker.wait_bytes_at_most(bound)  # the bytes bound: as above
+                if acker.outstanding_bytes > bound:
+                    await acker.wait_bytes_at_most(bound)  # the bytes bound: as above
+                else:
+                    await anyio.lowlevel.checkpoint()
             received_at = datetime.now(UTC)
+            decoded = 0
 
-    def _delivery(self, session: MqttSession, message: Inbound, received_at: datetime) -> Delivery:
+    async def _delivery_apart(
+        self, session: MqttSession, message: Inbound, received_at: datetime
+    ) -> Delivery:
+        """``_delivery`` for a large payload: decoded in a worker thread (``decode`` is pure),
+        counted here."""
+        result = await anyio.to_thread.run_sync(
+            partial(decode, limits=self._limits), message[0], message[1], received_at,
+            self._template,
+        )  # fmt: skip
+        return self._delivery(session, message, received_at, result)
+
+    def _delivery(
+        self,
+        session: MqttSession,
+        message: Inbound,
+        received_at: datetime,
+        result: Decoded | DecodeError | None = None,
+    ) -> Delivery:
         topic, payload, qos, mid, size = message
         if size is None:
-            result = decode(topic, payload, received_at, self._template, limits=self._limits)
+            if result is None:
+                result = decode(topic, payload, received_at, self._template, limits=self._limits)
             if isinstance(result, DecodeError):
                 self.decode_errors[result.reason] += 1
             else:

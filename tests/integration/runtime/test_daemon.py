@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import pytest
@@ -310,9 +311,49 @@ def test_waits_for_servers_at_startup(
         d.close()
 
 
+MIB = 1 << 20
+
+
+def _fill_to_a_mib(head: bytes, unit: Callable[[int], bytes], tail: bytes) -> bytes:
+    """``head``, then ``unit(0)``, ``unit(1)``, ... comma-separated, then ``tail``: as many units
+    as fit in 1 MiB, the largest payload allowed by default."""
+    parts: list[bytes] = []
+    size = len(head) + len(tail)
+    while size + len(unit(len(parts))) + 1 <= MIB:
+        parts.append(unit(len(parts)))
+        size += len(parts[-1]) + 1
+    return head + b",".join(parts) + tail
+
+
+def _worst_payloads() -> list[bytes]:
+    """The largest allowed payloads in the shapes that cost the most to decode: nested, with
+    a ``1e400`` that forces the slow JSON path, 9,999 readings then padding; 10,000 flat
+    readings with long names; a 1 MiB array of tiny samples (``too_many_readings``); and one
+    just over the limit (``too_large``)."""
+
+    def nested(i: int) -> bytes:
+        return (b'"k%d":{"x":{"y":1}}' if i < 9_999 else b'"k%d":{"x":{"y":null}}') % i
+
+    return [
+        _fill_to_a_mib(b'{"big": 1e400, "a": {"b": 1}, ', nested, b"}"),
+        b"{" + b",".join(b'"m%05d%s": %d.25' % (i, b"x" * 85, i) for i in range(10_000)) + b"}",
+        _fill_to_a_mib(b"[", lambda i: b'{"v":1}', b"]"),
+        b'{"a": 1, "s": "' + b"x" * (MIB + 100) + b'"}',
+    ]
+
+
 def test_event_loop_never_blocks_over_100ms(database_url: str, mqtt_url: str) -> None:
+    # asyncio's debug mode logs "Executing <callback> took N seconds" for every callback over
+    # slow_callback_duration (0.1 s here): a burst of the largest, costliest payloads back to
+    # back must not produce one.
     topic = unique_topic()
-    msgs = fleet(topic, devices=10, count=300)
+    rounds = 3
+    burst = [
+        (topic_for(topic, f"dev-{r}-{i}"), payload)
+        for r in range(rounds)
+        for i, payload in enumerate(_worst_payloads())
+    ]
+    small = fleet(topic, devices=10, count=30)
     d = Daemon(
         database_url=database_url,
         mqtt_url=mqtt_url,
@@ -322,12 +363,26 @@ def test_event_loop_never_blocks_over_100ms(database_url: str, mqtt_url: str) ->
     try:
         d.start().wait_subscribed()
         with Publisher(mqtt_url) as pub:
-            pub.publish_many(msgs)
-        wait_rows(database_url, len(msgs) * READINGS_PER_SAMPLE, timeout=60)
+            pub.publish_many(burst)
+            pub.publish_many(small)
+        # Per round: 9,999 + 1 ("a.b") nested readings, 10,000 flat ones; two dead letters.
+        wait_rows(database_url, rounds * 20_000 + len(small) * READINGS_PER_SAMPLE, timeout=120)
+        wait_until(
+            lambda: scalar(database_url, "SELECT count(*) FROM dead_letters") == rounds * 2,
+            timeout=60,
+            what=f"{rounds * 2} dead letters",
+        )
+        reasons = query(
+            database_url, "SELECT reason, count(*) AS n FROM dead_letters GROUP BY 1 ORDER BY 1"
+        )
+        assert [(r["reason"], r["n"]) for r in reasons] == [
+            ("too_large", rounds),
+            ("too_many_readings", rounds),
+        ]
         assert d.stop() == 0
     finally:
         d.close()
-    slow = [r for r in d.log_records() if "took" in r["msg"] and "seconds" in r["msg"]]
+    slow = [r["msg"] for r in d.log_records() if "took" in r["msg"] and "seconds" in r["msg"]]
     assert not slow, slow
 
 
