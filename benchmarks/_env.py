@@ -114,8 +114,9 @@ class Environment:
             cipher = sock.cipher()
             return f"{sock.version()} {cipher[0] if cipher else '?'}"
 
-    def transport_text(self, modes: Sequence[bool]) -> str:
-        """For the report: the listener(s) the consumers used, and where the backlog went."""
+    def transport_text(self, modes: Sequence[bool], *, plain_use: str = "backlog published") -> str:
+        """For the report: the listener(s) the consumers used, and that ``plain_use`` (what
+        goes over the plain listener whatever the consumers use) went over the plain one."""
         plain = f"{self.mqtt_url} (plain)"
         if True not in modes:
             return plain
@@ -124,7 +125,7 @@ class Environment:
             "verified against a throwaway CA)"
         )
         both = f"{plain} and {tls}, alternately" if False in modes else tls
-        return f"{both}; backlog published over {self.mqtt_url}"
+        return f"{both}; {plain_use} over {self.mqtt_url}"
 
     def client_args(self, *, tls: bool) -> list[str]:
         """``--url`` (and ``--ca-file``) for the benchmark's own clients (_bare, _naive, _pacer)."""

@@ -12,6 +12,9 @@ message is its commit time minus its ``ts``:
 - otherwise ``inserted_at``, a column this benchmark adds to ``readings`` after migration
   (``DEFAULT clock_timestamp()``; the daemon's COPY names its columns, so the default fills
   it): the time the row was copied, a few milliseconds before its commit.
+
+``--tls``: the daemon subscribes over a TLS listener of the broker (``mqtts://``, verified
+against a throwaway CA); the publisher stays on the plain listener.
 """
 
 from __future__ import annotations
@@ -62,6 +65,11 @@ def _parser() -> argparse.ArgumentParser:
         "--inflight", type=int, default=10000, help="broker max_inflight_messages (10000)"
     )
     p.add_argument("--protocol", choices=("3.1.1", "5"), default="3.1.1")
+    p.add_argument(
+        "--tls",
+        action="store_true",
+        help="the daemon over a TLS listener (mqtts://, CA verified); publishing stays plain",
+    )
     p.add_argument("--database-url", default=None, help="an existing server (fresh database)")
     p.add_argument("--no-durable", dest="durable", action="store_false")
     p.add_argument("--ingest-args", default="", help="as for benchmarks.drain")
@@ -83,7 +91,9 @@ def _rate(a: argparse.Namespace) -> tuple[float, str]:
         return a.max_rate / 2, f"half of --max-rate {a.max_rate:,.0f}"
     if a.from_json:
         data = json.loads(a.from_json.read_text())
-        best = data["summary"]["ingest"]["msgs_per_s"]["median"]
+        # A `drain --tls` file names its daemon figures ingest_tls.
+        ingest = data["summary"].get("ingest") or data["summary"]["ingest_tls"]
+        best = ingest["msgs_per_s"]["median"]
         return best / 2, f"half of the ingest median {best:,.0f} msg/s in {a.from_json}"
     raise SystemExit("latency: give --rate-total, --max-rate or --from-json (see --help)")
 
@@ -152,13 +162,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "warmup_s": a.warmup,
         "inflight": a.inflight,
         "protocol": a.protocol,
+        "tls": a.tls,
         "ingest_args": a.ingest_args,
         "load_average_before": [round(x, 2) for x in os.getloadavg()],
         "ok": False,
     }
     with open_environment(
-        inflight=a.inflight, database_url=a.database_url, durable=a.durable
+        inflight=a.inflight, database_url=a.database_url, durable=a.durable, tls=a.tls
     ) as env:
+        result["transport"] = env.transport_text((a.tls,), plain_use="publisher")
         dsn = env.fresh_database("latency")
         run_migrate(dsn)
         fetch(
@@ -169,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         daemon = IngestProcess(
             {
                 "INGEST_DATABASE_URL": dsn,
-                "INGEST_MQTT_URL": env.mqtt_url,
+                **env.daemon_settings(tls=a.tls),
                 "INGEST_CLIENT_ID": f"bench-latency-{int(time.time())}",
                 "INGEST_MQTT_PROTOCOL": a.protocol,
                 "INGEST_METRICS_PORT": "0",
@@ -236,6 +248,7 @@ def render(r: dict[str, Any]) -> str:
         f"latency benchmark: {r['rate_total']:,.0f} msg/s target ({r['rate_source']}), "
         f"{r['devices']} devices, {r['duration_s']:g}s, broker max_inflight_messages "
         f"{r['inflight']}, MQTT {r['protocol']}, publisher: {r.get('publisher', '-')}",
+        f"daemon over {r.get('transport', '-')}",
     ]
     pub = r.get("publish") or {}
     if pub:

@@ -5,9 +5,11 @@ For each N (default 1, 2, 4): a throwaway Mosquitto (project config) and Postgre
 (``$share/<client_id>/devices/+/telemetry``, client ids ``<client_id>-<i>``, as the workers
 use), ``--messages`` published (the broker spreads them over the sessions), then
 ``ingest run --workers N`` drains them: seconds from start to all rows committed, messages/s,
-rows/s, peak RSS per worker, CPU of the workers, the broker and Postgres.
+rows/s, peak RSS per worker, CPU of the workers, the broker and Postgres. With ``--tls`` the
+workers drain over a TLS listener of the broker (``mqtts://``, verified against a throwaway
+CA); the backlog is still published over the plain one.
 
-    python -m benchmarks.scaling --messages 200000 --workers 1 2 4
+    python -m benchmarks.scaling --messages 200000 --workers 1 2 4 [--tls]
 """
 
 from __future__ import annotations
@@ -54,8 +56,8 @@ def rows(dsn: str) -> int:
         return 0
 
 
-def one(workers: int, messages: int) -> dict[str, Any]:
-    with open_environment(inflight=10000, database_url=None) as env:
+def one(workers: int, messages: int, *, tls: bool = False) -> dict[str, Any]:
+    with open_environment(inflight=10000, database_url=None, tls=tls) as env:
         dsn = env.fresh_database(f"w{workers}")
         register_shared(env.mqtt_url, workers)
         backlog = make_backlog(
@@ -67,7 +69,7 @@ def one(workers: int, messages: int) -> dict[str, Any]:
         daemon = IngestProcess(
             {
                 "INGEST_DATABASE_URL": dsn,
-                "INGEST_MQTT_URL": env.mqtt_url,
+                **env.daemon_settings(tls=tls),
                 "INGEST_CLIENT_ID": CLIENT_ID,
                 "INGEST_METRICS_PORT": "0",
                 "INGEST_LOG_FORMAT": "json",
@@ -90,6 +92,7 @@ def one(workers: int, messages: int) -> dict[str, Any]:
             daemon.terminate()
         return {
             "workers": workers,
+            "transport": "mqtts" if tls else "mqtt",
             "messages": messages,
             "seconds": round(took, 2),
             "msgs_per_s": round(messages / took),
@@ -105,11 +108,15 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=200_000)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--json", metavar="FILE")
+    parser.add_argument(
+        "--tls", action="store_true", help="workers over a TLS listener (mqtts://, CA verified)"
+    )
     args = parser.parse_args()
     results = []
+    print(f"workers over {'mqtts (TLS listener)' if args.tls else 'mqtt'}")
     print(f"{'workers':>7} {'seconds':>8} {'msgs/s':>8} {'rows/s':>9} {'RSS/worker MB':>14}")
     for n in args.workers:
-        r = one(n, args.messages)
+        r = one(n, args.messages, tls=args.tls)
         results.append(r)
         print(
             f"{n:>7} {r['seconds']:>8} {r['msgs_per_s']:>8} {r['rows_per_s']:>9} "
