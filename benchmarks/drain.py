@@ -355,19 +355,18 @@ def _say_if_failed(name: str, result: Result) -> None:
             print(result["log_excerpt"], file=sys.stderr)
 
 
-def _ratio(x: Any, y: Any) -> float | None:
-    return (
-        round(x / y, 2) if isinstance(x, int | float) and isinstance(y, int | float) and y else None
-    )
+def _ratio(x: Any, y: Any, digits: int = 2) -> float | None:
+    ok = isinstance(x, int | float) and isinstance(y, int | float) and y
+    return round(x / y, digits) if ok else None
 
 
-def _pair(run: Result, top: str, bottom: str) -> dict[str, float | None]:
+def _pair(run: Result, top: str, bottom: str, digits: int = 2) -> dict[str, float | None]:
     """``top_over_bottom`` on messages/s, and ``..._steady`` after the first message."""
     x, y = run.get(top, {}), run.get(bottom, {})
     return {
-        f"{top}_over_{bottom}": _ratio(x.get("msgs_per_s"), y.get("msgs_per_s")),
+        f"{top}_over_{bottom}": _ratio(x.get("msgs_per_s"), y.get("msgs_per_s"), digits),
         f"{top}_over_{bottom}_steady": _ratio(
-            x.get("steady_msgs_per_s"), y.get("steady_msgs_per_s")
+            x.get("steady_msgs_per_s"), y.get("steady_msgs_per_s"), digits
         ),
     }
 
@@ -379,7 +378,8 @@ def _ratios(run: Result) -> dict[str, float | None]:
         for other in ("bare", "naive"):
             out |= _pair(run, _key("ingest", tls), _key(other, tls))
     for consumer in CONSUMERS:
-        out |= _pair(run, _key(consumer, True), consumer)
+        # Three digits: the cost of TLS is a few per cent.
+        out |= _pair(run, _key(consumer, True), consumer, digits=3)
     return out
 
 
