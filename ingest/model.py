@@ -87,6 +87,11 @@ class SourceStatistics:
     connects: int
     inbox: int = 0  # received by the MQTT client, not yet decoded (bounded by the window)
     disconnects: dict[str, int] = field(default_factory=dict)
+    # How the MQTT messages were read (ingest.mqtt.session): parsed by our fast path, by paho,
+    # or over the payload limit and kept in part.
+    parsed_fast: int = 0
+    parsed_paho: int = 0
+    too_large: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,7 +40,7 @@ from ingest.backoff import Backoff
 from ingest.errors import ConfigError, DecodeError
 from ingest.flow.acker import Acker, Delivery
 from ingest.formats.decode import Limits, TopicTemplate, decode
-from ingest.model import Decoded, Envelope, SourceStatistics, build
+from ingest.model import Decoded, Envelope, SessionStatistics, SourceStatistics, build
 from ingest.mqtt.answers import explain
 from ingest.mqtt.session import Inbound, MqttSession
 from ingest.mqtt.tls import credentials, tls_context
@@ -95,6 +95,7 @@ class Source:
         self._connected_at: float | None = None
         self._tls: ssl.SSLContext | None = None
         self._tls_loaded = False
+        self._past = SessionStatistics(0, 0, 0)  # of the connections before the current one
 
     @property
     def filter(self) -> str:
@@ -107,6 +108,9 @@ class Source:
             self._scope.cancel()
 
     def statistics(self) -> SourceStatistics:
+        read = self._past
+        if self._session is not None:
+            read = _plus(read, self._session.statistics())
         return SourceStatistics(
             received=self.received,
             decode_errors=dict(self.decode_errors),
@@ -116,6 +120,9 @@ class Source:
             connects=self.connects,
             inbox=len(self._session.inbox) if self._session is not None else 0,
             disconnects=dict(self.disconnects),
+            parsed_fast=read.fast_path,
+            parsed_paho=read.paho_path,
+            too_large=read.too_large,
         )
 
     def _new_session(self, tls: ssl.SSLContext | None) -> MqttSession:
@@ -139,7 +146,7 @@ class Source:
         async with send:
             while not self._stopping:
                 session = self._new_session(await self._tls_context())
-                self._session = session
+                self._use(session)
                 try:
                     await self._connection(session, send)
                     return
@@ -148,6 +155,12 @@ class Source:
                 finally:
                     session.closed = True
                     self.subscribed = False
+
+    def _use(self, session: MqttSession) -> None:
+        """Make ``session`` the current one; the counts of the one before are kept."""
+        if self._session is not None:
+            self._past = _plus(self._past, self._session.statistics())
+        self._session = session
 
     async def _tls_context(self) -> ssl.SSLContext | None:
         """Read the TLS files again for each connection (renewed certificates are picked up);
@@ -327,3 +340,7 @@ class Source:
             Delivery,
             (build(Envelope, (topic, payload, received_at, result, size)), session, mid, qos),
         )
+
+
+def _plus(a: SessionStatistics, b: SessionStatistics) -> SessionStatistics:
+    return SessionStatistics(*(x + y for x, y in zip(a, b, strict=True)))

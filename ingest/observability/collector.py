@@ -25,6 +25,7 @@ from ingest.model import (
     SourceStatistics,
     WriterStatistics,
 )
+from ingest.mqtt.answers import CAUSES
 
 if TYPE_CHECKING:
     from ingest.flow.pipeline import Pipeline
@@ -36,7 +37,8 @@ __all__ = ["IngestCollector", "Snapshot"]
 # Label values that exist before the first event, so rate() and alerts see a 0, not a gap.
 _DEAD_LETTER_REASONS = (*REASONS, REJECTED_BY_DATABASE)
 _RETRY_CLASSES = ("transient", "row")
-_DISCONNECT_CAUSES = ("refused", "timeout", "disconnected", "error")
+_DISCONNECT_CAUSES = CAUSES
+_PARSE_PATHS = ("fast", "paho")
 _CUT_CAUSES = ("rows", "delay", "window")
 
 
@@ -198,6 +200,15 @@ def _broker(f: _Families, src: SourceStatistics) -> Iterator[Metric]:
         src.disconnects,
         _DISCONNECT_CAUSES,
     )
+    yield f.counter_by(
+        "ingest_mqtt_messages_parsed",
+        "MQTT PUBLISH packets read, by who parsed them (fast: the daemon's own parser, from "
+        "its read buffer; paho: the client library, for packets split across reads, QoS 2 and "
+        "the unusual). Over the payload limit they are counted as dead letters too_large.",
+        "path",
+        {"fast": src.parsed_fast, "paho": src.parsed_paho},
+        _PARSE_PATHS,
+    )
     yield f.gauge(
         "ingest_broker_connected", "1 when connected to the MQTT broker.", int(src.connected)
     )
@@ -223,6 +234,12 @@ def _backlog(f: _Families, s: Snapshot) -> Iterator[Metric]:
         "Messages received and not yet acknowledged (in the channel, the batch being "
         "written, or waiting for earlier batches).",
         s.acker.outstanding,
+    )
+    yield f.gauge(
+        "ingest_messages_unacknowledged_bytes",
+        "Payload bytes of those messages (what is kept of a too_large one); the source stops "
+        "taking messages above INGEST_MQTT_INFLIGHT_BYTES.",
+        s.acker.outstanding_bytes,
     )
     yield f.gauge(
         "ingest_inflight_window",
