@@ -38,8 +38,8 @@ async def take(session: MqttSession, count: int, topic_filter: str) -> list[Inbo
         await session.wait_inbox()
         taken = []
         while session.inbox:
-            taken.append(session.inbox.popleft())
-            session.resume_if_drained()
+            taken.append(session.take())
+        assert session.inbox_bytes == 0
         assert session.ack_many([(m[3], m[2]) for m in taken]) == len(taken)
         got += taken
     await suback
