@@ -286,13 +286,8 @@ class Writer:
             timeout=self._connect_timeout,
             command_timeout=None,
             reset=_keep_session,
-            server_settings={
-                "application_name": self._application_name,
-                # A lock held elsewhere (an operator's ALTER TABLE, partition upkeep) is not
-                # the batch's fault: waiting for it fails as "lock not available", retried
-                # whole, before write_timeout could blame the batch and split it.
-                "lock_timeout": f"{max(1, round(self._write_timeout * 500))}ms",
-            },
+            init=self._init_connection,
+            server_settings={"application_name": self._application_name},
         )
         self._pool = pool
         try:
@@ -305,6 +300,13 @@ class Writer:
             raise
         self._log.info("database connected (pool of %d)", self._pool_size)
         return self
+
+    async def _init_connection(self, conn: asyncpg.Connection[asyncpg.Record]) -> None:
+        # A lock held elsewhere (an operator's ALTER TABLE, partition upkeep) is not the
+        # batch's fault: waiting for it fails as "lock not available", retried whole, before
+        # write_timeout could blame the batch and split it. A SET, not a startup parameter,
+        # which connection poolers such as PgBouncer refuse.
+        await conn.execute(f"SET lock_timeout = {max(1, round(self._write_timeout * 500))}")
 
     async def __aexit__(
         self,

@@ -49,15 +49,22 @@ def test_a_message_too_slow_to_write_is_dead_lettered_and_all_are_acknowledged(
         d.wait_subscribed()
         with Publisher(mqtt_url) as pub:
             pub.publish_many(items)
-        wait_until(
-            lambda: scalar(database_url, "SELECT count(*) FROM dead_letters") == 1, 180, what="dead"
-        )
-        # Every message received is acknowledged: the slow one holds nothing back for good.
-        wait_until(
-            lambda: any(s["received"] == len(items) and s["unacked"] == 0 for s in stats_lines(d)),
-            60,
-            what="all acknowledged",
-        )
+        try:
+            wait_until(
+                lambda: scalar(database_url, "SELECT count(*) FROM dead_letters") == 1,
+                180,
+                what="the slow message's dead letter",
+            )
+            # Every message received is acknowledged: the slow one holds nothing back for good.
+            wait_until(
+                lambda: any(
+                    s["received"] == len(items) and s["unacked"] == 0 for s in stats_lines(d)
+                ),
+                60,
+                what="all acknowledged",
+            )
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{d.log_text()[-6000:]}") from None
         assert d.stop() == 0
     rows = query(database_url, "SELECT device_id, count(*) AS n FROM readings GROUP BY 1")
     assert {r["device_id"]: r["n"] for r in rows} == {
