@@ -49,7 +49,7 @@ async def receive(session: MqttSession, n: int) -> list[tuple[str, bytes]]:
     while len(session.inbox) < n:
         await session.wait_inbox()
         await anyio.sleep(0.01)  # let more arrive before looking again
-    return [session.inbox.popleft()[:2] for _ in range(n)]
+    return [session.take()[:2] for _ in range(n)]
 
 
 async def test_C5_commit_then_lost_connection_is_redelivered_and_absorbed(
