@@ -186,8 +186,10 @@ class Settings:
     )  # fmt: skip
     db_write_timeout: float = _setting(
         "INGEST_DB_WRITE_TIMEOUT", 30.0, group=FLOW,
-        help="seconds one batch may take before its connection is considered dead (a "
-        "blackholed server sends no reset) and the batch is retried",
+        help="seconds one batch may take; then a tiny commit on another connection tells a "
+        "database that is away (the batch is retried whole, forever) from a batch that is too "
+        "slow (it is split, and a message that times out alone 3 times becomes a dead letter "
+        "rejected_by_database)",
     )  # fmt: skip
     retry_max_delay: float = _setting(
         "INGEST_RETRY_MAX_DELAY", 10.0, group=FLOW,

@@ -1,9 +1,7 @@
 """The dashboard tables: ``devices``, ``latest_readings``, ``readings_1m``, ``readings_fleet_1m``
 (README, "Querying the data"), maintained exactly once from the rows a batch actually inserted.
 
-Two ways, chosen with the writer's ``dashboard`` argument:
-
-- ``"deferred"`` (the default): the batch's transaction only records the batch. The writer sets
+Deferred, never in the batch's transaction: the batch's transaction only records the batch. The writer sets
   ``ingest.batch`` (a number from ``dashboard_batch_seq``) so that every row it inserts carries
   it in ``readings.batch`` (a column default), and inserts a ``dashboard_pending`` row with the
   batch's device-time range. :func:`fold` later claims pending batches (``FOR UPDATE SKIP
@@ -13,12 +11,10 @@ Two ways, chosen with the writer's ``dashboard`` argument:
   is, and duplicates were never inserted. A :class:`Folder` runs it every
   ``INGEST_DASHBOARD_INTERVAL`` seconds in the daemon, so dashboards lag by about that much.
   The write path pays a few percent; the upserts cost one row per (device, metric, minute),
-  (device, metric) and device *per fold*, not per batch.
-- ``"inline"``: the same upserts in the batch's own transaction (see ``ingest.flow.writer``). No lag,
-  but the write path pays them on every batch: several times the cost of the insert itself
-  when each batch holds about one sample per device and metric (benchmarks/dashboard.py).
+  (device, metric) and device *per fold*, not per batch (doing them in the batch's own
+  transaction instead cost several times the insert itself: benchmarks/dashboard.py).
 
-Either way the upserts read their input sorted by key, so concurrent writers and folders take
+The upserts read their input sorted by key, so concurrent writers and folders take
 row locks in one order and never deadlock on them.
 
 No value can wedge the fold (docs/design.md, "Limits"): the rollups' sums saturate at

@@ -180,7 +180,8 @@ def _batches(f: _Families, s: Snapshot) -> Iterator[Metric]:
     yield f.counter_by(
         "ingest_write_retries",
         "Extra database transactions, by error class (transient: retried after a "
-        "connection loss, timeout, ...; row: spent narrowing a batch down to rejected rows).",
+        "connection loss, timeout, ...; row: spent narrowing a batch down to rejected rows or "
+        "splitting one that timed out while the database answered).",
         "class",
         s.writer.retries_by_class,
         _RETRY_CLASSES,
