@@ -274,27 +274,40 @@ class Source:
         ``_DECODED_BETWEEN_YIELDS`` bytes, and waits while the bytes not yet acknowledged are
         over the bound; ``received_at`` is taken afresh after every wait."""
         inbox = session.inbox
+        take = session.take
         acker = self._acker
         bound = self._settings.mqtt_inflight_bytes
+        template = self._template
+        limits = self._limits
+        errors = self.decode_errors
         received_at = datetime.now(UTC)
         decoded = 0  # payload bytes decoded since the other tasks last had a turn
         while inbox and (pending is None or not pending.done()):
-            message = session.take()
-            size = len(message[1])
-            if size < _DECODE_APART_FROM:
-                delivery = self._delivery(session, message, received_at)
-            else:
+            message = take()
+            topic, payload, qos, mid, size = message
+            n = len(payload)
+            if size is None and n < _DECODE_APART_FROM:  # the common case, kept inline
+                result = decode(topic, payload, received_at, template, limits=limits)
+                if isinstance(result, DecodeError):
+                    errors[result.reason] += 1
+                else:
+                    self.fields_skipped += result.skipped
+                envelope = build(Envelope, (topic, payload, received_at, result, None))
+                delivery = build(Delivery, (envelope, session, mid, qos))
+            elif size is None:
                 delivery = await self._delivery_apart(session, message, received_at)
                 decoded = _DECODED_BETWEEN_YIELDS  # the loop had its turns meanwhile
+            else:
+                delivery = self._delivery(session, message, received_at)
             self.received += 1
-            acker.received(size)
-            decoded += size
+            acker.received(n)
+            decoded += n
             try:
                 send.send_nowait(delivery)
             except anyio.WouldBlock:
                 await send.send(delivery)  # backpressure: stop reading until there is room
             else:
-                if acker.outstanding_bytes <= bound and decoded < _DECODED_BETWEEN_YIELDS:
+                if decoded < _DECODED_BETWEEN_YIELDS and acker.outstanding_bytes <= bound:
                     continue
                 if acker.outstanding_bytes > bound:
                     await acker.wait_bytes_at_most(bound)  # the bytes bound: as above
@@ -321,21 +334,21 @@ class Source:
         received_at: datetime,
         result: Decoded | DecodeError | None = None,
     ) -> Delivery:
+        """The delivery of a message decoded apart (``result``), or of one the session kept
+        only in part (its ``size`` set: over the limit, never decoded). The common case is
+        built inline in ``_hand_on``, where a call per message shows in the profile."""
         topic, payload, qos, mid, size = message
-        if size is None:
-            if result is None:
-                result = decode(topic, payload, received_at, self._template, limits=self._limits)
-            if isinstance(result, DecodeError):
-                self.decode_errors[result.reason] += 1
-            else:
-                self.fields_skipped += result.skipped
-        else:  # over the limit: the session kept only its start; never decoded
+        if size is not None:
             result = DecodeError(
                 "too_large",
                 f"payload of {size} bytes is over INGEST_MAX_PAYLOAD_BYTES "
                 f"({self._settings.max_payload_bytes}); its first {len(payload)} bytes kept",
             )
-            self.decode_errors["too_large"] += 1
+        assert result is not None
+        if isinstance(result, DecodeError):
+            self.decode_errors[result.reason] += 1
+        else:
+            self.fields_skipped += result.skipped
         return build(
             Delivery,
             (build(Envelope, (topic, payload, received_at, result, size)), session, mid, qos),
