@@ -6,6 +6,7 @@ and millions of them are built per minute.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import NamedTuple
@@ -26,15 +27,55 @@ class Reading(NamedTuple):
     value: float
 
 
-class Decoded(NamedTuple):
-    """What a well-formed message decodes to.
+class TextReading(NamedTuple):
+    """One text value (a door's ``"open"``, a firmware ``"1.4.2"``) of one metric of one
+    device at one device timestamp; stored apart from the numeric readings."""
 
-    ``skipped`` counts the fields that are not readings (strings, nulls, lists, non-finite
-    numbers, integers too large for a double): counted, never stored, never an error.
+    device_id: str
+    metric: str
+    ts: datetime
+    value: str
+
+
+class DeviceUpdate(NamedTuple):
+    """What a message says about a device besides its readings: tags (topic levels, a route's
+    static tags, tag fields; merged into the device's, newest wins per key), a status
+    (``online``/``offline`` with its time, from Sparkplug births and deaths) and units of its
+    metrics (metric -> unit). ``None``: nothing said."""
+
+    device_id: str
+    tags: Mapping[str, str] | None = None
+    status: str | None = None
+    status_at: datetime | None = None
+    units: Mapping[str, str] | None = None
+
+
+DEVICE_STATUSES = ("online", "offline")
+
+
+def device_status(device_id: str, status: str, at: datetime) -> DeviceUpdate:
+    """The one way a format reports a device going ``online`` or ``offline`` at ``at``."""
+    if status not in DEVICE_STATUSES:
+        raise ValueError(f"device status {status!r} is not one of {DEVICE_STATUSES}")
+    return DeviceUpdate(device_id, status=status, status_at=at)
+
+
+NO_TEXTS: tuple[TextReading, ...] = ()
+NO_UPDATES: tuple[DeviceUpdate, ...] = ()
+
+
+class Decoded(NamedTuple):
+    """What a well-formed message decodes to: numeric readings, text readings and what it
+    says about its devices. A message with none of the three is a dead letter ``no_readings``.
+
+    ``skipped`` counts the fields that are stored nowhere (nulls, lists, non-finite numbers,
+    integers too large for a double, text over the size limit): counted, never an error.
     """
 
     readings: list[Reading]
     skipped: int
+    texts: Sequence[TextReading] = NO_TEXTS
+    updates: Sequence[DeviceUpdate] = NO_UPDATES
 
 
 class DeadLetter(NamedTuple):
