@@ -107,40 +107,23 @@ class MqttSession:
         """``username``/``password`` override the endpoint's. ``tls_context`` (built by
         ``ingest.mqtt.tls``) is used for an ``mqtts://`` endpoint; without one, the system's
         trust store verifies the broker: there is no unverified connection."""
-        if endpoint.tls and tls_context is None:
-            tls_context = ssl.create_default_context()
         v5 = protocol == "5"
-        properties: Properties | None = None
-        if v5:
-            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-            # aiomqtt's default clean_start (first connection only) would wipe our session on
-            # every new Client; an expiry keeps it (and its queue) while we are away.
-            properties.SessionExpiryInterval = session_expiry
-            properties.ReceiveMaximum = min(receive_maximum, 65535)
-        self.client = aiomqtt.Client(
-            endpoint.host,
-            endpoint.port,
+        self.client = _new_client(
+            endpoint,
+            client_id=client_id,
+            v5=v5,
+            keepalive=keepalive,
+            receive_maximum=receive_maximum,
+            session_expiry=session_expiry,
             username=username if username is not None else endpoint.username,
             password=password if password is not None else endpoint.password,
-            identifier=client_id,
-            protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
-            clean_session=None if v5 else False,
-            clean_start=False if v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
-            keepalive=keepalive,
-            properties=properties,
-            tls_context=tls_context if endpoint.tls else None,
-            timeout=10,
+            tls_context=tls_context,
         )
         check_internals(self.client)
         self._paho: paho.Client = self.client._client
-        self._paho.manual_ack_set(True)
-        self._paho.on_message = self._on_message
-        self._paho.on_subscribe = self._on_subscribe
         self._subacks: dict[int, asyncio.Future[None]] = {}
         self._rbuf = bytearray()
-        self._paho._sock_recv = self._buffered_recv  # type: ignore[method-assign]
-        self._aiomqtt_socket_open = self._paho.on_socket_open
-        self._paho.on_socket_open = self._on_socket_open
+        self._take_over_paho()
         self._v5 = v5
         self._max_payload = max_payload
         self._partial: PartialPublish | None = None
@@ -163,6 +146,15 @@ class MqttSession:
         self.inbox_bytes = 0
         self._waiter: asyncio.Future[None] | None = None
         self.closed = False
+
+    def _take_over_paho(self) -> None:
+        """Manual acks, and our callbacks and reader in place of aiomqtt's (module docstring)."""
+        self._paho.manual_ack_set(True)
+        self._paho.on_message = self._on_message
+        self._paho.on_subscribe = self._on_subscribe
+        self._paho._sock_recv = self._buffered_recv  # type: ignore[method-assign]
+        self._aiomqtt_socket_open = self._paho.on_socket_open
+        self._paho.on_socket_open = self._on_socket_open
 
     # -- reading ----------------------------------------------------------------------------
     #
@@ -484,3 +476,43 @@ class MqttSession:
             if rc != paho.MQTT_ERR_SUCCESS:
                 return 0
         return sent
+
+
+def _new_client(
+    endpoint: MqttEndpoint,
+    *,
+    client_id: str,
+    v5: bool,
+    keepalive: int,
+    receive_maximum: int,
+    session_expiry: int,
+    username: str | None,
+    password: str | None,
+    tls_context: ssl.SSLContext | None,
+) -> aiomqtt.Client:
+    """A fresh aiomqtt client for one connection of our persistent session. An ``mqtts://``
+    endpoint without a context gets the system's trust store: never an unverified
+    connection."""
+    if endpoint.tls and tls_context is None:
+        tls_context = ssl.create_default_context()
+    properties: Properties | None = None
+    if v5:
+        properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        # aiomqtt's default clean_start (first connection only) would wipe our session on
+        # every new Client; an expiry keeps it (and its queue) while we are away.
+        properties.SessionExpiryInterval = session_expiry
+        properties.ReceiveMaximum = min(receive_maximum, 65535)
+    return aiomqtt.Client(
+        endpoint.host,
+        endpoint.port,
+        username=username,
+        password=password,
+        identifier=client_id,
+        protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
+        clean_session=None if v5 else False,
+        clean_start=False if v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
+        keepalive=keepalive,
+        properties=properties,
+        tls_context=tls_context if endpoint.tls else None,
+        timeout=10,
+    )
