@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from ingest.errors import ConfigError, DecodeError
-from ingest.formats import decode as decode_module
+from ingest.formats import json as decode_module
 from ingest.formats.decode import REASONS, Limits, TopicTemplate, decode
 from ingest.model import Decoded, Reading, build
 
