@@ -1,20 +1,25 @@
-"""Decode stage: one MQTT message -> readings, or the reason it is a dead letter.
+"""The ``json`` format: one MQTT message -> readings and text readings, or the reason it is
+a dead letter.
 
-Contract: docs/design.md, "Routes and payload formats" and "Limits". ``decode`` is pure and synchronous: no I/O, no logging,
-and it never raises (a bug would come back as ``DecodeError("internal", ...)``).
+Contract: docs/design.md, "Routes and payload formats" and "Limits". ``decode_json`` is pure
+and synchronous: no I/O, no logging; the dispatch (``ingest.formats.decode``) found the route
+and checked the device id the topic gives.
 
-Topic: ``TopicTemplate`` names the topic levels holding ``{device_id}`` and optionally
-``{metric}``; it also gives the subscription filter (``devices/+/telemetry``).
-
-Payload without ``{metric}`` in the template:
+Payload without ``{metric}`` in the route's template:
 
 - a JSON object ``{"ts": <time>, "<metric>": <number>, ...}``, or a non-empty JSON array of
   such objects (several samples, each with its own ``ts``);
 - every number or boolean (stored as 1.0 / 0.0) other than the top-level ``ts`` is one reading
   named after its field; nested objects flatten with dots (``{"env": {"t": 20}}`` ->
   ``env.t``);
-- strings, nulls, lists, empty objects, non-finite numbers (``1e400``) and integers too large
-  for a double are skipped: counted in ``Decoded.skipped``, never stored, never an error.
+- every string is a text reading (``TextReading``); one over ``max_text_bytes`` in UTF-8, or
+  holding a NUL or a lone surrogate, is skipped;
+- nulls, lists, empty objects, non-finite numbers (``1e400``) and integers too large for a
+  double are skipped: counted in ``Decoded.skipped``, never stored, never an error.
+
+A route's ``[routes.json]`` options (``JsonOptions``) take the general path, ``_with_options``:
+the timestamp at another (dotted) path, a list of ``{name, value, ts}`` samples, fields that
+become device tags, numbers sent as strings. The default route never goes there.
 
 Payload with ``{metric}``: a bare number (or boolean), ``{"ts": ..., "value": ...}``, or an
 array of such objects; fields other than ``ts`` and ``value`` are skipped.
@@ -50,7 +55,7 @@ invalid_utf8       payload is not UTF-8
 not_json           payload is not JSON (``NaN`` / ``Infinity`` literals are not JSON)
 not_object         top level is neither an object nor an array (a number, unless the
                    template has ``{metric}``)
-no_readings        nothing to store: an empty array, or no finite number or boolean at all
+no_readings        nothing to store: an empty array, or no finite number, boolean or text
 bad_ts             ``ts`` is a bool, list, object, non-finite or unparseable
 ts_out_of_range    a sample's time is outside the window (above), or beyond the calendar
 bad_sample         an array element that is not an object
@@ -58,7 +63,7 @@ bad_device_id      device id from the topic empty, over 128 characters or holdin
                    control character
 bad_metric         metric name empty, over 128 characters or holding a control character
 duplicate_metric   two fields of one sample flatten to one name (``{"a.b": 1, "a": {"b": 2}}``)
-bad_topic          the topic does not match the template
+bad_topic          the topic matches no route
 too_large          the payload is over ``max_payload_bytes`` (decided by the source, which
                    never hands such a payload to ``decode``)
 too_many_readings  more readings, or samples, than ``max_readings_per_message``
@@ -76,16 +81,21 @@ from __future__ import annotations
 import json as _json
 import re
 import reprlib
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 
 from ingest.errors import ConfigError, DecodeError
-from ingest.formats.limits import DEFAULT_LIMITS, Limits
-from ingest.model import Decoded, Reading, build
+from ingest.formats.limits import Limits
+from ingest.model import NO_TEXTS, NO_UPDATES, Decoded, DeviceUpdate, Reading, TextReading, build
 
-__all__ = ["REASONS", "Limits", "TopicTemplate", "decode"]
+if TYPE_CHECKING:
+    from ingest.formats.routes import Match, Route
+
+__all__ = ["REASONS", "JsonOptions", "decode_json", "json_options", "sample_time", "text_fits"]
 
 REASONS: Final = (
     "invalid_utf8",
@@ -104,8 +114,6 @@ REASONS: Final = (
     "internal",
 )
 
-_SETTING: Final = "INGEST_TOPIC"
-_PLACEHOLDERS: Final = ("{device_id}", "{metric}")
 _MAX_NAME: Final = 128
 # C0 and C1 control characters: refused in names (a terminal would act on them).
 _CONTROL: Final = re.compile("[\x00-\x1f\x7f-\x9f]")
@@ -120,143 +128,64 @@ _FAST_MS_LIMIT: Final = 2**33 * 1000
 _fromtimestamp = datetime.fromtimestamp
 _fromisoformat = datetime.fromisoformat
 
-# How many checked metric names a template remembers (TopicTemplate.checked_names).
+# How many checked metric names a route remembers (Route.checked_names).
 _GOOD_NAMES_MAX: Final = 4096
-
-
-# --- topic ---------------------------------------------------------------------------------
-
-
-class TopicTemplate:
-    """Where the device id (and optionally the metric) sit in a topic.
-
-    ``TopicTemplate("devices/{device_id}/telemetry")``: ``.filter`` is ``devices/+/telemetry``
-    and ``.match("devices/d1/telemetry")`` is ``("d1", None)``. A placeholder names a whole
-    topic level; the template holds no wildcards. Raises ``ConfigError("INGEST_TOPIC", ...)``.
-    """
-
-    __slots__ = (
-        "_device_index",
-        "_levels",
-        "_literals",
-        "_metric_index",
-        "checked_names",
-        "filter",
-        "template",
-    )
-
-    template: str
-    filter: str
-    # Metric names of this stream already checked (length, NUL): devices send the same few
-    # names over and over. Bounded by decode (cleared at _GOOD_NAMES_MAX), so that a stream of
-    # random names cannot grow it without limit. Never holds "ts". Owned by the template's
-    # user (one per source), like the template itself.
-    checked_names: set[str]
-
-    def __init__(self, template: str) -> None:
-        if not template:
-            raise ConfigError(_SETTING, "the topic template is empty")
-        if "+" in template or "#" in template:
-            raise ConfigError(
-                _SETTING, f"{template!r}: no MQTT wildcards (+, #); name levels with placeholders"
-            )
-        if "\x00" in template:
-            raise ConfigError(_SETTING, f"{template!r}: holds a NUL character")
-        if template.startswith("$share/"):
-            raise ConfigError(_SETTING, f"{template!r}: set INGEST_SHARE_GROUP instead of $share/")
-        levels = template.split("/")
-        indexes: dict[str, int] = {}
-        literals: list[tuple[int, str]] = []
-        for i, level in enumerate(levels):
-            if "{" not in level and "}" not in level:
-                literals.append((i, level))
-                continue
-            if level.startswith("{") and level.endswith("}") and level.count("{") == 1:
-                if level not in _PLACEHOLDERS:
-                    raise ConfigError(
-                        _SETTING,
-                        f"{template!r}: unknown placeholder {level}"
-                        " (only {device_id} and {metric})",
-                    )
-                if level in indexes:
-                    raise ConfigError(_SETTING, f"{template!r}: {level} appears more than once")
-                indexes[level] = i
-                continue
-            raise ConfigError(
-                _SETTING, f"{template!r}: a placeholder must be a whole topic level, not {level!r}"
-            )
-        if "{device_id}" not in indexes:
-            raise ConfigError(_SETTING, f"{template!r}: no {{device_id}} level")
-        self.checked_names = set()
-        self.template = template
-        self.filter = "/".join("+" if i in indexes.values() else lv for i, lv in enumerate(levels))
-        self._levels = len(levels)
-        self._literals = tuple(literals)
-        self._device_index = indexes["{device_id}"]
-        self._metric_index = indexes.get("{metric}", -1)
-
-    @property
-    def has_metric(self) -> bool:
-        """Whether the template has a ``{metric}`` level (one bare value per message)."""
-        return self._metric_index >= 0
-
-    def match(self, topic: str) -> tuple[str, str | None] | None:
-        """``(device_id, metric or None)`` from a topic, or None when it does not match."""
-        parts = topic.split("/")
-        if len(parts) != self._levels:
-            return None
-        for i, literal in self._literals:
-            if parts[i] != literal:
-                return None
-        m = self._metric_index
-        return parts[self._device_index], (parts[m] if m >= 0 else None)
-
-    def __repr__(self) -> str:
-        return f"TopicTemplate({self.template!r})"
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, TopicTemplate) and other.template == self.template
-
-    def __hash__(self) -> int:
-        return hash(self.template)
 
 
 # --- payload -------------------------------------------------------------------------------
 
 
-def decode(
-    topic: str,
-    payload: bytes,
-    received_at: datetime,
-    template: TopicTemplate,
-    *,
-    limits: Limits = DEFAULT_LIMITS,
-) -> Decoded | DecodeError:
-    """Decode one message; ``received_at`` (aware UTC) stands in for a missing ``ts``.
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JsonOptions:
+    """A route's ``[routes.json]`` table (docs/design.md, "Routes and payload formats").
 
-    Returns the readings and the count of skipped fields, or a ``DecodeError`` whose
-    ``reason`` is one of ``REASONS``. Never raises.
+    ``ts``: the timestamp's field path; ``samples``: the path of a list of ``{name, value,
+    ts}`` objects (keys ``sample_name`` / ``sample_value`` / ``sample_ts``); ``tag_fields``:
+    field paths that become device tags; ``numeric_strings``: ``"21.5"`` stored as a number.
     """
-    try:
-        return _decode(topic, payload, received_at, template, limits)
-    except Exception as exc:  # a bug: the message must still become a dead letter
-        return DecodeError("internal", f"decoder bug: {type(exc).__name__}: {_show(exc)}")
+
+    ts: str = "ts"
+    samples: str | None = None
+    sample_name: str = "name"
+    sample_value: str = "value"
+    sample_ts: str = "ts"
+    tag_fields: frozenset[str] = frozenset()
+    numeric_strings: bool = False
 
 
-def _decode(
-    topic: str, payload: bytes, received_at: datetime, template: TopicTemplate, limits: Limits
+_OPTION_KEYS: Final = frozenset(
+    {"ts", "samples", "sample_name", "sample_value", "sample_ts", "tag_fields", "numeric_strings"}
+)
+
+
+def json_options(table: Mapping[str, Any], where: str) -> JsonOptions | None:
+    """Options from ``[routes.json]``; None when they are all the defaults (the fast path)."""
+    for key, value in table.items():
+        if key not in _OPTION_KEYS:
+            raise ConfigError(where, f"[routes.json] has no option {key!r}")
+        if key == "numeric_strings":
+            if type(value) is not bool:
+                raise ConfigError(where, "[routes.json] numeric_strings must be true or false")
+        elif key == "tag_fields":
+            if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+                raise ConfigError(where, "[routes.json] tag_fields must be a list of field names")
+        elif not isinstance(value, str) or not value or value.startswith(".") or ".." in value:
+            raise ConfigError(where, f"[routes.json] {key} must be a field name or dotted path")
+    if not table or dict(table) == {"ts": "ts"}:
+        return None
+    values = dict(table)
+    if "tag_fields" in values:
+        values["tag_fields"] = frozenset(values["tag_fields"])
+    return JsonOptions(**values)
+
+
+def decode_json(
+    match: Match, payload: bytes, received_at: datetime, route: Route, limits: Limits
 ) -> Decoded | DecodeError:
-    ids = template.match(topic)
-    if ids is None:
-        return DecodeError("bad_topic", f"topic {_show(topic)} does not match {template.template}")
-    device_id, metric = ids
-    if not 0 < len(device_id) <= _MAX_NAME or (
-        not device_id.isprintable() and _bad_name(device_id)
-    ):
-        return DecodeError(
-            "bad_device_id", f"device id {_show(device_id)}: {_name_fault(device_id)}"
-        )
-
+    """The ``json`` format: readings and text readings of one message (the dispatch checked
+    the device id already)."""
+    device_id = match.device_id
+    assert device_id is not None
     try:
         doc = orjson.loads(payload)
     except orjson.JSONDecodeError as exc:
@@ -269,22 +198,30 @@ def _decode(
     except OverflowError:
         latest = limits.latest(received_at)
     readings: list[Reading] = []
-    names = template.checked_names
-    if metric is not None:
+    texts: list[TextReading] = []
+    names = route.checked_names
+    tags = route.device_tags(match)
+    options = route.options
+    if match.metric is not None:
         result = _decode_metric(
-            doc, device_id, metric, received_at, readings, names, limits, latest
+            doc, device_id, match.metric, received_at, readings, names, limits, latest
         )
+    elif options is not None:
+        if tags is None and options.tag_fields:
+            tags = {}
+        result = _with_options(doc, device_id, received_at, readings, texts, tags, options, limits)
     elif type(doc) is dict:
-        result = _sample(doc, device_id, received_at, readings, names, limits, latest)
+        result = _sample(doc, device_id, received_at, readings, texts, names, limits, latest)
     elif type(doc) is list:
-        result = _samples(doc, device_id, received_at, readings, None, names, limits, latest)
+        result = _samples(doc, device_id, received_at, readings, texts, None, names, limits, latest)
     else:
         return DecodeError("not_object", f"top level is {_kind(doc)}, not an object or an array")
     if isinstance(result, DecodeError):
         return result
-    if not readings:
-        return DecodeError("no_readings", "no number or boolean in the message")
-    return Decoded(readings, result)
+    if not readings and not texts:
+        return DecodeError("no_readings", "no number, boolean or text in the message")
+    updates = (DeviceUpdate(device_id, tags),) if tags else NO_UPDATES
+    return build(Decoded, (readings, result, texts or NO_TEXTS, updates))
 
 
 def _samples(
@@ -292,6 +229,7 @@ def _samples(
     device_id: str,
     received_at: datetime,
     out: list[Reading],
+    texts: list[TextReading],
     metric: str | None,
     names: set[str],
     limits: Limits,
@@ -306,7 +244,7 @@ def _samples(
         if type(sample) is not dict:
             return DecodeError("bad_sample", f"sample {i} is {_kind(sample)}, not an object")
         if metric is None:
-            result = _sample(sample, device_id, received_at, out, names, limits, latest)
+            result = _sample(sample, device_id, received_at, out, texts, names, limits, latest)
         else:
             result = _value_sample(sample, device_id, metric, received_at, out, limits, latest)
         if isinstance(result, DecodeError):
@@ -320,6 +258,7 @@ def _sample(
     device_id: str,
     received_at: datetime,
     out: list[Reading],
+    texts: list[TextReading],
     names: set[str],
     limits: Limits,
     latest: datetime,
@@ -337,8 +276,8 @@ def _sample(
             return _out_of_range(parsed, limits, latest)
         ts = parsed
     start = len(out)
-    if start + len(obj) > limits.max_readings_per_message:  # rare: count before building
-        refused = _big_sample(obj, device_id, ts, out, limits.max_readings_per_message)
+    if start + len(texts) + len(obj) > limits.max_readings_per_message:  # rare: count first
+        refused = _big_sample(obj, device_id, ts, out, texts, limits)
         if refused is not None:
             return refused
 
@@ -355,9 +294,20 @@ def _sample(
                 continue
         elif kind is bool:
             value = 1.0 if value else 0.0
+        elif kind is str:
+            if key == "ts":
+                continue
+            if _bad_name(key):
+                return DecodeError("bad_metric", f"metric {_show(key)}: {_name_fault(key)}")
+            if text_fits(value, limits):
+                texts.append(build(TextReading, (device_id, key, ts, value)))
+            else:
+                skipped += 1
+            continue
         elif kind is dict:
             del out[start:]
-            return _nested(obj, device_id, ts, out, limits.max_readings_per_message)
+            del texts[:]
+            return _nested(obj, device_id, ts, out, texts, limits)
         else:
             if key != "ts":
                 skipped += 1
@@ -372,24 +322,35 @@ def _sample(
 
 
 def _big_sample(
-    obj: dict[str, Any], device_id: str, ts: datetime, out: list[Reading], cap: int
+    obj: dict[str, Any],
+    device_id: str,
+    ts: datetime,
+    out: list[Reading],
+    texts: list[TextReading],
+    limits: Limits,
 ) -> int | DecodeError | None:
     """A sample with more fields than readings are left: ``too_many_readings`` when its
     numbers and booleans (not its ``ts``) would take ``out`` over ``cap``, counted before any
     reading is built; a nested one is flattened at once (``_nested`` counts as it goes);
     None when the fast path may go on."""
-    count = len(out)
+    cap = limits.max_readings_per_message
+    count = len(out) + len(texts)
     for key, value in obj.items():
         kind = type(value)
         if kind is dict:
-            return _nested(obj, device_id, ts, out, cap)
-        if (kind is float or kind is int or kind is bool) and key != "ts":
+            return _nested(obj, device_id, ts, out, texts, limits)
+        if (kind is float or kind is int or kind is bool or kind is str) and key != "ts":
             count += 1
     return _too_many(f"{count} readings", cap) if count > cap else None
 
 
 def _nested(
-    obj: dict[str, Any], device_id: str, ts: datetime, out: list[Reading], cap: int
+    obj: dict[str, Any],
+    device_id: str,
+    ts: datetime,
+    out: list[Reading],
+    texts: list[TextReading],
+    limits: Limits,
 ) -> int | DecodeError:
     """Flatten nested objects with dots; a name produced twice is an error.
 
@@ -398,7 +359,9 @@ def _nested(
     A 1 MiB payload may hold some 50,000 small objects: the loop is kept lean.
     """
     skipped = 0
-    room = cap - len(out)
+    cap = limits.max_readings_per_message
+    room = cap - len(out) - len(texts)
+    text = None
     seen: set[str] = set()
     add = seen.add
     append = out.append
@@ -429,6 +392,8 @@ def _nested(
                 value = float(value)
             elif kind is bool:
                 value = 1.0 if value else 0.0
+            elif kind is str and text_fits(value, limits):
+                text = value
             else:
                 skipped += 1
                 continue
@@ -437,7 +402,11 @@ def _nested(
             if not room:
                 return _too_many(f"more than {cap} readings", cap)
             room -= 1
-            append(build(Reading, (device_id, name, ts, value)))
+            if text is None:
+                append(build(Reading, (device_id, name, ts, value)))
+            else:
+                texts.append(build(TextReading, (device_id, name, ts, text)))
+                text = None
         else:
             stack.pop()
     return skipped
@@ -466,7 +435,7 @@ def _decode_metric(
     if kind is dict:
         return _value_sample(doc, device_id, metric, received_at, out, limits, latest)
     if kind is list:
-        return _samples(doc, device_id, received_at, out, metric, names, limits, latest)
+        return _samples(doc, device_id, received_at, out, [], metric, names, limits, latest)
     return 1  # a string, null or non-finite number: skipped (and so no readings)
 
 
@@ -502,6 +471,243 @@ def _value_sample(
         return skipped + 1
     out.append(build(Reading, (device_id, metric, ts, value)))
     return skipped
+
+
+# --- options (a route's [routes.json] table) ------------------------------------------------
+
+
+def _with_options(
+    doc: Any,
+    device_id: str,
+    received_at: datetime,
+    out: list[Reading],
+    texts: list[TextReading],
+    tags: dict[str, str] | None,
+    options: JsonOptions,
+    limits: Limits,
+) -> int | DecodeError:
+    """The general path, for routes with options: slower than ``_sample``, never on the
+    default route."""
+    if type(doc) is dict:
+        docs = [doc]
+    elif type(doc) is list:
+        if not doc:
+            return DecodeError("no_readings", "empty array")
+        if len(doc) > limits.max_readings_per_message:
+            return _too_many(f"{len(doc)} samples", limits.max_readings_per_message)
+        docs = doc
+    else:
+        return DecodeError("not_object", f"top level is {_kind(doc)}, not an object or an array")
+    sink = _Sink(device_id, out, texts, tags, options, limits)
+    for i, obj in enumerate(docs):
+        if type(obj) is not dict:
+            return DecodeError("bad_sample", f"sample {i} is {_kind(obj)}, not an object")
+        error = _option_sample(obj, received_at, sink, options, limits)
+        if error is not None:
+            if len(docs) == 1:
+                return error
+            return DecodeError(error.reason, f"sample {i}: {error.message}")
+    return sink.skipped
+
+
+class _Sink:
+    """Where the general path puts what it reads: readings, texts, tags, the skip count."""
+
+    __slots__ = ("device_id", "limits", "numeric_strings", "out", "skipped", "tags", "texts")
+
+    def __init__(
+        self,
+        device_id: str,
+        out: list[Reading],
+        texts: list[TextReading],
+        tags: dict[str, str] | None,
+        options: JsonOptions,
+        limits: Limits,
+    ) -> None:
+        self.device_id = device_id
+        self.out = out
+        self.texts = texts
+        self.tags = tags
+        self.limits = limits
+        self.numeric_strings = options.numeric_strings
+        self.skipped = 0
+
+    def add(self, name: str, ts: datetime, value: Any) -> DecodeError | None:
+        kind = type(value)
+        if kind is str and self.numeric_strings:
+            number = _numeric_string(value)
+            if number is not None:
+                value, kind = number, float
+        if kind is bool:
+            value, kind = (1.0 if value else 0.0), float
+        if kind is str:
+            if not text_fits(value, self.limits):
+                self.skipped += 1
+                return None
+        elif kind is not float and kind is not int:
+            self.skipped += 1
+            return None
+        if _bad_name(name):
+            return DecodeError("bad_metric", f"metric {_show(name)}: {_name_fault(name)}")
+        cap = self.limits.max_readings_per_message
+        if len(self.out) + len(self.texts) >= cap:
+            return _too_many(f"more than {cap} readings", cap)
+        if kind is str:
+            self.texts.append(build(TextReading, (self.device_id, name, ts, value)))
+        else:
+            self.out.append(build(Reading, (self.device_id, name, ts, float(value))))
+        return None
+
+    def tag(self, name: str, value: Any) -> None:
+        if self.tags is not None and type(value) in (str, int, float, bool):
+            self.tags[name] = str(value).lower() if type(value) is bool else str(value)
+        else:
+            self.skipped += 1
+
+
+def _option_sample(
+    obj: dict[str, Any], received_at: datetime, sink: _Sink, options: JsonOptions, limits: Limits
+) -> DecodeError | None:
+    raw_ts = _path(obj, options.ts)
+    ts = sample_time(raw_ts, received_at, limits)
+    if isinstance(ts, DecodeError):
+        return ts
+    skip = {options.ts}
+    if options.samples is not None:
+        skip.add(options.samples)
+        listed = _path(obj, options.samples)
+        if listed is not None:
+            error = _listed_samples(listed, received_at, ts, sink, options, limits)
+            if error is not None:
+                return error
+    return _flatten(obj, ts, sink, skip, options.tag_fields)
+
+
+def _listed_samples(
+    listed: Any,
+    received_at: datetime,
+    ts: datetime,
+    sink: _Sink,
+    options: JsonOptions,
+    limits: Limits,
+) -> DecodeError | None:
+    """A list of ``{name, value, ts}`` objects (Kepware / IoT-gateway style)."""
+    if type(listed) is not list:
+        return DecodeError("bad_sample", f"{options.samples} is {_kind(listed)}, not an array")
+    if len(listed) > limits.max_readings_per_message:
+        return _too_many(f"{len(listed)} samples", limits.max_readings_per_message)
+    for i, item in enumerate(listed):
+        if type(item) is not dict:
+            return DecodeError("bad_sample", f"{options.samples}[{i}] is {_kind(item)}")
+        name = item.get(options.sample_name)
+        if type(name) is not str:
+            return DecodeError(
+                "bad_sample", f"{options.samples}[{i}].{options.sample_name} is {_kind(name)}"
+            )
+        at = sample_time(item.get(options.sample_ts), received_at, limits, ts)
+        if isinstance(at, DecodeError):
+            return DecodeError(at.reason, f"{options.samples}[{i}]: {at.message}")
+        # What else the item holds (quality flags and the like) is not stored: counted.
+        sink.skipped += len(item) - 1 - (options.sample_value in item) - (options.sample_ts in item)
+        if options.sample_value not in item:
+            sink.skipped += 1
+            continue
+        error = sink.add(name, at, item[options.sample_value])
+        if error is not None:
+            return error
+    return None
+
+
+def _flatten(
+    obj: dict[str, Any], ts: datetime, sink: _Sink, skip: set[str], tag_fields: frozenset[str]
+) -> DecodeError | None:
+    """The object's fields, nested objects flattened with dots, but for ``skip`` (the ts and
+    samples paths); ``tag_fields`` become tags. Iterative: nesting cannot exhaust the stack."""
+    seen: set[str] = set()
+    stack: list[tuple[str | None, Any]] = [(None, iter(obj.items()))]
+    while stack:
+        prefix, items = stack[-1]
+        for key, value in items:
+            name = key if prefix is None else f"{prefix}.{key}"
+            if name in skip:
+                continue
+            if name in tag_fields:
+                sink.tag(name, value)
+                continue
+            if type(value) is dict and value and len(name) <= _MAX_NAME:
+                stack.append((name, iter(value.items())))
+                break
+            if name in seen:
+                return DecodeError("duplicate_metric", f"two fields flatten to {_show(name)}")
+            seen.add(name)
+            error = sink.add(name, ts, value)
+            if error is not None:
+                return error
+        else:
+            stack.pop()
+    return None
+
+
+def _path(obj: dict[str, Any], path: str) -> Any:
+    """The value at a dotted path (a field named with the dots wins), or None."""
+    if path in obj or "." not in path:
+        return obj.get(path)
+    value: Any = obj
+    for part in path.split("."):
+        if type(value) is not dict:
+            return None
+        value = value.get(part)
+    return value
+
+
+def _numeric_string(text: str) -> float | None:
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return None
+    return float(value) if type(value) is int or type(value) is float else None
+
+
+# --- shared with the other formats -----------------------------------------------------------
+
+
+def sample_time(
+    raw: Any, received_at: datetime, limits: Limits, default: datetime | None = None
+) -> datetime | DecodeError:
+    """A sample's time from its raw field, checked against the window around ``received_at``;
+    None gives ``default`` (the time of the message holding the sample) or ``received_at``."""
+    if raw is None:
+        return received_at if default is None else default
+    parsed = _ts(raw)
+    if parsed is None:
+        return _ts_fault(raw)
+    latest = limits.latest(received_at)
+    if parsed < limits.min_ts or parsed > latest:
+        return _out_of_range(parsed, limits, latest)
+    return parsed
+
+
+def text_fits(value: str, limits: Limits) -> bool:
+    """Whether a text value can be stored: at most ``max_text_bytes`` in UTF-8, no NUL (which
+    PostgreSQL text cannot hold), no lone surrogate (which UTF-8 cannot)."""
+    if value.isascii():
+        size = len(value)
+    else:
+        try:
+            size = len(value.encode())
+        except UnicodeEncodeError:
+            return False
+    return size <= limits.max_text_bytes and "\x00" not in value
+
+
+def bad_name(name: str) -> str | None:
+    """Why a device id or metric name is refused, or None when it is fine."""
+    return _name_fault(name) if _bad_name(name) else None
+
+
+def show(value: object) -> str:
+    """A value for an error message: bounded, control characters escaped."""
+    return _show(value)
 
 
 def _too_many(what: str, cap: int) -> DecodeError:
