@@ -57,14 +57,14 @@ def decode(
     ``DecodeError`` whose ``reason`` is one of ``REASONS``. Never raises.
     """
     try:
-        for route in routes.routes:
-            match = route.template.match(topic)
+        for match_topic, route in routes.matchers:  # noqa: B007 (the route found is used below)
+            match = match_topic(topic)
             if match is not None:
                 break
         else:
             return DecodeError("bad_topic", f"topic {show(topic)} matches no route")
-        device_id = match.device_id
-        if device_id is not None and (not device_id.isprintable() or not 0 < len(device_id) <= 128):
+        device_id = match[0]
+        if device_id is not None and (not 0 < len(device_id) <= 128 or not device_id.isprintable()):
             fault = _bad_name(device_id)
             if fault is not None:
                 return DecodeError("bad_device_id", f"device id {show(device_id)}: {fault}")

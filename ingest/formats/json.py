@@ -184,7 +184,7 @@ def decode_json(
 ) -> Decoded | DecodeError:
     """The ``json`` format: readings and text readings of one message (the dispatch checked
     the device id already)."""
-    device_id = match.device_id
+    device_id, metric, topic_tags = match
     assert device_id is not None
     try:
         doc = orjson.loads(payload)
@@ -200,11 +200,12 @@ def decode_json(
     readings: list[Reading] = []
     texts: list[TextReading] = []
     names = route.checked_names
-    tags = route.device_tags(match)
+    # The topic's tags are a fresh dict; static tags need a merge, the default route neither.
+    tags = topic_tags if route.tags is None else route.device_tags(match)
     options = route.options
-    if match.metric is not None:
+    if metric is not None:
         result = _decode_metric(
-            doc, device_id, match.metric, received_at, readings, names, limits, latest
+            doc, device_id, metric, received_at, readings, names, limits, latest
         )
     elif options is not None:
         if tags is None and options.tag_fields:

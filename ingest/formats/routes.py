@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 from ingest.errors import ConfigError, DecodeError
 from ingest.model import Decoded
+from ingest.model import build as _build
 
 if TYPE_CHECKING:
     from ingest.formats.limits import Limits
@@ -42,7 +43,7 @@ class Match(NamedTuple):
 
     device_id: str | None
     metric: str | None
-    tags: Mapping[str, str] | None
+    tags: dict[str, str] | None
 
 
 #: A format's decoder: (match, payload, receive time, route, limits) -> what to store.
@@ -63,7 +64,21 @@ class FormatSpec(NamedTuple):
 class Template:
     """A compiled topic template; ``filter`` is its subscription filter."""
 
-    __slots__ = ("_device", "_levels", "_literals", "_metric", "_rest", "_tags", "filter", "text")
+    __slots__ = (
+        "_device",
+        "_levels",
+        "_literals",
+        "_metric",
+        "_rest",
+        "_tags",
+        "filter",
+        "match",
+        "text",
+    )
+
+    #: ``Match`` of a topic, or None: the general matcher, or a lean one for the common shape
+    #: (fixed length, a device level, no other named level), chosen once here.
+    match: Callable[[str], Match | None]
 
     def __init__(self, text: str, *, where: str, wildcards: bool = False) -> None:
         levels = _check_text(text, where)
@@ -82,12 +97,24 @@ class Template:
         self._device = named.pop("device_id", -1)
         self._metric = named.pop("metric", len(levels) - 1 if levels[-1] == _REST else -1)
         self._tags = tuple(named.items())
+        simple = not self._rest and not self._tags and self._device >= 0
+        self.match = self._match_device if simple else self._match_any
 
     @property
     def names_device(self) -> bool:
         return self._device >= 0
 
-    def match(self, topic: str) -> Match | None:
+    def _match_device(self, topic: str) -> Match | None:
+        parts = topic.split("/")
+        if len(parts) != self._levels:
+            return None
+        for i, literal in self._literals:
+            if parts[i] != literal:
+                return None
+        m = self._metric
+        return _build(Match, (parts[self._device], parts[m] if m >= 0 else None, None))
+
+    def _match_any(self, topic: str) -> Match | None:
         parts = topic.split("/")
         n = self._levels
         if len(parts) != n and not (self._rest and len(parts) >= n):
@@ -104,7 +131,7 @@ class Template:
         else:
             metric = parts[m]
         tags = {name: parts[i] for name, i in self._tags} if self._tags else None
-        return Match(parts[d] if d >= 0 else None, metric, tags)
+        return _build(Match, (parts[d] if d >= 0 else None, metric, tags))
 
     def __repr__(self) -> str:
         return f"Template({self.text!r})"
@@ -192,7 +219,8 @@ class Route:
         self.checked_names = set()
 
     def device_tags(self, match: Match) -> dict[str, str] | None:
-        """The route's static tags with the topic's named levels over them, or None."""
+        """The route's static tags with the topic's named levels over them, or None. A new
+        dict each time (the decoders add tag fields to it)."""
         if self.tags is None:
             return dict(match.tags) if match.tags else None
         return {**self.tags, **match.tags} if match.tags else dict(self.tags)
@@ -204,12 +232,14 @@ class Route:
 class RouteTable:
     """The routes in order: a message goes to the first whose template matches its topic."""
 
-    __slots__ = ("routes",)
+    __slots__ = ("matchers", "routes")
 
     def __init__(self, routes: Sequence[Route]) -> None:
         if not routes:
             raise ConfigError("routes", "at least one route is needed")
         self.routes = tuple(routes)
+        #: (bound match method, route) in order: what the dispatch runs per message.
+        self.matchers = tuple((r.template.match, r) for r in self.routes)
 
     def route(self, topic: str) -> tuple[Route, Match] | None:
         for route in self.routes:
