@@ -24,7 +24,7 @@ from typing import Any, Final
 import orjson
 
 from ingest.errors import ConfigError, DecodeError
-from ingest.formats.json import sample_time, show, text_fits
+from ingest.formats.json import bad_name, sample_time, show, text_fits
 from ingest.formats.limits import Limits
 from ingest.formats.routes import Match, Route
 from ingest.model import NO_TEXTS, NO_UPDATES, Decoded, DeviceUpdate, Reading, TextReading, build
@@ -49,6 +49,9 @@ def decode_value(
     assert device_id is not None
     if metric is None:
         return DecodeError("bad_topic", f"route {route.name} has no {{metric}} level")
+    fault = bad_name(metric)
+    if fault is not None:
+        return DecodeError("bad_metric", f"metric {show(metric)}: {fault}")
     try:
         text = payload.decode("utf-8").strip()
     except UnicodeDecodeError as exc:
