@@ -98,7 +98,7 @@ def _fleet(
         Device(
             i,
             seed=config.seed_value,
-            topic_template=config.topic,
+            topic_template=config.topic_of(i),
             rate=config.rate,
             samples_per_message=config.samples_per_message,
             faults=faults,

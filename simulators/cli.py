@@ -15,7 +15,14 @@ from typing import NoReturn
 import orjson
 
 from ingest.urls import redact_urls_in
-from simulators._config import DEFAULT_MQTT_URL, DEFAULT_TOPIC, SimulatorConfig
+from simulators._config import (
+    DEFAULT_MQTT_URL,
+    DEFAULT_TOPIC,
+    DEFAULT_VALUE_TOPIC,
+    FORMATS,
+    SimulatorConfig,
+    parse_tags,
+)
 from simulators._errors import ConfigError, ConnectError
 from simulators._report import Progress, progress_line
 from simulators._runner import run
@@ -111,8 +118,25 @@ def _add_fleet_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--topic",
         metavar="TEMPLATE",
-        help="topic template, {device_id} is one level "
-        f"(default: $INGEST_TOPIC, else {DEFAULT_TOPIC})",
+        help="topic template, {device_id} is one level; {metric} one too with --format value; "
+        "other {name} levels are filled from --tags "
+        f"(default: $INGEST_TOPIC, else {DEFAULT_TOPIC}; with --format value "
+        f"{DEFAULT_VALUE_TOPIC})",
+    )
+    p.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="json",
+        help="json: a JSON message per sample; value: one topic per metric, seq included, each "
+        '{"ts": ..., "value": ...} (default json)',
+    )
+    p.add_argument(
+        "--tags",
+        nargs="+",
+        action="extend",
+        metavar="NAME=V1,V2",
+        help="values of the template's {NAME} levels (--tags site=a,b line=1,2): devices are "
+        "spread over the combinations",
     )
     p.add_argument(
         "--seed", type=int, metavar="S", help="seed of the values and faults (default: random)"
@@ -251,6 +275,8 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> Simula
     """The configuration of a command line; raises :class:`ConfigError` naming the flag, or
     the environment variable that gave the value."""
     origin = _with_env_defaults(args, env)
+    if args.format == "value" and origin.pop("--topic", None):
+        args.topic = None  # the daemon's INGEST_TOPIC is a json route's template
     try:
         return _config(args, _password(args, env, origin))
     except ConfigError as exc:
@@ -272,7 +298,9 @@ def _config(args: argparse.Namespace, password: str | None) -> SimulatorConfig:
         count=args.count,
         duration=args.duration,
         qos=args.qos,
-        topic=args.topic or DEFAULT_TOPIC,
+        topic=args.topic or (DEFAULT_VALUE_TOPIC if args.format == "value" else DEFAULT_TOPIC),
+        format=args.format,
+        tags=parse_tags(args.tags),
         seed=args.seed,
         samples_per_message=args.samples_per_message,
         bad_ratio=args.bad_ratio,

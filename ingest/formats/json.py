@@ -296,10 +296,14 @@ def _sample(
         elif kind is bool:
             value = 1.0 if value else 0.0
         elif kind is str:
-            if key == "ts":
-                continue
-            if _bad_name(key):
-                return DecodeError("bad_metric", f"metric {_show(key)}: {_name_fault(key)}")
+            if key not in names:
+                if key == "ts":
+                    continue
+                if _bad_name(key):
+                    return DecodeError("bad_metric", f"metric {_show(key)}: {_name_fault(key)}")
+                if len(names) >= _GOOD_NAMES_MAX:
+                    names.clear()
+                names.add(key)
             if text_fits(value, limits):
                 texts.append(build(TextReading, (device_id, key, ts, value)))
             else:
