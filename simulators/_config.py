@@ -143,6 +143,9 @@ class SimulatorConfig:
     format: str = "json"
     #: Topic levels named in ``topic`` (``{site}``), filled per device from these values.
     tags: Tags = ()
+    #: The number of the first device (``dev-<first_device>``): fleets started side by side
+    #: against one daemon keep apart.
+    first_device: int = 1
     seed: int | None = None
     samples_per_message: int = 1
     bad_ratio: float = 0.0
@@ -181,6 +184,7 @@ class SimulatorConfig:
             _finite("--duration", self.duration, 0.0, 10.0**9, open_low=True)
         if self.qos not in (0, 1) or isinstance(self.qos, bool):
             raise ConfigError("--qos", f"must be 0 or 1 (got {self.qos!r})")
+        _positive_int("--first-device", self.first_device, MAX_DEVICES)
         if self.format not in FORMATS:
             raise ConfigError("--format", f"must be one of {', '.join(FORMATS)}")
         check_topic_template(self.topic, fmt=self.format, tags=self.tags)
@@ -278,10 +282,14 @@ class SimulatorConfig:
     def topic_of(self, index: int) -> str:
         """Device ``index``'s topic template: its id and its combination of ``tags`` filled
         in (devices take the combinations in turn); ``{metric}`` is left for the publisher."""
-        topic = self.topic.replace(DEVICE_PLACEHOLDER, device_id(index))
+        topic = self.topic.replace(DEVICE_PLACEHOLDER, self.device_name(index))
         if not self.tags:
             return topic
         combos = list(itertools.product(*(values for _, values in self.tags)))
         for (name, _), value in zip(self.tags, combos[index % len(combos)], strict=True):
             topic = topic.replace(f"{{{name}}}", value)
         return topic
+
+    def device_name(self, index: int) -> str:
+        """The id of device ``index`` (0-based) of this fleet."""
+        return device_id(index + self.first_device - 1)

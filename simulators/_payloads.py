@@ -89,9 +89,10 @@ class Device:
         rate: float,
         samples_per_message: int = 1,
         faults: FaultRatios = NO_FAULTS,
+        name: str | None = None,
     ) -> None:
         self.index = index
-        self.device_id = device_id(index)
+        self.device_id = device_id(index) if name is None else name
         self.topic = topic_template.replace("{device_id}", self.device_id)
         #: The topic as the MQTT layer sends it (filled in by the publisher).
         self.wire_topic = b""

@@ -131,6 +131,13 @@ def _add_fleet_flags(p: argparse.ArgumentParser) -> None:
         '{"ts": ..., "value": ...} (default json)',
     )
     p.add_argument(
+        "--first-device",
+        type=int,
+        default=1,
+        metavar="N",
+        help="number of the first device, dev-<N> (default 1): fleets run side by side keep apart",
+    )
+    p.add_argument(
         "--tags",
         nargs="+",
         action="extend",
@@ -301,6 +308,7 @@ def _config(args: argparse.Namespace, password: str | None) -> SimulatorConfig:
         topic=args.topic or (DEFAULT_VALUE_TOPIC if args.format == "value" else DEFAULT_TOPIC),
         format=args.format,
         tags=parse_tags(args.tags),
+        first_device=args.first_device,
         seed=args.seed,
         samples_per_message=args.samples_per_message,
         bad_ratio=args.bad_ratio,
