@@ -228,6 +228,11 @@ def _decode(
         if isinstance(result, DecodeError):
             summary.still_failing += 1
             summary.outcomes[(r["reason"], result.reason)] += 1
+        elif result.texts:
+            # Replay moves numeric readings only: a dead letter holding text readings stays,
+            # rather than being deleted with its texts unstored.
+            summary.still_failing += 1
+            summary.outcomes[(r["reason"], "holds_text")] += 1
         else:
             candidates.append(_Candidate(r["id"], r["reason"], result.readings))
     return candidates
