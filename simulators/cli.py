@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_fleet_flags(p)
+    _add_route_flags(p)
     _add_fault_flags(p)
     _add_scale_flags(p)
     _add_connection_flags(p)
@@ -124,6 +125,20 @@ def _add_fleet_flags(p: argparse.ArgumentParser) -> None:
         f"{DEFAULT_VALUE_TOPIC})",
     )
     p.add_argument(
+        "--seed", type=int, metavar="S", help="seed of the values and faults (default: random)"
+    )
+    p.add_argument(
+        "--samples-per-message",
+        type=int,
+        default=1,
+        metavar="K",
+        help="samples per message; K > 1 sends a JSON array (default 1)",
+    )
+
+
+def _add_route_flags(p: argparse.ArgumentParser) -> None:
+    """What the daemon's routes take: the payload format, tag levels, device numbering."""
+    p.add_argument(
         "--format",
         choices=FORMATS,
         default="json",
@@ -144,16 +159,6 @@ def _add_fleet_flags(p: argparse.ArgumentParser) -> None:
         metavar="NAME=V1,V2",
         help="values of the template's {NAME} levels (--tags site=a,b line=1,2): devices are "
         "spread over the combinations",
-    )
-    p.add_argument(
-        "--seed", type=int, metavar="S", help="seed of the values and faults (default: random)"
-    )
-    p.add_argument(
-        "--samples-per-message",
-        type=int,
-        default=1,
-        metavar="K",
-        help="samples per message; K > 1 sends a JSON array (default 1)",
     )
 
 

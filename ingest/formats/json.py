@@ -264,24 +264,17 @@ def _sample(
     limits: Limits,
     latest: datetime,
 ) -> int | DecodeError:
-    """Append the readings of one flat-or-nested object to ``out``; return the skip count.
-    ``names``: metric names already checked (the template's ``checked_names``)."""
+    """Append the readings (``out``) and texts of one flat-or-nested object; return the skip
+    count. ``names``: metric names already checked (the route's ``checked_names``)."""
     raw_ts = obj.get("ts")
-    if raw_ts is None:
-        ts = received_at
-    else:
-        parsed = _ts(raw_ts)
-        if parsed is None:
-            return _ts_fault(raw_ts)
-        if parsed < limits.min_ts or parsed > latest:
-            return _out_of_range(parsed, limits, latest)
-        ts = parsed
-    start = len(out)
-    if start + len(texts) + len(obj) > limits.max_readings_per_message:  # rare: count first
+    ts = received_at if raw_ts is None else _checked_ts(raw_ts, limits, latest)
+    if isinstance(ts, DecodeError):
+        return ts
+    start, text_start = len(out), len(texts)
+    if start + text_start + len(obj) > limits.max_readings_per_message:  # rare: count first
         refused = _big_sample(obj, device_id, ts, out, texts, limits)
         if refused is not None:
             return refused
-
     # Fast path: a flat object, where keys are unique by construction.
     append = out.append
     skipped = 0
@@ -299,31 +292,47 @@ def _sample(
             if key not in names:
                 if key == "ts":
                     continue
-                if _bad_name(key):
-                    return DecodeError("bad_metric", f"metric {_show(key)}: {_name_fault(key)}")
-                if len(names) >= _GOOD_NAMES_MAX:
-                    names.clear()
-                names.add(key)
+                refused = _remember(key, names)
+                if refused is not None:
+                    return refused
             if text_fits(value, limits):
                 texts.append(build(TextReading, (device_id, key, ts, value)))
             else:
                 skipped += 1
             continue
         elif kind is dict:
-            del out[start:]
-            del texts[:]
+            del out[start:], texts[text_start:]
             return _nested(obj, device_id, ts, out, texts, limits)
         else:
             if key != "ts":
                 skipped += 1
             continue
-        if _bad_name(key):
-            return DecodeError("bad_metric", f"metric {_show(key)}: {_name_fault(key)}")
-        if len(names) >= _GOOD_NAMES_MAX:
-            names.clear()
-        names.add(key)
+        refused = _remember(key, names)  # a number or boolean of a name not seen yet
+        if refused is not None:
+            return refused
         append(build(Reading, (device_id, key, ts, float(value))))
     return skipped
+
+
+def _remember(key: str, names: set[str]) -> DecodeError | None:
+    """Check a metric name seen for the first time and remember it (``names`` is bounded: a
+    stream of random names cannot grow it without limit), or say why it is refused."""
+    if _bad_name(key):
+        return DecodeError("bad_metric", f"metric {_show(key)}: {_name_fault(key)}")
+    if len(names) >= _GOOD_NAMES_MAX:
+        names.clear()
+    names.add(key)
+    return None
+
+
+def _checked_ts(raw: Any, limits: Limits, latest: datetime) -> datetime | DecodeError:
+    """A sample's ``ts`` field read and checked against the window ending at ``latest``."""
+    parsed = _ts(raw)
+    if parsed is None:
+        return _ts_fault(raw)
+    if parsed < limits.min_ts or parsed > latest:
+        return _out_of_range(parsed, limits, latest)
+    return parsed
 
 
 def _big_sample(
@@ -366,9 +375,7 @@ def _nested(
     skipped = 0
     cap = limits.max_readings_per_message
     room = cap - len(out) - len(texts)
-    text = None
     seen: set[str] = set()
-    add = seen.add
     append = out.append
     stack: list[tuple[str | None, Any]] = [(None, iter(obj.items()))]
     while stack:
@@ -390,16 +397,12 @@ def _nested(
             if short:
                 if name in seen:
                     return DecodeError("duplicate_metric", f"two fields flatten to {_show(name)}")
-                add(name)
-            if kind is float:
-                pass
-            elif kind is int:
+                seen.add(name)
+            if kind is int:
                 value = float(value)
             elif kind is bool:
                 value = 1.0 if value else 0.0
-            elif kind is str and text_fits(value, limits):
-                text = value
-            else:
+            elif kind is not float and (kind is not str or not text_fits(value, limits)):
                 skipped += 1
                 continue
             if not short or not name or (not name.isprintable() and _bad_name(name)):
@@ -407,11 +410,10 @@ def _nested(
             if not room:
                 return _too_many(f"more than {cap} readings", cap)
             room -= 1
-            if text is None:
-                append(build(Reading, (device_id, name, ts, value)))
+            if kind is str:
+                texts.append(build(TextReading, (device_id, name, ts, value)))
             else:
-                texts.append(build(TextReading, (device_id, name, ts, text)))
-                text = None
+                append(build(Reading, (device_id, name, ts, value)))
         else:
             stack.pop()
     return skipped
@@ -454,15 +456,9 @@ def _value_sample(
     latest: datetime,
 ) -> int | DecodeError:
     raw_ts = obj.get("ts")
-    if raw_ts is None:
-        ts = received_at
-    else:
-        parsed = _ts(raw_ts)
-        if parsed is None:
-            return _ts_fault(raw_ts)
-        if parsed < limits.min_ts or parsed > latest:
-            return _out_of_range(parsed, limits, latest)
-        ts = parsed
+    ts = received_at if raw_ts is None else _checked_ts(raw_ts, limits, latest)
+    if isinstance(ts, DecodeError):
+        return ts
     skipped = len(obj) - ("ts" in obj) - ("value" in obj)
     if "value" not in obj:
         return skipped

@@ -214,3 +214,11 @@ def test_texts_count_toward_the_readings_limit() -> None:
 def test_text_metric_names_follow_the_rules() -> None:
     result = default(b'{"t": 1, "a\\u0007": "x"}')
     assert isinstance(result, DecodeError) and result.reason == "bad_metric"
+
+
+def test_texts_of_earlier_samples_survive_a_nested_one() -> None:
+    # A nested sample restarts its own flattening: the samples before it keep their texts.
+    result = default(b'[{"ts": 1704164400, "s": "a"}, {"ts": 1704164401, "n": {"v": 1}, "t": "b"}]')
+    assert isinstance(result, Decoded)
+    assert [(t.metric, t.value) for t in result.texts] == [("s", "a"), ("t", "b")]
+    assert [(r.metric, r.value) for r in result.readings] == [("n.v", 1.0)]
