@@ -222,7 +222,9 @@ def decode_json(
     if not readings and not texts:
         return DecodeError("no_readings", "no number, boolean or text in the message")
     updates = (DeviceUpdate(device_id, tags),) if tags else NO_UPDATES
-    return build(Decoded, (readings, result, texts or NO_TEXTS, updates))
+    # A tuple, not the list: the collector untracks a tuple of untracked items (the
+    # TextReadings, once seen), and a list would stay tracked while the message is in flight.
+    return build(Decoded, (readings, result, tuple(texts) if texts else NO_TEXTS, updates))
 
 
 def _samples(

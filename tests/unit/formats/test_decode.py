@@ -79,7 +79,7 @@ def test_typical_payload() -> None:
             Reading("dev-00001", "rssi", TS, -67.0),
         ],
         0,
-        [TextReading("dev-00001", "fw", TS, "1.2.3")],
+        (TextReading("dev-00001", "fw", TS, "1.2.3"),),
     )
 
 

@@ -43,7 +43,7 @@ def reason(options: dict[str, Any], payload: Any, limits: Limits = DEFAULT_LIMIT
 def test_ts_path_nested() -> None:
     result = ok({"ts": "meta.time"}, {"meta": {"time": 1704164400, "fw": "1.2"}, "t": 20})
     assert result.readings == [Reading("d1", "t", T1, 20.0)]
-    assert result.texts == [TextReading("d1", "meta.fw", T1, "1.2")]
+    assert result.texts == (TextReading("d1", "meta.fw", T1, "1.2"),)
 
 
 def test_ts_path_renamed_and_absent() -> None:
@@ -78,7 +78,7 @@ def test_samples_list_kepware_style() -> None:
         Reading("d1", "Channel1.Device1.Temp", T2, 20.5),
         Reading("d1", "Channel1.Device1.Run", T2, 1.0),
     ]
-    assert result.texts == [TextReading("d1", "Channel1.Device1.Mode", T1, "AUTO")]
+    assert result.texts == (TextReading("d1", "Channel1.Device1.Mode", T1, "AUTO"),)
     assert result.skipped == 3  # the three quality flags
 
 
@@ -86,7 +86,7 @@ def test_samples_defaults_name_value_ts() -> None:
     payload = {"data": [{"name": "a", "value": 1, "ts": 1704164400}, {"name": "b", "value": "x"}]}
     result = ok({"samples": "data"}, payload)
     assert result.readings == [Reading("d1", "a", T1, 1.0)]
-    assert result.texts == [TextReading("d1", "b", RECEIVED, "x")]
+    assert result.texts == (TextReading("d1", "b", RECEIVED, "x"),)
 
 
 @pytest.mark.parametrize(
@@ -151,7 +151,7 @@ def test_numeric_strings(value: str, stored: float | str) -> None:
     got = result.readings[0].value if result.readings else result.texts[0].value
     assert got == stored
     plain = ok({"tag_fields": []}, {"v": value})
-    assert plain.texts == [TextReading("d1", "v", RECEIVED, value)]
+    assert plain.texts == (TextReading("d1", "v", RECEIVED, value),)
 
 
 def test_array_of_samples_with_options() -> None:
@@ -184,10 +184,10 @@ def default(payload: bytes, limits: Limits = DEFAULT_LIMITS) -> Decoded | Decode
 def test_strings_are_text_readings() -> None:
     result = default(b'{"t": 1, "state": "open", "env": {"mode": "eco"}}')
     assert isinstance(result, Decoded)
-    assert result.texts == [
+    assert result.texts == (
         TextReading("d1", "state", RECEIVED, "open"),
         TextReading("d1", "env.mode", RECEIVED, "eco"),
-    ]
+    )
     only_text = default(b'{"state": "open"}')
     assert isinstance(only_text, Decoded) and only_text.readings == [] and len(only_text.texts) == 1
 

@@ -218,7 +218,7 @@ def test_default_route_sends_no_device_update() -> None:
     )
     assert isinstance(result, Decoded)
     assert result.updates == ()
-    assert result.texts == [TextReading("d", "s", RECEIVED, "x")]
+    assert result.texts == (TextReading("d", "s", RECEIVED, "x"),)
 
 
 def test_a_new_format_is_a_line_in_the_dispatch_table() -> None:
