@@ -36,6 +36,7 @@ __all__ = [
 ]
 
 _PROTOCOLS = ("3.1.1", "5")
+_DEFAULT_TOPIC = "devices/{device_id}/telemetry"
 _LOG_FORMATS = ("auto", "json", "text")
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -130,9 +131,18 @@ class Settings:
         "message in Python and halves throughput)",
     )  # fmt: skip
     topic: str = _setting(
-        "INGEST_TOPIC", "devices/{device_id}/telemetry", group=CONNECTIONS,
-        help="topic template; `{device_id}` (and optionally `{metric}`) name one level; it "
-        "also gives the subscription filter",
+        "INGEST_TOPIC", _DEFAULT_TOPIC, group=CONNECTIONS,
+        help="the topic template of a single `json` route (more routes, other formats: "
+        "`[[routes]]` in the config file); `{device_id}` (and optionally `{metric}`) name one "
+        "level; it also gives the subscription filter",
+    )  # fmt: skip
+    # -- routes: [[routes]] in the config file, carried as JSON (to worker processes too) ----
+    routes: str | None = _setting(
+        "INGEST_ROUTES", None, group=CONNECTIONS, shown="one `json` route on `INGEST_TOPIC`",
+        example='[{"topic": "stat/{device_id}/{metric}", "format": "value"}]',
+        help="the route table as JSON, what `[[routes]]` tables in the config file give "
+        "(README, Routes); setting it and a non-default `INGEST_TOPIC` is a configuration "
+        "error",
     )  # fmt: skip
     client_id: str = _setting(
         "INGEST_CLIENT_ID", _default_client_id, group=CONNECTIONS, shown="`ingest-<hostname>`",
@@ -322,10 +332,18 @@ class Settings:
         self._check_upkeep()
         self.mqtt_endpoint()  # validates the URL
         self._check_no_plaintext_with_tls_files()
-        # Imported here: decode imports settings' error type, not the other way round.
-        from ingest.formats.decode import TopicTemplate
+        self._check_routes()
 
-        TopicTemplate(self.topic)
+    def _check_routes(self) -> None:
+        # Imported here: decode imports settings' error type, not the other way round.
+        from ingest.formats.decode import load_routes
+
+        if self.routes is not None and self.topic != _DEFAULT_TOPIC:
+            raise ConfigError(
+                f"{_env('topic')} and [[routes]]",
+                'both set; put the topic in a [[routes]] table (format = "json")',
+            )
+        load_routes(self)
 
     def _check_choices(self) -> None:
         if self.mqtt_protocol not in _PROTOCOLS:
@@ -630,13 +648,19 @@ def _from_file(path: Path) -> dict[str, Any]:
             )
     by_name = {f.name: f for f in fields(Settings)}
     values: dict[str, Any] = {}
+    if "routes" in data and not isinstance(data["routes"], str):
+        values_routes = json.dumps(data["routes"], default=str)
+    else:
+        values_routes = None
     for key, raw in table.items():
         name = key.replace("-", "_")
-        if not nested and name in _OTHER_TABLES:
+        if not nested and name in _OTHER_TABLES and values_routes is not None:
             continue
         if name not in by_name:
             raise ConfigError(f"{path}: {key}", "unknown setting")
         values[name] = _convert(name, raw, by_name[name].type, f"{path}: {key}")
+    if values_routes is not None:
+        values["routes"] = values_routes
     return values
 
 

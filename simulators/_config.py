@@ -6,7 +6,9 @@ clear line and exit with status 2.
 
 from __future__ import annotations
 
+import itertools
 import math
+import re
 import secrets
 from dataclasses import dataclass, field, replace
 
@@ -17,7 +19,17 @@ from simulators._mqtt import tls_context
 
 DEFAULT_MQTT_URL = "mqtt://localhost:1883"
 DEFAULT_TOPIC = "devices/{device_id}/telemetry"
+#: The topic of the ``value`` format: one topic per metric (the seq too, so that an audit can
+#: reconcile the fleet).
+DEFAULT_VALUE_TOPIC = "devices/{device_id}/{metric}"
 DEVICE_PLACEHOLDER = "{device_id}"
+METRIC_PLACEHOLDER = "{metric}"
+#: Payload formats the simulator speaks (the daemon's route formats).
+FORMATS = ("json", "value")
+_TAG_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+#: Tags of topic levels: (name, values), devices spread over the combinations.
+Tags = tuple[tuple[str, tuple[str, ...]], ...]
 
 #: Connections per process when ``--connections`` is not given: a few sockets carry
 #: thousands of devices; more only help when one socket's round trips limit QoS 1.
@@ -42,20 +54,51 @@ def parse_mqtt_url(value: str, *, setting: str = "--mqtt-url") -> MqttEndpoint:
         raise ConfigError(setting, str(exc)) from None
 
 
-def check_topic_template(template: str, *, setting: str = "--topic") -> str:
-    """Validate a topic template: ``{device_id}`` must name exactly one whole topic level."""
-    if "{metric}" in template:
-        raise ConfigError(
-            setting,
-            "{metric} templates (one message per metric) are not supported by the simulator; "
-            "use a template with only {device_id}",
-        )
+def parse_tags(items: list[str] | None) -> Tags:
+    """``["site=a,b", "line=1,2"]`` -> ``(("site", ("a", "b")), ("line", ("1", "2")))``."""
+    out: list[tuple[str, tuple[str, ...]]] = []
+    for item in items or ():
+        name, sep, values = item.partition("=")
+        parts = tuple(values.split(","))
+        if not sep or not _TAG_NAME.match(name) or not all(parts):
+            raise ConfigError("--tags", f"expected NAME=VALUE[,VALUE...], got {item!r}")
+        if any(name == n for n, _ in out) or name in ("device_id", "metric"):
+            raise ConfigError("--tags", f"{name!r} given twice or reserved")
+        if any(c in v for v in parts for c in "/+#\0"):
+            raise ConfigError("--tags", f"{item!r}: a value must be one topic level")
+        out.append((name, parts))
+    return tuple(out)
+
+
+def check_topic_template(
+    template: str, *, setting: str = "--topic", fmt: str = "json", tags: Tags = ()
+) -> str:
+    """Validate a topic template: ``{device_id}`` names exactly one whole topic level,
+    ``{metric}`` one too with ``--format value`` (and only then), and every other placeholder
+    is a tag given by ``--tags`` (and every tag is in the template)."""
     levels = template.split("/")
     if levels.count(DEVICE_PLACEHOLDER) != 1:
         raise ConfigError(
             setting, f"{DEVICE_PLACEHOLDER} must name exactly one whole topic level in {template!r}"
         )
-    rest = template.replace(DEVICE_PLACEHOLDER, "")
+    wanted = 1 if fmt == "value" else 0
+    if levels.count(METRIC_PLACEHOLDER) != wanted:
+        raise ConfigError(
+            setting, f"{METRIC_PLACEHOLDER} must name one whole level with --format value, and"
+            f" appear only then (template {template!r}, format {fmt})",
+        )  # fmt: skip
+    named = {lv[1:-1] for lv in levels if lv.startswith("{") and lv.endswith("}")}
+    named -= {"device_id", "metric"}
+    given = {name for name, _ in tags}
+    if named != given:
+        missing = sorted(named - given) or sorted(given - named)
+        raise ConfigError(
+            "--tags", f"the levels {{name}} of {template!r} and --tags differ on {missing[0]!r}"
+        )
+    rest = "/".join(
+        lv for lv in levels if not (lv.startswith("{") and lv.endswith("}") and lv[1:-1] in
+        named | {"device_id", "metric"})
+    )  # fmt: skip
     for bad in ("{", "}", "+", "#", "\0"):
         if bad in rest:
             raise ConfigError(setting, f"{bad!r} is not allowed in a topic template ({template!r})")
@@ -96,6 +139,13 @@ class SimulatorConfig:
     duration: float | None = None
     qos: int = 1
     topic: str = DEFAULT_TOPIC
+    #: ``json`` (a message per sample) or ``value`` (a topic per metric, seq included).
+    format: str = "json"
+    #: Topic levels named in ``topic`` (``{site}``), filled per device from these values.
+    tags: Tags = ()
+    #: The number of the first device (``dev-<first_device>``): fleets started side by side
+    #: against one daemon keep apart.
+    first_device: int = 1
     seed: int | None = None
     samples_per_message: int = 1
     bad_ratio: float = 0.0
@@ -134,7 +184,17 @@ class SimulatorConfig:
             _finite("--duration", self.duration, 0.0, 10.0**9, open_low=True)
         if self.qos not in (0, 1) or isinstance(self.qos, bool):
             raise ConfigError("--qos", f"must be 0 or 1 (got {self.qos!r})")
-        check_topic_template(self.topic)
+        _positive_int("--first-device", self.first_device, MAX_DEVICES)
+        if self.format not in FORMATS:
+            raise ConfigError("--format", f"must be one of {', '.join(FORMATS)}")
+        check_topic_template(self.topic, fmt=self.format, tags=self.tags)
+        if self.format == "value" and (
+            self.samples_per_message > 1 or self.bad_ratio or self.hostile_ratio
+        ):
+            raise ConfigError(
+                "--format", "value sends one sample per topic: no --samples-per-message above"
+                " 1, --bad-ratio or --hostile-ratio",
+            )  # fmt: skip
         if self.seed is None:
             object.__setattr__(self, "seed", secrets.randbits(32))
         elif isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
@@ -218,3 +278,18 @@ class SimulatorConfig:
     def connection_count(self) -> int:
         assert self.connections is not None  # resolved in __post_init__
         return self.connections
+
+    def topic_of(self, index: int) -> str:
+        """Device ``index``'s topic template: its id and its combination of ``tags`` filled
+        in (devices take the combinations in turn); ``{metric}`` is left for the publisher."""
+        topic = self.topic.replace(DEVICE_PLACEHOLDER, self.device_name(index))
+        if not self.tags:
+            return topic
+        combos = list(itertools.product(*(values for _, values in self.tags)))
+        for (name, _), value in zip(self.tags, combos[index % len(combos)], strict=True):
+            topic = topic.replace(f"{{{name}}}", value)
+        return topic
+
+    def device_name(self, index: int) -> str:
+        """The id of device ``index`` (0-based) of this fleet."""
+        return device_id(index + self.first_device - 1)

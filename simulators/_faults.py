@@ -98,8 +98,9 @@ def _invalid_utf8(device_id: str, ts_ms: int, seq: int, values: Values, fw: str)
 
 
 def _no_numeric(device_id: str, ts_ms: int, seq: int, values: Values, fw: str) -> bytes:
-    # Parses, but there is nothing to store: no ts and no numeric field.
-    return orjson.dumps({"device": device_id, "fw": fw, "status": "ok", "note": None})
+    # Parses, but there is nothing to store: no ts, and no number, boolean or string (a
+    # string would be a text reading) but inside lists, which are skipped.
+    return orjson.dumps({"device": [device_id], "fw": [fw], "status": [], "note": None})
 
 
 def _bad_ts(device_id: str, ts_ms: int, seq: int, values: Values, fw: str) -> bytes:

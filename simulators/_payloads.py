@@ -72,6 +72,7 @@ class Device:
         "kinds",
         "late",
         "messages",
+        "metric_topics",
         "published",
         "seq",
         "signals",
@@ -88,12 +89,15 @@ class Device:
         rate: float,
         samples_per_message: int = 1,
         faults: FaultRatios = NO_FAULTS,
+        name: str | None = None,
     ) -> None:
         self.index = index
-        self.device_id = device_id(index)
+        self.device_id = device_id(index) if name is None else name
         self.topic = topic_template.replace("{device_id}", self.device_id)
         #: The topic as the MQTT layer sends it (filled in by the publisher).
         self.wire_topic = b""
+        #: ``--format value``: the topic of each metric as the MQTT layer sends it.
+        self.metric_topics: dict[str, bytes] | None = None
         self.signals = Signals(seed, index)
         self._faults = Noise(noise_tables(seed)[1], seed, index, STREAM_FAULTS)
         self._ratios = faults

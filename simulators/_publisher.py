@@ -27,7 +27,9 @@ import random
 import secrets
 from collections.abc import Iterator, Sequence
 
-from simulators._config import MqttUrl
+import orjson
+
+from simulators._config import METRIC_PLACEHOLDER, MqttUrl
 from simulators._errors import ConnectError
 from simulators._faults import BAD_KINDS, HOSTILE_BAD_KINDS
 from simulators._mqtt import Connection, ProtocolError, RefusedError, publish_packet, topic_field
@@ -117,7 +119,13 @@ class Publisher:
         self._url = url
         self._devices = list(devices)
         for device in self._devices:
-            device.wire_topic = topic_field(device.topic)
+            if METRIC_PLACEHOLDER in device.topic:
+                device.metric_topics = {
+                    m: topic_field(device.topic.replace(METRIC_PLACEHOLDER, m))
+                    for m in VALUE_METRICS
+                }
+            else:
+                device.wire_topic = topic_field(device.topic)
         self._schedule = schedule
         self._qos = qos
         self._stats = stats
@@ -385,13 +393,11 @@ class Publisher:
         # Published when the PUBACK arrives (_on_ack); the token says what to count then.
         payload, samples = message[0], message[1]
         inflight = conn.inflight
-        mid = conn.next_mid()
-        inflight[mid] = (device, False, samples)
-        packets.append(publish_packet(device.wire_topic, payload, mid))
-        if copies == 2:
-            mid = conn.next_mid()
-            inflight[mid] = (device, True, samples)
-            packets.append(publish_packet(device.wire_topic, payload, mid))
+        for copy in range(copies):
+            for topic, part, carries in _parts(device, payload):
+                mid = conn.next_mid()
+                inflight[mid] = (device, copy == 1, samples if carries else 0)
+                packets.append(publish_packet(topic, part, mid))
 
     def _queue_qos0(
         self, device: Device, message: Message, copies: int, packets: list[bytes]
@@ -399,14 +405,16 @@ class Publisher:
         # Published when handed to the transport: counted now.
         payload, samples = message[0], message[1]
         stats = self._stats
-        packet = publish_packet(device.wire_topic, payload)
-        packets.append(packet)
-        device.published += copies
-        stats.published += copies
-        stats.samples += samples
-        if copies == 2:
+        parts = _parts(device, payload)
+        for topic, part, _carries in parts:
+            packet = publish_packet(topic, part)
             packets.append(packet)
-            stats.published_duplicates += 1
+            if copies == 2:
+                packets.append(packet)
+                stats.published_duplicates += 1
+        device.published += copies * len(parts)
+        stats.published += copies * len(parts)
+        stats.samples += samples
 
     async def _drain(self) -> float:
         """Wait (at most ``ack_timeout``) for outstanding acknowledgements."""
@@ -438,3 +446,23 @@ class Publisher:
                 await conn.wait_closed()
         except TimeoutError:
             conn.abort()
+
+
+#: The metrics of a sample, each on its own topic with ``--format value`` (``seq`` too: it is
+#: what an audit reconciles).
+VALUE_METRICS = ("seq", "temperature", "humidity", "battery", "rssi", "fw")
+
+
+def _parts(device: Device, payload: bytes) -> list[tuple[bytes, bytes, bool]]:
+    """What one message is on the wire: ``(topic, payload, carries its samples)``. With
+    ``--format value``, one ``{"ts": ..., "value": ...}`` per metric, the seq's carrying the
+    sample (so it is counted once)."""
+    topics = device.metric_topics
+    if topics is None:
+        return [(device.wire_topic, payload, True)]
+    sample = orjson.loads(payload)
+    ts = sample.pop("ts")
+    return [
+        (topics[name], orjson.dumps({"ts": ts, "value": value}), name == "seq")
+        for name, value in sample.items()
+    ]

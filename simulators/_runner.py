@@ -98,7 +98,8 @@ def _fleet(
         Device(
             i,
             seed=config.seed_value,
-            topic_template=config.topic,
+            topic_template=config.topic_of(i),
+            name=config.device_name(i),
             rate=config.rate,
             samples_per_message=config.samples_per_message,
             faults=faults,

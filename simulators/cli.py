@@ -15,7 +15,14 @@ from typing import NoReturn
 import orjson
 
 from ingest.urls import redact_urls_in
-from simulators._config import DEFAULT_MQTT_URL, DEFAULT_TOPIC, SimulatorConfig
+from simulators._config import (
+    DEFAULT_MQTT_URL,
+    DEFAULT_TOPIC,
+    DEFAULT_VALUE_TOPIC,
+    FORMATS,
+    SimulatorConfig,
+    parse_tags,
+)
 from simulators._errors import ConfigError, ConnectError
 from simulators._report import Progress, progress_line
 from simulators._runner import run
@@ -69,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_fleet_flags(p)
+    _add_route_flags(p)
     _add_fault_flags(p)
     _add_scale_flags(p)
     _add_connection_flags(p)
@@ -111,8 +119,10 @@ def _add_fleet_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--topic",
         metavar="TEMPLATE",
-        help="topic template, {device_id} is one level "
-        f"(default: $INGEST_TOPIC, else {DEFAULT_TOPIC})",
+        help="topic template, {device_id} is one level; {metric} one too with --format value; "
+        "other {name} levels are filled from --tags "
+        f"(default: $INGEST_TOPIC, else {DEFAULT_TOPIC}; with --format value "
+        f"{DEFAULT_VALUE_TOPIC})",
     )
     p.add_argument(
         "--seed", type=int, metavar="S", help="seed of the values and faults (default: random)"
@@ -123,6 +133,32 @@ def _add_fleet_flags(p: argparse.ArgumentParser) -> None:
         default=1,
         metavar="K",
         help="samples per message; K > 1 sends a JSON array (default 1)",
+    )
+
+
+def _add_route_flags(p: argparse.ArgumentParser) -> None:
+    """What the daemon's routes take: the payload format, tag levels, device numbering."""
+    p.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="json",
+        help="json: a JSON message per sample; value: one topic per metric, seq included, each "
+        '{"ts": ..., "value": ...} (default json)',
+    )
+    p.add_argument(
+        "--first-device",
+        type=int,
+        default=1,
+        metavar="N",
+        help="number of the first device, dev-<N> (default 1): fleets run side by side keep apart",
+    )
+    p.add_argument(
+        "--tags",
+        nargs="+",
+        action="extend",
+        metavar="NAME=V1,V2",
+        help="values of the template's {NAME} levels (--tags site=a,b line=1,2): devices are "
+        "spread over the combinations",
     )
 
 
@@ -251,6 +287,8 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> Simula
     """The configuration of a command line; raises :class:`ConfigError` naming the flag, or
     the environment variable that gave the value."""
     origin = _with_env_defaults(args, env)
+    if args.format == "value" and origin.pop("--topic", None):
+        args.topic = None  # the daemon's INGEST_TOPIC is a json route's template
     try:
         return _config(args, _password(args, env, origin))
     except ConfigError as exc:
@@ -272,7 +310,10 @@ def _config(args: argparse.Namespace, password: str | None) -> SimulatorConfig:
         count=args.count,
         duration=args.duration,
         qos=args.qos,
-        topic=args.topic or DEFAULT_TOPIC,
+        topic=args.topic or (DEFAULT_VALUE_TOPIC if args.format == "value" else DEFAULT_TOPIC),
+        format=args.format,
+        tags=parse_tags(args.tags),
+        first_device=args.first_device,
         seed=args.seed,
         samples_per_message=args.samples_per_message,
         bad_ratio=args.bad_ratio,

@@ -39,7 +39,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 from ingest.backoff import Backoff
 from ingest.errors import ConfigError, DecodeError
 from ingest.flow.acker import Acker, Delivery
-from ingest.formats.decode import Limits, TopicTemplate, decode
+from ingest.formats.decode import Limits, decode, load_routes
 from ingest.model import Decoded, Envelope, SessionStatistics, SourceStatistics, build
 from ingest.mqtt.answers import explain
 from ingest.mqtt.session import Inbound, MqttSession
@@ -71,10 +71,12 @@ class Source:
         log: logging.Logger | None = None,
     ) -> None:
         self._settings = settings
-        self._template = TopicTemplate(settings.topic)
-        self._filter = self._template.filter
-        if settings.share_group:
-            self._filter = f"$share/{settings.share_group}/{self._filter}"
+        self._routes = load_routes(settings)
+        # Every route's filter, in one SUBSCRIBE of one session. Overlapping filters make the
+        # broker deliver a message once per matching subscription: the key absorbs the copy
+        # and the writer counts it as a duplicate (README, Routes).
+        self._subscriptions = self._routes.subscriptions(settings.share_group)
+        self._filter = ", ".join(f for f, _ in self._subscriptions)
         self._acker = acker
         self._drained = drained
         self._log = log or logging.getLogger("ingest.source")
@@ -99,6 +101,7 @@ class Source:
 
     @property
     def filter(self) -> str:
+        """The subscription filters, comma-separated (for log lines)."""
         return self._filter
 
     def stop_reading(self) -> None:
@@ -181,7 +184,7 @@ class Source:
         """One connection, from CONNACK to the drain on stopping (the session is kept)."""
         async with session.client:
             self._connected_at = time.monotonic()
-            suback = session.subscribe(self._filter, qos=1)
+            suback = session.subscribe(self._subscriptions)
             with anyio.CancelScope() as self._scope:
                 if not self._stopping:
                     await self._pump(session, send, suback)
@@ -277,7 +280,7 @@ class Source:
         take = session.take
         acker = self._acker
         bound = self._settings.mqtt_inflight_bytes
-        template = self._template
+        routes = self._routes
         limits = self._limits
         errors = self.decode_errors
         received_at = datetime.now(UTC)
@@ -287,7 +290,7 @@ class Source:
             topic, payload, qos, mid, size = message
             n = len(payload)
             if size is None and n < _DECODE_APART_FROM:  # the common case, kept inline
-                result = decode(topic, payload, received_at, template, limits=limits)
+                result = decode(topic, payload, received_at, routes, limits=limits)
                 if isinstance(result, DecodeError):
                     errors[result.reason] += 1
                 else:
@@ -323,7 +326,7 @@ class Source:
         counted here."""
         result = await anyio.to_thread.run_sync(
             partial(decode, limits=self._limits), message[0], message[1], received_at,
-            self._template,
+            self._routes,
         )  # fmt: skip
         return self._delivery(session, message, received_at, result)
 

@@ -1,687 +1,93 @@
-"""Decode stage: one MQTT message -> readings, or the reason it is a dead letter.
+"""The decode stage: one MQTT message -> what to store, or the reason it is a dead letter.
 
-Contract: docs/design.md, "Routes and payload formats" and "Limits". ``decode`` is pure and synchronous: no I/O, no logging,
-and it never raises (a bug would come back as ``DecodeError("internal", ...)``).
+Contract: docs/design.md, "Routes and payload formats" and "Limits". ``decode`` is pure and
+synchronous: no I/O, no logging, and it never raises (a bug comes back as
+``DecodeError("internal", ...)``). It finds the first route whose template matches the topic
+(none: ``bad_topic``), checks the device id the topic gives, and hands the payload to the
+route's format, looked up once per route at start-up in ``FORMATS``, the dispatch table.
+Formats: ``json`` (``ingest.formats.json``), ``value`` (``ingest.formats.value``); a new one
+is a module with a decoder and an options reader, and a line in ``FORMATS``.
 
-Topic: ``TopicTemplate`` names the topic levels holding ``{device_id}`` and optionally
-``{metric}``; it also gives the subscription filter (``devices/+/telemetry``).
-
-Payload without ``{metric}`` in the template:
-
-- a JSON object ``{"ts": <time>, "<metric>": <number>, ...}``, or a non-empty JSON array of
-  such objects (several samples, each with its own ``ts``);
-- every number or boolean (stored as 1.0 / 0.0) other than the top-level ``ts`` is one reading
-  named after its field; nested objects flatten with dots (``{"env": {"t": 20}}`` ->
-  ``env.t``);
-- strings, nulls, lists, empty objects, non-finite numbers (``1e400``) and integers too large
-  for a double are skipped: counted in ``Decoded.skipped``, never stored, never an error.
-
-Payload with ``{metric}``: a bare number (or boolean), ``{"ts": ..., "value": ...}``, or an
-array of such objects; fields other than ``ts`` and ``value`` are skipped.
-
-``ts``: absent or null -> ``received_at``; an int or float is epoch seconds, or epoch
-milliseconds when its magnitude is above 1e11; a string is RFC 3339 (``T``, ``t`` or space
-separator, optional fraction, ``Z`` or an offset; without an offset it is UTC). Every
-timestamp comes out timezone-aware in ``datetime.UTC``, at microsecond precision (RFC 3339
-fractions beyond microseconds are truncated; float epochs round half-even to the
-microsecond; integer milliseconds are exact).
-
-Every sample's time must then fall in the window ``[limits.min_ts, received_at +
-limits.max_ts_ahead]``, else the message is ``ts_out_of_range`` (replayable once the
-settings change). The seconds/milliseconds rule never makes a far-future seconds value
-plausible: a number above 1e11 in magnitude is milliseconds, and as seconds it would be year
-5138 or later; read as milliseconds, a value below 1e12 (2001-09-09) is a 1973-2001 time, so
-it is only accepted when ``min_ts`` allows that millisecond time (the default, 2000-01-01,
-refuses all of them before 2000). ``253402300800`` (9999-12-31 in seconds) is thus 1978 in
-milliseconds: ``ts_out_of_range``. A finite number beyond the calendar (before year 1 or
-after 9999) is ``ts_out_of_range`` too; ``bad_ts`` is for what is not a time at all.
-
-Limits (``Limits``, built from the settings): more than ``max_readings_per_message`` readings,
-or an array of more samples than that, is ``too_many_readings``, found before the readings
-are built. Names (device ids, metrics) are at most 128 characters, non-empty, and hold no
-control character (U+0000-U+001F, U+007F-U+009F): error messages show names escaped, so no
-raw control character reaches a log or a terminal.
-
-A message is stored whole or not at all: any malformed part makes it a dead letter, with one
-of the reason codes in ``REASONS``:
-
-=================  ======================================================================
-invalid_utf8       payload is not UTF-8
-not_json           payload is not JSON (``NaN`` / ``Infinity`` literals are not JSON)
-not_object         top level is neither an object nor an array (a number, unless the
-                   template has ``{metric}``)
-no_readings        nothing to store: an empty array, or no finite number or boolean at all
-bad_ts             ``ts`` is a bool, list, object, non-finite or unparseable
-ts_out_of_range    a sample's time is outside the window (above), or beyond the calendar
-bad_sample         an array element that is not an object
-bad_device_id      device id from the topic empty, over 128 characters or holding a
-                   control character
-bad_metric         metric name empty, over 128 characters or holding a control character
-duplicate_metric   two fields of one sample flatten to one name (``{"a.b": 1, "a": {"b": 2}}``)
-bad_topic          the topic does not match the template
-too_large          the payload is over ``max_payload_bytes`` (decided by the source, which
-                   never hands such a payload to ``decode``)
-too_many_readings  more readings, or samples, than ``max_readings_per_message``
-internal           a bug in this module (never expected)
-=================  ======================================================================
-
-A key repeated inside one JSON object is not detected: the parser keeps the last value
-(as orjson and the standard library both do). Two samples of one array at the same ``ts``
-(or both without one) are not an error here: the second is a duplicate row the writer
-counts.
+The name rules (device ids and metrics non-empty, at most 128 characters, no control
+character) and the limits (readings per message, the time window, text size) hold for every
+format: the dispatch checks what the topic names, each format what its payload names, with
+the shared helpers of ``ingest.formats.json``.
 """
 
 from __future__ import annotations
 
-import json as _json
-import re
-import reprlib
-from datetime import UTC, datetime, timedelta
-from typing import Any, Final
+from collections.abc import Mapping
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 
 from ingest.errors import ConfigError, DecodeError
+from ingest.formats.json import REASONS, decode_json, json_options, show
+from ingest.formats.json import bad_name as _bad_name
 from ingest.formats.limits import DEFAULT_LIMITS, Limits
-from ingest.model import Decoded, Reading, build
+from ingest.formats.routes import FormatSpec, RouteTable, parse_routes
+from ingest.formats.value import decode_value, value_options
+from ingest.model import Decoded
 
-__all__ = ["REASONS", "Limits", "TopicTemplate", "decode"]
+if TYPE_CHECKING:
+    from ingest.settings import Settings
 
-REASONS: Final = (
-    "invalid_utf8",
-    "not_json",
-    "not_object",
-    "no_readings",
-    "bad_ts",
-    "ts_out_of_range",
-    "bad_sample",
-    "bad_device_id",
-    "bad_metric",
-    "duplicate_metric",
-    "bad_topic",
-    "too_large",
-    "too_many_readings",
-    "internal",
-)
+__all__ = ["FORMATS", "REASONS", "Limits", "RouteTable", "decode", "load_routes", "single_route"]
 
-_SETTING: Final = "INGEST_TOPIC"
-_PLACEHOLDERS: Final = ("{device_id}", "{metric}")
-_MAX_NAME: Final = 128
-# C0 and C1 control characters: refused in names (a terminal would act on them).
-_CONTROL: Final = re.compile("[\x00-\x1f\x7f-\x9f]")
-
-_UTC: Final = UTC
-_EPOCH: Final = datetime(1970, 1, 1, tzinfo=_UTC)
-_MS_THRESHOLD: Final = 100_000_000_000  # 1e11: above it (in magnitude) an epoch is in ms
-# Below 2**33 s a double holds an epoch to better than 0.5 µs, so ``ms / 1000`` rounds back to
-# the exact millisecond; beyond it (year 2242) integer arithmetic takes over.
-_FAST_MS_LIMIT: Final = 2**33 * 1000
-
-_fromtimestamp = datetime.fromtimestamp
-_fromisoformat = datetime.fromisoformat
-
-# How many checked metric names a template remembers (TopicTemplate.checked_names).
-_GOOD_NAMES_MAX: Final = 4096
-
-
-# --- topic ---------------------------------------------------------------------------------
-
-
-class TopicTemplate:
-    """Where the device id (and optionally the metric) sit in a topic.
-
-    ``TopicTemplate("devices/{device_id}/telemetry")``: ``.filter`` is ``devices/+/telemetry``
-    and ``.match("devices/d1/telemetry")`` is ``("d1", None)``. A placeholder names a whole
-    topic level; the template holds no wildcards. Raises ``ConfigError("INGEST_TOPIC", ...)``.
-    """
-
-    __slots__ = (
-        "_device_index",
-        "_levels",
-        "_literals",
-        "_metric_index",
-        "checked_names",
-        "filter",
-        "template",
-    )
-
-    template: str
-    filter: str
-    # Metric names of this stream already checked (length, NUL): devices send the same few
-    # names over and over. Bounded by decode (cleared at _GOOD_NAMES_MAX), so that a stream of
-    # random names cannot grow it without limit. Never holds "ts". Owned by the template's
-    # user (one per source), like the template itself.
-    checked_names: set[str]
-
-    def __init__(self, template: str) -> None:
-        if not template:
-            raise ConfigError(_SETTING, "the topic template is empty")
-        if "+" in template or "#" in template:
-            raise ConfigError(
-                _SETTING, f"{template!r}: no MQTT wildcards (+, #); name levels with placeholders"
-            )
-        if "\x00" in template:
-            raise ConfigError(_SETTING, f"{template!r}: holds a NUL character")
-        if template.startswith("$share/"):
-            raise ConfigError(_SETTING, f"{template!r}: set INGEST_SHARE_GROUP instead of $share/")
-        levels = template.split("/")
-        indexes: dict[str, int] = {}
-        literals: list[tuple[int, str]] = []
-        for i, level in enumerate(levels):
-            if "{" not in level and "}" not in level:
-                literals.append((i, level))
-                continue
-            if level.startswith("{") and level.endswith("}") and level.count("{") == 1:
-                if level not in _PLACEHOLDERS:
-                    raise ConfigError(
-                        _SETTING,
-                        f"{template!r}: unknown placeholder {level}"
-                        " (only {device_id} and {metric})",
-                    )
-                if level in indexes:
-                    raise ConfigError(_SETTING, f"{template!r}: {level} appears more than once")
-                indexes[level] = i
-                continue
-            raise ConfigError(
-                _SETTING, f"{template!r}: a placeholder must be a whole topic level, not {level!r}"
-            )
-        if "{device_id}" not in indexes:
-            raise ConfigError(_SETTING, f"{template!r}: no {{device_id}} level")
-        self.checked_names = set()
-        self.template = template
-        self.filter = "/".join("+" if i in indexes.values() else lv for i, lv in enumerate(levels))
-        self._levels = len(levels)
-        self._literals = tuple(literals)
-        self._device_index = indexes["{device_id}"]
-        self._metric_index = indexes.get("{metric}", -1)
-
-    @property
-    def has_metric(self) -> bool:
-        """Whether the template has a ``{metric}`` level (one bare value per message)."""
-        return self._metric_index >= 0
-
-    def match(self, topic: str) -> tuple[str, str | None] | None:
-        """``(device_id, metric or None)`` from a topic, or None when it does not match."""
-        parts = topic.split("/")
-        if len(parts) != self._levels:
-            return None
-        for i, literal in self._literals:
-            if parts[i] != literal:
-                return None
-        m = self._metric_index
-        return parts[self._device_index], (parts[m] if m >= 0 else None)
-
-    def __repr__(self) -> str:
-        return f"TopicTemplate({self.template!r})"
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, TopicTemplate) and other.template == self.template
-
-    def __hash__(self) -> int:
-        return hash(self.template)
-
-
-# --- payload -------------------------------------------------------------------------------
+#: The dispatch table: format name -> decoder and options reader. ``senml`` and ``sparkplug``
+#: (formats that name their devices in the payload: ``names_devices=True``) go here.
+FORMATS: Final[Mapping[str, FormatSpec]] = {
+    "json": FormatSpec(decode_json, json_options),
+    "value": FormatSpec(decode_value, value_options),
+}
 
 
 def decode(
     topic: str,
     payload: bytes,
     received_at: datetime,
-    template: TopicTemplate,
+    routes: RouteTable,
     *,
     limits: Limits = DEFAULT_LIMITS,
 ) -> Decoded | DecodeError:
-    """Decode one message; ``received_at`` (aware UTC) stands in for a missing ``ts``.
+    """Decode one message; ``received_at`` (aware UTC) stands in for a missing timestamp.
 
-    Returns the readings and the count of skipped fields, or a ``DecodeError`` whose
-    ``reason`` is one of ``REASONS``. Never raises.
+    Returns what to store (readings, text readings, device updates, the skipped count) or a
+    ``DecodeError`` whose ``reason`` is one of ``REASONS``. Never raises.
     """
     try:
-        return _decode(topic, payload, received_at, template, limits)
-    except Exception as exc:  # a bug: the message must still become a dead letter
-        return DecodeError("internal", f"decoder bug: {type(exc).__name__}: {_show(exc)}")
-
-
-def _decode(
-    topic: str, payload: bytes, received_at: datetime, template: TopicTemplate, limits: Limits
-) -> Decoded | DecodeError:
-    ids = template.match(topic)
-    if ids is None:
-        return DecodeError("bad_topic", f"topic {_show(topic)} does not match {template.template}")
-    device_id, metric = ids
-    if not 0 < len(device_id) <= _MAX_NAME or (
-        not device_id.isprintable() and _bad_name(device_id)
-    ):
-        return DecodeError(
-            "bad_device_id", f"device id {_show(device_id)}: {_name_fault(device_id)}"
-        )
-
-    try:
-        doc = orjson.loads(payload)
-    except orjson.JSONDecodeError as exc:
-        doc = _loads_strict(payload, exc)
-        if isinstance(doc, DecodeError):
-            return doc
-
-    try:
-        latest = received_at + limits.max_ts_ahead  # the latest time a sample may carry
-    except OverflowError:
-        latest = limits.latest(received_at)
-    readings: list[Reading] = []
-    names = template.checked_names
-    if metric is not None:
-        result = _decode_metric(
-            doc, device_id, metric, received_at, readings, names, limits, latest
-        )
-    elif type(doc) is dict:
-        result = _sample(doc, device_id, received_at, readings, names, limits, latest)
-    elif type(doc) is list:
-        result = _samples(doc, device_id, received_at, readings, None, names, limits, latest)
-    else:
-        return DecodeError("not_object", f"top level is {_kind(doc)}, not an object or an array")
-    if isinstance(result, DecodeError):
-        return result
-    if not readings:
-        return DecodeError("no_readings", "no number or boolean in the message")
-    return Decoded(readings, result)
-
-
-def _samples(
-    doc: list[Any],
-    device_id: str,
-    received_at: datetime,
-    out: list[Reading],
-    metric: str | None,
-    names: set[str],
-    limits: Limits,
-    latest: datetime,
-) -> int | DecodeError:
-    if not doc:
-        return DecodeError("no_readings", "empty array")
-    if len(doc) > limits.max_readings_per_message:  # each sample holds a reading, or is pointless
-        return _too_many(f"{len(doc)} samples", limits.max_readings_per_message)
-    skipped = 0
-    for i, sample in enumerate(doc):
-        if type(sample) is not dict:
-            return DecodeError("bad_sample", f"sample {i} is {_kind(sample)}, not an object")
-        if metric is None:
-            result = _sample(sample, device_id, received_at, out, names, limits, latest)
-        else:
-            result = _value_sample(sample, device_id, metric, received_at, out, limits, latest)
-        if isinstance(result, DecodeError):
-            return DecodeError(result.reason, f"sample {i}: {result.message}")
-        skipped += result
-    return skipped
-
-
-def _sample(
-    obj: dict[str, Any],
-    device_id: str,
-    received_at: datetime,
-    out: list[Reading],
-    names: set[str],
-    limits: Limits,
-    latest: datetime,
-) -> int | DecodeError:
-    """Append the readings of one flat-or-nested object to ``out``; return the skip count.
-    ``names``: metric names already checked (the template's ``checked_names``)."""
-    raw_ts = obj.get("ts")
-    if raw_ts is None:
-        ts = received_at
-    else:
-        parsed = _ts(raw_ts)
-        if parsed is None:
-            return _ts_fault(raw_ts)
-        if parsed < limits.min_ts or parsed > latest:
-            return _out_of_range(parsed, limits, latest)
-        ts = parsed
-    start = len(out)
-    if start + len(obj) > limits.max_readings_per_message:  # rare: count before building
-        refused = _big_sample(obj, device_id, ts, out, limits.max_readings_per_message)
-        if refused is not None:
-            return refused
-
-    # Fast path: a flat object, where keys are unique by construction.
-    append = out.append
-    skipped = 0
-    for key, value in obj.items():
-        kind = type(value)
-        if kind is float or kind is int:  # orjson ints fit in 64 bits: a finite double
-            if key in names:
-                append(build(Reading, (device_id, key, ts, float(value))))
-                continue
-            if key == "ts":
-                continue
-        elif kind is bool:
-            value = 1.0 if value else 0.0
-        elif kind is dict:
-            del out[start:]
-            return _nested(obj, device_id, ts, out, limits.max_readings_per_message)
-        else:
-            if key != "ts":
-                skipped += 1
-            continue
-        if _bad_name(key):
-            return DecodeError("bad_metric", f"metric {_show(key)}: {_name_fault(key)}")
-        if len(names) >= _GOOD_NAMES_MAX:
-            names.clear()
-        names.add(key)
-        append(build(Reading, (device_id, key, ts, float(value))))
-    return skipped
-
-
-def _big_sample(
-    obj: dict[str, Any], device_id: str, ts: datetime, out: list[Reading], cap: int
-) -> int | DecodeError | None:
-    """A sample with more fields than readings are left: ``too_many_readings`` when its
-    numbers and booleans (not its ``ts``) would take ``out`` over ``cap``, counted before any
-    reading is built; a nested one is flattened at once (``_nested`` counts as it goes);
-    None when the fast path may go on."""
-    count = len(out)
-    for key, value in obj.items():
-        kind = type(value)
-        if kind is dict:
-            return _nested(obj, device_id, ts, out, cap)
-        if (kind is float or kind is int or kind is bool) and key != "ts":
-            count += 1
-    return _too_many(f"{count} readings", cap) if count > cap else None
-
-
-def _nested(
-    obj: dict[str, Any], device_id: str, ts: datetime, out: list[Reading], cap: int
-) -> int | DecodeError:
-    """Flatten nested objects with dots; a name produced twice is an error.
-
-    Iterative (explicit stack) so that nesting depth cannot exhaust Python's recursion limit.
-    Names stop growing past 128 characters: whatever is below is an error if it is a reading.
-    A 1 MiB payload may hold some 50,000 small objects: the loop is kept lean.
-    """
-    skipped = 0
-    room = cap - len(out)
-    seen: set[str] = set()
-    add = seen.add
-    append = out.append
-    stack: list[tuple[str | None, Any]] = [(None, iter(obj.items()))]
-    while stack:
-        prefix, items = stack[-1]
-        for key, value in items:
-            if prefix is None:
-                if key == "ts":
-                    continue
-                name = key
-            elif len(prefix) > _MAX_NAME:
-                name = prefix
-            else:
-                name = f"{prefix}.{key}"
-            kind = type(value)
-            if kind is dict and value:
-                stack.append((name, iter(value.items())))
+        for match_topic, route in routes.matchers:  # noqa: B007 (the route found is used below)
+            match = match_topic(topic)
+            if match is not None:
                 break
-            short = len(name) <= _MAX_NAME
-            if short:
-                if name in seen:
-                    return DecodeError("duplicate_metric", f"two fields flatten to {_show(name)}")
-                add(name)
-            if kind is float:
-                pass
-            elif kind is int:
-                value = float(value)
-            elif kind is bool:
-                value = 1.0 if value else 0.0
-            else:
-                skipped += 1
-                continue
-            if not short or not name or (not name.isprintable() and _bad_name(name)):
-                return DecodeError("bad_metric", f"metric {_show(name)}: {_name_fault(name)}")
-            if not room:
-                return _too_many(f"more than {cap} readings", cap)
-            room -= 1
-            append(build(Reading, (device_id, name, ts, value)))
         else:
-            stack.pop()
-    return skipped
+            return DecodeError("bad_topic", f"topic {show(topic)} matches no route")
+        device_id = match[0]
+        if device_id is not None and (not 0 < len(device_id) <= 128 or not device_id.isprintable()):
+            fault = _bad_name(device_id)
+            if fault is not None:
+                return DecodeError("bad_device_id", f"device id {show(device_id)}: {fault}")
+        return route.decode(match, payload, received_at, route, limits)
+    except Exception as exc:  # a bug: the message must still become a dead letter
+        return DecodeError("internal", f"decoder bug: {type(exc).__name__}: {show(exc)}")
 
 
-def _decode_metric(
-    doc: Any,
-    device_id: str,
-    metric: str,
-    received_at: datetime,
-    out: list[Reading],
-    names: set[str],
-    limits: Limits,
-    latest: datetime,
-) -> int | DecodeError:
-    """``{metric}`` templates: a bare value, ``{"ts":..., "value":...}``, or an array of those."""
-    if _bad_name(metric):
-        return DecodeError("bad_metric", f"metric {_show(metric)}: {_name_fault(metric)}")
-    kind = type(doc)
-    if kind is float or kind is int:
-        out.append(build(Reading, (device_id, metric, received_at, float(doc))))
-        return 0
-    if kind is bool:
-        out.append(build(Reading, (device_id, metric, received_at, 1.0 if doc else 0.0)))
-        return 0
-    if kind is dict:
-        return _value_sample(doc, device_id, metric, received_at, out, limits, latest)
-    if kind is list:
-        return _samples(doc, device_id, received_at, out, metric, names, limits, latest)
-    return 1  # a string, null or non-finite number: skipped (and so no readings)
+def single_route(topic: str) -> RouteTable:
+    """The table ``INGEST_TOPIC`` alone gives: one ``json`` route."""
+    return parse_routes([{"topic": topic, "format": "json"}], FORMATS)
 
 
-def _value_sample(
-    obj: dict[str, Any],
-    device_id: str,
-    metric: str,
-    received_at: datetime,
-    out: list[Reading],
-    limits: Limits,
-    latest: datetime,
-) -> int | DecodeError:
-    raw_ts = obj.get("ts")
-    if raw_ts is None:
-        ts = received_at
-    else:
-        parsed = _ts(raw_ts)
-        if parsed is None:
-            return _ts_fault(raw_ts)
-        if parsed < limits.min_ts or parsed > latest:
-            return _out_of_range(parsed, limits, latest)
-        ts = parsed
-    skipped = len(obj) - ("ts" in obj) - ("value" in obj)
-    if "value" not in obj:
-        return skipped
-    value = obj["value"]
-    kind = type(value)
-    if kind is float or kind is int:
-        value = float(value)
-    elif kind is bool:
-        value = 1.0 if value else 0.0
-    else:
-        return skipped + 1
-    out.append(build(Reading, (device_id, metric, ts, value)))
-    return skipped
-
-
-def _too_many(what: str, cap: int) -> DecodeError:
-    return DecodeError("too_many_readings", f"{what} in one message, at most {cap} allowed")
-
-
-def _out_of_range(ts: datetime, limits: Limits, latest: datetime) -> DecodeError:
-    if ts < limits.min_ts:
-        side = f"before INGEST_MIN_TS {limits.min_ts.isoformat()}"
-    else:
-        side = f"after {latest.isoformat()} (INGEST_MAX_TS_AHEAD past its arrival)"
-    return DecodeError("ts_out_of_range", f"ts {ts.isoformat()} is {side}")
-
-
-def _ts_fault(raw: Any) -> DecodeError:
-    if type(raw) is int or type(raw) is float:  # a time: only too far away for a datetime
-        return DecodeError("ts_out_of_range", f"ts {_show(raw)} is beyond the calendar")
-    return DecodeError("bad_ts", f"ts {_show(raw)} is not a readable time")
-
-
-# --- timestamps ----------------------------------------------------------------------------
-
-
-def _ts(raw: Any) -> datetime | None:
-    """An aware UTC datetime from a ``ts`` field, or None when it cannot be read: not a time,
-    or (an int or a float, ``_ts_fault`` tells) a time no datetime holds."""
-    kind = type(raw)
+def load_routes(settings: Settings) -> RouteTable:
+    """The daemon's route table: ``settings.routes`` (``[[routes]]`` of the config file, as
+    JSON) or else one ``json`` route on ``settings.topic``. Raises ``ConfigError``."""
+    if settings.routes is None:
+        try:
+            return single_route(settings.topic)
+        except ConfigError as exc:
+            raise ConfigError("INGEST_TOPIC", exc.message) from None
     try:
-        if kind is int:
-            if -_MS_THRESHOLD <= raw <= _MS_THRESHOLD:
-                return _fromtimestamp(raw, _UTC)
-            if 0 < raw < _FAST_MS_LIMIT:
-                return _fromtimestamp(raw / 1000, _UTC)
-            return _EPOCH + timedelta(0, 0, raw * 1000)
-        if kind is float:
-            if -_MS_THRESHOLD <= raw <= _MS_THRESHOLD:
-                return _fromtimestamp(raw, _UTC)  # rounds half-even to the microsecond
-            whole = int(raw)  # exact, and ``raw - whole`` is exact too
-            return _EPOCH + timedelta(0, 0, whole * 1000 + round((raw - whole) * 1000))
-        if kind is str:
-            return _rfc3339(raw)
-    except (OverflowError, ValueError, OSError):
-        return None
-    return None  # bool, list, dict, non-finite
-
-
-def _rfc3339(text: str) -> datetime | None:
-    # fromisoformat alone would also take dates, week dates or "HH:MM" times: require at
-    # least "YYYY-MM-DDTHH:MM:SS" before handing the rest (fraction, offset) to it.
-    if len(text) < 19 or text[4] != "-" or text[7] != "-" or text[13] != ":" or text[16] != ":":
-        return None
-    sep = text[10]
-    if sep != "T" and sep != " ":
-        if sep != "t":
-            return None
-        text = f"{text[:10]}T{text[11:]}"
-    if text[-1] == "z":
-        text = f"{text[:-1]}Z"
-    dt = _fromisoformat(text)  # ValueError is caught by _ts
-    tz = dt.tzinfo
-    if tz is _UTC:
-        return dt
-    if tz is None:
-        return dt.replace(tzinfo=_UTC)
-    return dt.astimezone(_UTC)
-
-
-# --- the slow parser -----------------------------------------------------------------------
-
-
-class _NonFinite:
-    """Stands for a number a double cannot hold (``1e400``): skipped as a value, bad as ts."""
-
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "<non-finite number>"
-
-
-_NON_FINITE: Final = _NonFinite()
-
-
-def _loads_strict(payload: bytes, error: orjson.JSONDecodeError) -> Any:
-    """Second opinion when orjson refuses a payload.
-
-    orjson rejects valid JSON holding a number out of double range (``1e400``, a 400-digit
-    integer), which the contract skips instead. The standard library reads those; it is
-    only used on this rare path, and made as strict as orjson otherwise (no ``NaN``, no lone
-    surrogate escape in a key) but for one harmless difference: a lone surrogate escape in a
-    string value (``"\\ud800"``) is accepted, and the string skipped like any other.
-    """
-    try:
-        text = payload.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        return DecodeError("invalid_utf8", f"not UTF-8: {exc.reason} at byte {exc.start}")
-    # Checking every object's keys costs more than the parse itself: only when a surrogate
-    # escape is there to be found.
-    pairs_hook = _object_pairs if b"\\ud" in payload or b"\\uD" in payload else None
-    try:
-        return _json.loads(
-            text,
-            parse_float=_parse_float,
-            parse_int=_parse_int,
-            parse_constant=_reject_constant,
-            object_pairs_hook=pairs_hook,
-        )
-    except RecursionError:
-        return DecodeError("not_json", "not JSON: nested too deep")
-    except ValueError as exc:
-        return DecodeError("not_json", f"not JSON: {_show_error(exc, error)}")
-
-
-def _parse_float(text: str) -> float | _NonFinite:
-    value = float(text)
-    return value if value - value == 0.0 else _NON_FINITE
-
-
-def _parse_int(text: str) -> int | float | _NonFinite:
-    if len(text) < 20:
-        return int(text)
-    return _parse_float(text)  # float() has no digit limit and saturates to inf
-
-
-def _reject_constant(text: str) -> Any:
-    raise ValueError(f"{text} is not a JSON value")
-
-
-def _object_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    for key, _ in pairs:
-        if not key.isascii():
-            key.encode()  # UnicodeEncodeError (a ValueError) on a lone surrogate escape
-    return dict(pairs)
-
-
-# --- messages ------------------------------------------------------------------------------
-
-
-def _show(value: object) -> str:
-    # reprlib: bounded output, and no recursion into a payload nested 1000 deep.
-    return _repr.repr(value)
-
-
-def _show_error(exc: ValueError, first: orjson.JSONDecodeError) -> str:
-    if isinstance(exc, _json.JSONDecodeError | UnicodeEncodeError):
-        return str(first)  # orjson says where
-    return str(exc)
-
-
-_repr = reprlib.Repr()
-_repr.maxlevel = 2
-_repr.maxstring = _repr.maxother = 60
-
-
-def _bad_name(name: str) -> bool:
-    # isprintable() is false for every control character and true for most names: the
-    # regular expression only runs on the rest (non-ASCII spaces and the like).
-    return not 0 < len(name) <= _MAX_NAME or (
-        not name.isprintable() and _CONTROL.search(name) is not None
-    )
-
-
-def _name_fault(name: str) -> str:
-    if not name:
-        return "empty"
-    if len(name) > _MAX_NAME:
-        return f"over {_MAX_NAME} characters"
-    control = _CONTROL.search(name)
-    return f"holds the control character U+{ord(control.group()) if control else 0:04X}"
-
-
-def _kind(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, _NonFinite):
-        return "a non-finite number"
-    return {
-        bool: "a boolean",
-        int: "a number",
-        float: "a number",
-        str: "a string",
-        list: "an array",
-        dict: "an object",
-    }.get(type(value), type(value).__name__)
+        raw: Any = orjson.loads(settings.routes)
+    except orjson.JSONDecodeError as exc:
+        raise ConfigError("INGEST_ROUTES", f"not JSON: {exc}") from None
+    return parse_routes(raw, FORMATS)

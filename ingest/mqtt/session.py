@@ -391,8 +391,10 @@ class MqttSession:
 
     # -- subscribing --------------------------------------------------------------------------
 
-    def subscribe(self, topic: str, qos: int) -> asyncio.Future[None]:
+    def subscribe(self, topic: str | list[tuple[str, int]], qos: int = 1) -> asyncio.Future[None]:
         """Send SUBSCRIBE and return a future resolved by the SUBACK, without waiting for it.
+        ``topic`` may be a list of ``(filter, qos)``: all of them in one SUBSCRIBE, and the
+        future fails when the broker refuses any of them.
 
         A resumed session may deliver its backlog before the SUBACK, and a broker whose
         in-flight window is full may hold the SUBACK back until we acknowledge (rumqttd does):

@@ -161,7 +161,7 @@ def _messages(f: _Families, s: Snapshot) -> Iterator[Metric]:
     )
     yield f.counter(
         "ingest_fields_skipped",
-        "Payload fields that are not readings (strings, nulls, lists, non-finite numbers).",
+        "Payload fields stored nowhere (nulls, lists, non-finite numbers, text over the size limit).",
         s.pipeline.fields_skipped,
     )
 

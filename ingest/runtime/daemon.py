@@ -28,6 +28,7 @@ from ingest.db.migrate import migrate_dsn
 from ingest.errors import ConfigError, FatalError, IngestError, describe_root, root_cause
 from ingest.flow.pipeline import Pipeline
 from ingest.flow.writer import Writer
+from ingest.formats.decode import load_routes
 from ingest.observability.service import Observability
 from ingest.settings import Settings, redact_url
 
@@ -148,10 +149,10 @@ class Daemon:
     def _log_start(self) -> None:
         s = self.settings
         self.log.info(
-            "starting: database %s, broker %s, topic %s, client id %s",
+            "starting: database %s, broker %s, %s, client id %s",
             redact_url(s.database_url) if s.database_url else "(libpq defaults)",
             redact_url(s.mqtt_url),
-            s.topic,
+            f"topic {s.topic}" if s.routes is None else f"routes {load_routes(s).filters}",
             s.client_id,
         )
 

@@ -40,7 +40,7 @@ import asyncpg
 
 from ingest.errors import ConfigError, DecodeError
 from ingest.flow.classify import ErrorClass, classify
-from ingest.formats.decode import TopicTemplate, decode
+from ingest.formats.decode import RouteTable, decode, load_routes
 from ingest.formats.limits import DEFAULT_LIMITS, Limits
 from ingest.model import Reading
 from ingest.settings import Settings
@@ -163,7 +163,7 @@ async def _move(
 async def replay(
     dsn: str | None,
     *,
-    template: TopicTemplate,
+    routes: RouteTable,
     dry_run: bool = False,
     since: datetime | None = None,
     reasons: Sequence[str] = (),
@@ -189,7 +189,7 @@ async def replay(
                 break
             last_id = rows[-1]["id"]
             summary.examined += len(rows)
-            candidates = _decode(rows, template, limits, summary)
+            candidates = _decode(rows, routes, limits, summary)
             if candidates:
                 if dry_run:
                     await _dry_run(conn, candidates, summary, seen_keys)
@@ -219,15 +219,20 @@ def _select(
 
 
 def _decode(
-    rows: Sequence[asyncpg.Record], template: TopicTemplate, limits: Limits, summary: ReplaySummary
+    rows: Sequence[asyncpg.Record], routes: RouteTable, limits: Limits, summary: ReplaySummary
 ) -> list[_Candidate]:
     """The dead letters that decode now; those that still fail are counted in ``summary``."""
     candidates: list[_Candidate] = []
     for r in rows:
-        result = decode(r["topic"], bytes(r["payload"]), r["received_at"], template, limits=limits)
+        result = decode(r["topic"], bytes(r["payload"]), r["received_at"], routes, limits=limits)
         if isinstance(result, DecodeError):
             summary.still_failing += 1
             summary.outcomes[(r["reason"], result.reason)] += 1
+        elif result.texts:
+            # Replay moves numeric readings only: a dead letter holding text readings stays,
+            # rather than being deleted with its texts unstored.
+            summary.still_failing += 1
+            summary.outcomes[(r["reason"], "holds_text")] += 1
         else:
             candidates.append(_Candidate(r["id"], r["reason"], result.readings))
     return candidates
@@ -349,7 +354,7 @@ def register(
 def run(args: argparse.Namespace, settings: Settings) -> int:
     try:
         since = parse_time(args.since, setting="--since") if args.since else None
-        template = TopicTemplate(settings.topic)
+        routes = load_routes(settings)
     except ConfigError as exc:
         print(f"ingest: configuration error: {visible(str(exc))}", file=sys.stderr)
         return EXIT_CONFIG
@@ -358,7 +363,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             partial(
                 replay,
                 settings.database_url,
-                template=template,
+                routes=routes,
                 limits=Limits.from_settings(settings),
                 dry_run=args.dry_run,
                 since=since,

@@ -22,7 +22,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 from ingest.flow.acker import Acker, Delivery
 from ingest.flow.pipeline import BatchWriter, Pipeline, SourceFactory
 from ingest.flow.writer import WriteResult
-from ingest.formats.decode import TopicTemplate, decode
+from ingest.formats.decode import decode, single_route
 from ingest.model import Decoded, Envelope, SourceStatistics
 from ingest.mqtt.session import MqttSession
 from ingest.settings import Settings
@@ -84,7 +84,7 @@ def delivery(
     topic = TEMPLATE.replace("{device_id}", "dev-1")
     payload = json.dumps({"ts": 1_700_000_000_000 + seq, "seq": seq, "t": t}).encode()
     now = datetime.now(UTC)
-    result = decode(topic, payload, now, TopicTemplate(TEMPLATE))
+    result = decode(topic, payload, now, single_route(TEMPLATE))
     return Delivery(Envelope(topic, payload, now, result), session, mid, qos)
 
 
@@ -212,5 +212,5 @@ def bad_delivery(session: MqttSession, mid: int, payload: bytes = b"{not json") 
     """A message of device ``dev-1`` that does not decode (a dead letter ``not_json``)."""
     topic = TEMPLATE.replace("{device_id}", "dev-1")
     now = datetime.now(UTC)
-    result = decode(topic, payload, now, TopicTemplate(TEMPLATE))
+    result = decode(topic, payload, now, single_route(TEMPLATE))
     return Delivery(Envelope(topic, payload, now, result), session, mid, 1)

@@ -18,7 +18,7 @@ import anyio
 import pytest
 
 from ingest.flow.pipeline import Pipeline
-from ingest.formats.decode import TopicTemplate, decode
+from ingest.formats.decode import decode, single_route
 from ingest.model import Envelope
 from ingest.mqtt.session import MqttSession
 from ingest.settings import Settings
@@ -64,7 +64,7 @@ async def test_C5_commit_then_lost_connection_is_redelivered_and_absorbed(
         client_id=f"contract-c5-{uuid.uuid4().hex[:8]}",
         batch_max_delay=0.05,
     )
-    filter_ = TopicTemplate(template).filter
+    filter_ = single_route(template).routes[0].template.filter
     with anyio.fail_after(120):  # a guard against a hang, not a timing assertion
         async with await migrated_writer(database_url) as writer:
             # 1. The session exists at the broker, the messages wait there for it.
@@ -81,7 +81,7 @@ async def test_C5_commit_then_lost_connection_is_redelivered_and_absorbed(
                 now = datetime.now(UTC)
                 result = await writer.write(
                     [
-                        Envelope(t, p, now, decode(t, p, now, TopicTemplate(template)))
+                        Envelope(t, p, now, decode(t, p, now, single_route(template)))
                         for t, p in inbound
                     ]
                 )

@@ -13,7 +13,7 @@ import anyio
 import asyncpg
 
 from ingest.errors import ConfigError
-from ingest.formats.decode import TopicTemplate
+from ingest.formats.decode import load_routes
 from ingest.formats.limits import Limits
 from ingest.settings import Settings
 from ingest.tools.audit.output import format_table, visible
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     """``ingest audit``: everything blocking (the report file) is read before the event loop."""
     try:
         since, until = window(args.since, args.until)
-        template = TopicTemplate(settings.topic)
+        routes = load_routes(settings)
         report = _read_report(args.report) if args.report else None
     except ConfigError as exc:
         print(f"ingest: configuration error: {visible(str(exc))}", file=sys.stderr)
@@ -101,7 +101,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             partial(
                 audit,
                 settings.database_url,
-                template=template,
+                routes=routes,
                 since=since,
                 until=until,
                 devices=args.device,

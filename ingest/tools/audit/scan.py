@@ -15,7 +15,7 @@ from typing import Final, TextIO, TypeAlias
 import anyio
 import asyncpg
 
-from ingest.formats.decode import TopicTemplate, decode
+from ingest.formats.decode import RouteTable, decode
 from ingest.formats.limits import DEFAULT_LIMITS, Limits
 from ingest.model import Decoded, Reading
 from ingest.tools.audit.output import Progress
@@ -47,7 +47,7 @@ SampleKey = tuple[str, str, datetime]
 async def audit(
     dsn: str | None,
     *,
-    template: TopicTemplate,
+    routes: RouteTable,
     since: datetime | None = None,
     until: datetime | None = None,
     devices: Sequence[str] = (),
@@ -60,14 +60,14 @@ async def audit(
     """Read the database and reconcile (see the package docstring). Three scans run at once,
     each on its own connection: readings per device, ``seq`` gaps, dead letters."""
     started = time.monotonic()
-    scan = _Scan(dsn, template, since, until, set(devices), connect_timeout, limits)
+    scan = _Scan(dsn, routes, since, until, set(devices), connect_timeout, limits)
     await scan.run(Progress(progress))
     if report is not None and report.per_device is not None:
         scan.expect(report.per_device)
     result = AuditResult(
         since=since,
         until=until,
-        template=template.template,
+        template=routes.filters,
         devices=scan.devices(),
         unmatched_dead_letters=scan.unmatched,
         samples_per_message=samples_per_message or (report.samples_per_message if report else 1),
@@ -85,7 +85,7 @@ class _Scan:
     def __init__(
         self,
         dsn: str | None,
-        template: TopicTemplate,
+        routes: RouteTable,
         since: datetime | None,
         until: datetime | None,
         wanted: set[str],
@@ -93,7 +93,7 @@ class _Scan:
         limits: Limits,
     ) -> None:
         self._dsn = dsn
-        self._template = template
+        self._routes = routes
         self._limits = limits
         self._since = since
         self._until = until
@@ -191,18 +191,20 @@ class _Scan:
     def _count_dead_letter(
         self, topic: str, payload: bytes, received_at: datetime, reason: str
     ) -> None:
-        ids = self._template.match(topic)
-        if ids is None:
+        found = self._routes.route(topic)
+        decoded = decode(topic, payload, received_at, self._routes, limits=self._limits)
+        device_id = None if found is None else found[1].device_id
+        if device_id is None and isinstance(decoded, Decoded) and decoded.readings:
+            device_id = decoded.readings[0].device_id  # a format naming its devices
+        if device_id is None:
             if not self._wanted:
                 self.unmatched[reason] += 1
             return
-        device_id = ids[0]
         if self._wanted and device_id not in self._wanted:
             return
         d = self.device(device_id)
         d.dead_letters += 1
         d.dead_letter_reasons[reason] += 1
-        decoded = decode(topic, payload, received_at, self._template, limits=self._limits)
         if isinstance(decoded, Decoded):
             d.dead_letters_decodable += 1
             self._note_samples(device_id, decoded.readings)

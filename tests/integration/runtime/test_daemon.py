@@ -25,7 +25,7 @@ from tests.integration.support import (
     wait_until,
 )
 
-READINGS_PER_SAMPLE = 5  # seq, temperature, humidity, battery, rssi ("fw" is skipped)
+READINGS_PER_SAMPLE = 5  # seq, temperature, humidity, battery, rssi ("fw" is a text reading)
 
 
 def test_values_and_shapes_land_exactly(database_url: str, mqtt_url: str) -> None:
@@ -115,7 +115,7 @@ def test_malformed_become_dead_letters_and_neighbours_land(
         b"not json",
         b'{"ts": 1700000000, "x": ',
         b"\xff\xfe",
-        b'{"fw": "1.0"}',
+        b'{"fw": null}',
         b'{"ts": true, "x": 1}',
     ]
     with Daemon(database_url=database_url, mqtt_url=mqtt_url, topic=topic) as d:

@@ -432,6 +432,37 @@ def test_replay_with_a_new_topic_template(
     assert audit["unmatched_dead_letters"]["count"] == 1
 
 
+def test_replay_with_routes_keeps_dead_letters_holding_text(
+    database_url: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Dead letters of a topic no route matched, replayed once a value route takes it: a
+    number moves into readings; a text value stays a dead letter (replay moves numbers only),
+    never deleted with its text unstored."""
+    migrate(database_url)
+    now = datetime.now(UTC)
+    ids = _load(
+        database_url,
+        dead=[
+            (
+                now,
+                "stat/plug1/POWER",
+                b'{"ts": %d, "value": 42}' % int(T0.timestamp()),
+                "bad_topic",
+            ),
+            (now, "stat/plug1/STATE", b"idle", "bad_topic"),
+        ],
+    )
+    config = tmp_path / "ingest.toml"
+    config.write_text('[[routes]]\ntopic = "stat/{device_id}/{metric}"\nformat = "value"\n')
+    status, data = _run_json(
+        capsys, "replay", "--database-url", database_url, "--config", str(config)
+    )
+    assert (status, data["moved"], data["readings_inserted"], data["still_failing"]) == (0, 1, 1, 1)
+    assert [r["id"] for r in query(database_url, "SELECT id FROM dead_letters")] == [ids[1]]
+    rows = query(database_url, "SELECT device_id, metric, ts, value FROM readings")
+    assert [tuple(r) for r in rows] == [("plug1", "POWER", T0, 42.0)]
+
+
 def test_replay_takes_a_dead_letter_of_a_limit_back_after_the_setting_changed(
     database_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
