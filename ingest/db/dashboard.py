@@ -1,14 +1,16 @@
-"""The dashboard tables: ``devices``, ``latest_readings``, ``readings_1m``, ``readings_fleet_1m``
-(README, "Querying the data"), maintained exactly once from the rows a batch actually inserted.
+"""The dashboard tables: ``devices``, ``latest_readings``, ``latest_text``, ``readings_1m``,
+``readings_fleet_1m`` (README, "Querying the data"), maintained exactly once from the rows a
+batch actually inserted into ``points`` and ``text_points``.
 
-Deferred, never in the batch's transaction: the batch's transaction only records the batch. The writer sets
-  ``ingest.batch`` (a number from ``dashboard_batch_seq``) so that every row it inserts carries
-  it in ``readings.batch`` (a column default), and inserts a ``dashboard_pending`` row with the
-  batch's device-time range. :func:`fold` later claims pending batches (``FOR UPDATE SKIP
-  LOCKED``), reads their rows back (BRIN index on ``batch``, partitions pruned by the time
-  range), upserts the dashboard tables and deletes the pending rows, all in one transaction:
-  each committed batch is applied once, a rolled-back batch (a rejected row, bisection) never
-  is, and duplicates were never inserted. A :class:`Folder` runs it every
+Deferred, never in the batch's transaction: the batch's transaction only records the batch. The
+  writer sets ``ingest.batch`` (a number from ``dashboard_batch_seq``) so that every row it
+  inserts carries it in ``points.batch`` / ``text_points.batch`` (a column default), and inserts
+  a ``dashboard_pending`` row with the batch's device-time range. :func:`fold` later claims
+  pending batches (``FOR UPDATE SKIP LOCKED``), reads their rows back (BRIN index on ``batch``,
+  partitions pruned by the time range) with their device and metric names (one probe of
+  ``series`` per row), upserts the dashboard tables and deletes the pending rows, all in one
+  transaction: each committed batch is applied once, a rolled-back batch (a rejected row,
+  bisection) never is, and duplicates were never inserted. A :class:`Folder` runs it every
   ``INGEST_DASHBOARD_INTERVAL`` seconds in the daemon, so dashboards lag by about that much.
   The write path pays a few percent; the upserts cost one row per (device, metric, minute),
   (device, metric) and device *per fold*, not per batch (doing them in the batch's own
@@ -175,29 +177,58 @@ _SET_ASIDE_SQL = """
 # it expensive.
 PENDING_COUNT_LIMIT: Final = 1_000_000
 _PENDING_SQL = f"SELECT count(*) FROM (SELECT FROM dashboard_pending LIMIT {PENDING_COUNT_LIMIT}) p"
-# $1/$2: the claimed batches and when each was stored; $3..$6: their batch and time ranges,
-# which let the BRIN index on batch and partition pruning find the rows without a full scan.
-# A device's first/last seen: when the first/last claimed batch holding it was stored.
+# The claimed batches' rows with their device and metric names, staged per connection (temporary,
+# emptied at commit): $1 = the batches, $2..$5 their batch and time ranges, which let the BRIN
+# index on batch and partition pruning find the rows without a full scan. Run before the
+# nested-loop ban of PLANNER_SETTINGS: a series id is best resolved by a probe of series'
+# primary key (a hash join would read the whole of series at every fold).
+_STAGE_TABLES_SQL = """
+    CREATE TEMPORARY TABLE IF NOT EXISTS ingest_fold_points
+        (device_id text, metric text, ts timestamptz, value double precision, batch bigint)
+        ON COMMIT DELETE ROWS;
+    CREATE TEMPORARY TABLE IF NOT EXISTS ingest_fold_texts
+        (device_id text, metric text, ts timestamptz, value text, batch bigint)
+        ON COMMIT DELETE ROWS
+"""
+_STAGE_SQL = """
+    INSERT INTO {stage} (device_id, metric, ts, value, batch)
+    SELECT s.device_id, s.metric, p.ts, p.value, p.batch
+    FROM {table} p JOIN series s ON s.id = p.series_id
+    WHERE p.batch = ANY ($1::bigint[]) AND p.batch BETWEEN $2 AND $3 AND p.ts BETWEEN $4 AND $5
+"""
+_STAGE_POINTS_SQL = _STAGE_SQL.format(stage="ingest_fold_points", table="points")
+_STAGE_TEXTS_SQL = _STAGE_SQL.format(stage="ingest_fold_texts", table="text_points")
+# $1/$2: the claimed batches and when each was stored. A device's first/last seen: when the
+# first/last claimed batch holding it (numeric or text values) was stored.
 _APPLY_SQL = (
     """
-WITH batch_rows AS (
-    SELECT device_id, metric, ts, value, batch FROM readings
-    WHERE batch = ANY ($1::bigint[]) AND batch BETWEEN $3 AND $4 AND ts BETWEEN $5 AND $6
-)"""
+WITH batch_rows AS (SELECT device_id, metric, ts, value, batch FROM ingest_fold_points)"""
     + upsert_ctes(
         "batch_rows",
         devices="""SELECT s.device_id, min(p.stored_at), max(p.stored_at), max(s.last_ts)
-    FROM (SELECT device_id, batch, max(ts) AS last_ts FROM batch_rows GROUP BY 1, 2) s
+    FROM (
+        SELECT device_id, batch, max(ts) AS last_ts FROM (
+            SELECT device_id, batch, ts FROM batch_rows
+            UNION ALL SELECT device_id, batch, ts FROM ingest_fold_texts
+        ) a GROUP BY 1, 2
+    ) s
     JOIN unnest($1::bigint[], $2::timestamptz[]) AS p (batch, stored_at) USING (batch)
     GROUP BY s.device_id ORDER BY s.device_id""",
     )
-    + "SELECT count(*) FROM batch_rows"
+    + """, latest_texts AS (
+    INSERT INTO latest_text AS l (device_id, metric, ts, value)
+    SELECT DISTINCT ON (device_id, metric) device_id, metric, ts, value FROM ingest_fold_texts
+    ORDER BY device_id, metric, ts DESC
+    ON CONFLICT (device_id, metric) DO UPDATE SET ts = excluded.ts, value = excluded.value
+    WHERE excluded.ts > l.ts
+)
+SELECT (SELECT count(*) FROM batch_rows) + (SELECT count(*) FROM ingest_fold_texts)"""
 )
 #: For the statements built with :func:`upsert_ctes`, scoped to their transaction.
 PLANNER_SETTINGS: Final = "SET LOCAL enable_nestloop = off; SET LOCAL enable_mergejoin = off"
 # Scoped to the fold's transaction: sorts of a fold's rows stay in memory, and the planner,
 # which cannot know that the newest batch numbers are few, never scans a whole partition.
-_FOLD_SETTINGS = f"SET LOCAL work_mem = '64MB'; SET LOCAL enable_seqscan = off; {PLANNER_SETTINGS}"
+_STAGE_SETTINGS = "SET LOCAL work_mem = '64MB'; SET LOCAL enable_seqscan = off"
 
 
 #: SQLSTATE classes of errors that come from the data being folded (a value out of range, a
@@ -256,16 +287,18 @@ async def _fold_claimed(
             return FoldResult()
         batches = [r["batch"] for r in rows]
         claimed.extend(batches)
-        await conn.execute(_FOLD_SETTINGS)
-        count = await conn.fetchval(
-            _APPLY_SQL,
-            batches,
-            [r["stored_at"] for r in rows],
+        await conn.execute(_STAGE_SETTINGS)
+        ranges = (
             min(batches),
             max(batches),
             min(r["min_ts"] for r in rows),
             max(r["max_ts"] for r in rows),
         )
+        await conn.execute(_STAGE_TABLES_SQL)
+        await conn.execute(_STAGE_POINTS_SQL, batches, *ranges)
+        await conn.execute(_STAGE_TEXTS_SQL, batches, *ranges)
+        await conn.execute(PLANNER_SETTINGS)
+        count = await conn.fetchval(_APPLY_SQL, batches, [r["stored_at"] for r in rows])
     return FoldResult(batches=len(batches), rows=int(count))
 
 

@@ -249,7 +249,7 @@ async def test_rejected_rows_leave_no_trace_in_the_dashboard(
     bad = T0 + timedelta(seconds=7)
     batch[13] = message("dev-005", ("temp", bad, 1.0), ("rh", bad, 5e6))
     async with database(database_url) as db:
-        await db.execute("ALTER TABLE readings ADD CONSTRAINT v CHECK (value < 1e6)")
+        await db.execute("ALTER TABLE points ADD CONSTRAINT v CHECK (value < 1e6)")
         async with quick_writer(database_url) as writer:
             result = await writer.write(batch)
             redelivered = await writer.write(batch)  # conflict-safe path + the same rejection
