@@ -7,8 +7,8 @@ Deferred, never in the batch's transaction: the batch's transaction only records
   inserts carries it in ``points.batch`` / ``text_points.batch`` (a column default), and inserts
   a ``dashboard_pending`` row with the batch's device-time range. :func:`fold` later claims
   pending batches (``FOR UPDATE SKIP LOCKED``), reads their rows back (BRIN index on ``batch``,
-  partitions pruned by the time range) with their device and metric names (one probe of
-  ``series`` per row), upserts the dashboard tables and deletes the pending rows, all in one
+  partitions pruned by the time range), names their series (one probe of ``series`` per
+  series, not per row), upserts the dashboard tables and deletes the pending rows, all in one
   transaction: each committed batch is applied once, a rolled-back batch (a rejected row,
   bisection) never is, and duplicates were never inserted. A :class:`Folder` runs it every
   ``INGEST_DASHBOARD_INTERVAL`` seconds in the daemon, so dashboards lag by about that much.
@@ -46,7 +46,6 @@ __all__ = [
     "describe_error",
     "fold",
     "fold_forever",
-    "upsert_ctes",
 ]
 
 #: Pending batches one fold applies at most (a backlog is worked off fold after fold).
@@ -83,24 +82,43 @@ def _saturating_add(a: str, b: str) -> str:
     )
 
 
-def upsert_ctes(rows: str, *, devices: str) -> str:
-    """The CTEs (starting with a comma) that add the rows of relation ``rows`` (columns
-    device_id, metric, ts, value) to the dashboard tables. ``devices``: a SELECT of
-    (device_id, first_seen, last_seen, last_ts), one row per device of ``rows``.
+def _apply_sql() -> str:
+    """The statement that folds the claimed batches ($1: their numbers, $2: when each was
+    stored; $3..$6: their batch and time ranges, which let the BRIN index on batch and
+    partition pruning find their rows in ``points`` and ``text_points`` without a full scan).
 
-    ``rows`` is read twice: for the per-minute aggregate (from which the fleet rollups and the
-    newest time of each device and metric come too), and to fetch the values at those newest
-    times with a hash join on the key. (Sorting every row for a ``DISTINCT ON`` instead was over half of a fold's time.) Run it
-    with ``enable_nestloop`` off (:data:`PLANNER_SETTINGS`): the planner cannot estimate
-    ``rows`` and would pick a nested loop, one pass over ``rows`` per key. Every upsert reads
-    its input grouped (no key twice in one statement) and sorted by key (lock ordering);
-    buckets are UTC minutes whatever the session time zone."""
+    Everything is computed by series id, and names are looked up once per series, not per row:
+    ``named`` probes the primary key of ``series`` for each series of the batches (a LATERAL
+    subquery with LIMIT, so the planner cannot turn it into a join that reads all of
+    ``series``). The rows are read once (``batch_points``), aggregated per series and minute
+    (from which the fleet rollups and the newest time of each series come too), and read again
+    to fetch the values at those newest times with a hash join on the key. (Sorting every row
+    for a ``DISTINCT ON`` instead was over half of a fold's time.) Run it with ``enable_nestloop``
+    off (:data:`PLANNER_SETTINGS`): the planner cannot estimate the batches' rows and would pick
+    a nested loop, one pass over them per key. Every upsert reads its input grouped (no key
+    twice in one statement) and sorted by key (lock ordering); buckets are UTC minutes whatever
+    the session time zone. A device's first/last seen: when the first/last claimed batch
+    holding it (numeric or text values) was stored."""
+    where = "batch = ANY ($1::bigint[]) AND batch BETWEEN $3 AND $4 AND ts BETWEEN $5 AND $6"
     return f"""
-, agg AS (
-    SELECT device_id, metric, {_BUCKET} AS bucket,
+WITH batch_points AS (
+    SELECT series_id, ts, value, batch FROM points WHERE {where}
+), batch_texts AS (
+    SELECT series_id, ts, value, batch FROM text_points WHERE {where}
+), by_series AS (
+    SELECT series_id, {_BUCKET} AS bucket,
            count(*)::integer AS n, {_saturating_sum("value")} AS sum,
            min(value) AS min, max(value) AS max, max(ts) AS last_ts
-    FROM {rows} GROUP BY 1, 2, 3
+    FROM batch_points GROUP BY 1, 2
+), named AS MATERIALIZED (
+    SELECT k.series_id, s.device_id, s.metric
+    FROM (SELECT series_id FROM by_series UNION SELECT series_id FROM batch_texts) k
+    CROSS JOIN LATERAL (
+        SELECT device_id, metric FROM series WHERE id = k.series_id LIMIT 1
+    ) s
+), agg AS (
+    SELECT n.device_id, n.metric, a.bucket, a.n, a.sum, a.min, a.max
+    FROM by_series a JOIN named n USING (series_id)
 ), rollup AS (
     INSERT INTO readings_1m AS r (device_id, metric, bucket, n, sum, min, max)
     SELECT device_id, metric, bucket, n, sum, min, max FROM agg ORDER BY 1, 2, 3
@@ -116,22 +134,39 @@ def upsert_ctes(rows: str, *, devices: str) -> str:
         min = least(f.min, excluded.min), max = greatest(f.max, excluded.max)
 ), latest AS (
     INSERT INTO latest_readings AS l (device_id, metric, ts, value)
-    SELECT DISTINCT ON (r.device_id, r.metric) r.device_id, r.metric, r.ts, r.value
-    FROM (SELECT device_id, metric, max(last_ts) AS ts FROM agg GROUP BY 1, 2) newest
-    JOIN {rows} r
-      ON r.device_id = newest.device_id AND r.metric = newest.metric AND r.ts = newest.ts
-    -- one row per key even if rows held a key twice (a batch that will fail on its insert)
-    ORDER BY r.device_id, r.metric
+    SELECT n.device_id, n.metric, p.ts, p.value
+    FROM (SELECT series_id, max(last_ts) AS ts FROM by_series GROUP BY 1) newest
+    JOIN batch_points p ON p.series_id = newest.series_id AND p.ts = newest.ts
+    JOIN named n ON n.series_id = newest.series_id
+    -- (series_id, ts) is the key of points: one row per series
+    ORDER BY n.device_id, n.metric
     ON CONFLICT (device_id, metric) DO UPDATE SET ts = excluded.ts, value = excluded.value
     -- by device timestamp: a late or redelivered sample never replaces a newer one
     WHERE excluded.ts > l.ts
+), latest_texts AS (
+    INSERT INTO latest_text AS l (device_id, metric, ts, value)
+    SELECT DISTINCT ON (n.device_id, n.metric) n.device_id, n.metric, t.ts, t.value
+    FROM batch_texts t JOIN named n USING (series_id)
+    ORDER BY n.device_id, n.metric, t.ts DESC
+    ON CONFLICT (device_id, metric) DO UPDATE SET ts = excluded.ts, value = excluded.value
+    WHERE excluded.ts > l.ts
 ), seen AS (
     INSERT INTO devices AS d (device_id, first_seen, last_seen, last_ts)
-    {devices}
+    SELECT n.device_id, min(p.stored_at), max(p.stored_at), max(s.last_ts)
+    FROM (
+        SELECT series_id, batch, max(ts) AS last_ts FROM (
+            SELECT series_id, batch, ts FROM batch_points
+            UNION ALL SELECT series_id, batch, ts FROM batch_texts
+        ) x GROUP BY 1, 2
+    ) s
+    JOIN named n USING (series_id)
+    JOIN unnest($1::bigint[], $2::timestamptz[]) AS p (batch, stored_at) USING (batch)
+    GROUP BY n.device_id ORDER BY n.device_id
     ON CONFLICT (device_id) DO UPDATE
     SET last_seen = greatest(d.last_seen, excluded.last_seen),
         last_ts = greatest(d.last_ts, excluded.last_ts)
 )
+SELECT (SELECT count(*) FROM batch_points) + (SELECT count(*) FROM batch_texts)
 """
 
 
@@ -177,58 +212,12 @@ _SET_ASIDE_SQL = """
 # it expensive.
 PENDING_COUNT_LIMIT: Final = 1_000_000
 _PENDING_SQL = f"SELECT count(*) FROM (SELECT FROM dashboard_pending LIMIT {PENDING_COUNT_LIMIT}) p"
-# The claimed batches' rows with their device and metric names, staged per connection (temporary,
-# emptied at commit): $1 = the batches, $2..$5 their batch and time ranges, which let the BRIN
-# index on batch and partition pruning find the rows without a full scan. Run before the
-# nested-loop ban of PLANNER_SETTINGS: a series id is best resolved by a probe of series'
-# primary key (a hash join would read the whole of series at every fold).
-_STAGE_TABLES_SQL = """
-    CREATE TEMPORARY TABLE IF NOT EXISTS ingest_fold_points
-        (device_id text, metric text, ts timestamptz, value double precision, batch bigint)
-        ON COMMIT DELETE ROWS;
-    CREATE TEMPORARY TABLE IF NOT EXISTS ingest_fold_texts
-        (device_id text, metric text, ts timestamptz, value text, batch bigint)
-        ON COMMIT DELETE ROWS
-"""
-_STAGE_SQL = """
-    INSERT INTO {stage} (device_id, metric, ts, value, batch)
-    SELECT s.device_id, s.metric, p.ts, p.value, p.batch
-    FROM {table} p JOIN series s ON s.id = p.series_id
-    WHERE p.batch = ANY ($1::bigint[]) AND p.batch BETWEEN $2 AND $3 AND p.ts BETWEEN $4 AND $5
-"""
-_STAGE_POINTS_SQL = _STAGE_SQL.format(stage="ingest_fold_points", table="points")
-_STAGE_TEXTS_SQL = _STAGE_SQL.format(stage="ingest_fold_texts", table="text_points")
-# $1/$2: the claimed batches and when each was stored. A device's first/last seen: when the
-# first/last claimed batch holding it (numeric or text values) was stored.
-_APPLY_SQL = (
-    """
-WITH batch_rows AS (SELECT device_id, metric, ts, value, batch FROM ingest_fold_points)"""
-    + upsert_ctes(
-        "batch_rows",
-        devices="""SELECT s.device_id, min(p.stored_at), max(p.stored_at), max(s.last_ts)
-    FROM (
-        SELECT device_id, batch, max(ts) AS last_ts FROM (
-            SELECT device_id, batch, ts FROM batch_rows
-            UNION ALL SELECT device_id, batch, ts FROM ingest_fold_texts
-        ) a GROUP BY 1, 2
-    ) s
-    JOIN unnest($1::bigint[], $2::timestamptz[]) AS p (batch, stored_at) USING (batch)
-    GROUP BY s.device_id ORDER BY s.device_id""",
-    )
-    + """, latest_texts AS (
-    INSERT INTO latest_text AS l (device_id, metric, ts, value)
-    SELECT DISTINCT ON (device_id, metric) device_id, metric, ts, value FROM ingest_fold_texts
-    ORDER BY device_id, metric, ts DESC
-    ON CONFLICT (device_id, metric) DO UPDATE SET ts = excluded.ts, value = excluded.value
-    WHERE excluded.ts > l.ts
-)
-SELECT (SELECT count(*) FROM batch_rows) + (SELECT count(*) FROM ingest_fold_texts)"""
-)
-#: For the statements built with :func:`upsert_ctes`, scoped to their transaction.
+_APPLY_SQL = _apply_sql()
+#: For the fold's statement (:func:`_apply_sql`), scoped to its transaction.
 PLANNER_SETTINGS: Final = "SET LOCAL enable_nestloop = off; SET LOCAL enable_mergejoin = off"
 # Scoped to the fold's transaction: sorts of a fold's rows stay in memory, and the planner,
 # which cannot know that the newest batch numbers are few, never scans a whole partition.
-_STAGE_SETTINGS = "SET LOCAL work_mem = '64MB'; SET LOCAL enable_seqscan = off"
+_FOLD_SETTINGS = f"SET LOCAL work_mem = '64MB'; SET LOCAL enable_seqscan = off; {PLANNER_SETTINGS}"
 
 
 #: SQLSTATE classes of errors that come from the data being folded (a value out of range, a
@@ -287,18 +276,16 @@ async def _fold_claimed(
             return FoldResult()
         batches = [r["batch"] for r in rows]
         claimed.extend(batches)
-        await conn.execute(_STAGE_SETTINGS)
-        ranges = (
+        await conn.execute(_FOLD_SETTINGS)
+        count = await conn.fetchval(
+            _APPLY_SQL,
+            batches,
+            [r["stored_at"] for r in rows],
             min(batches),
             max(batches),
             min(r["min_ts"] for r in rows),
             max(r["max_ts"] for r in rows),
         )
-        await conn.execute(_STAGE_TABLES_SQL)
-        await conn.execute(_STAGE_POINTS_SQL, batches, *ranges)
-        await conn.execute(_STAGE_TEXTS_SQL, batches, *ranges)
-        await conn.execute(PLANNER_SETTINGS)
-        count = await conn.fetchval(_APPLY_SQL, batches, [r["stored_at"] for r in rows])
     return FoldResult(batches=len(batches), rows=int(count))
 
 
