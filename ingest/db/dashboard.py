@@ -3,8 +3,8 @@
 batch actually inserted into ``points`` and ``text_points``.
 
 Deferred, never in the batch's transaction: the batch's transaction only records the batch. The
-  writer sets ``ingest.batch`` (a number from ``dashboard_batch_seq``) so that every row it
-  inserts carries it in ``points.batch`` / ``text_points.batch`` (a column default), and inserts
+  writer takes a number from ``dashboard_batch_seq`` that every row it inserts carries in
+  ``points.batch`` / ``text_points.batch``, and inserts
   a ``dashboard_pending`` row with the batch's device-time range. :func:`fold` later claims
   pending batches (``FOR UPDATE SKIP LOCKED``), reads their rows back (BRIN index on ``batch``,
   partitions pruned by the time range), names their series (one probe of ``series`` per
@@ -173,8 +173,10 @@ SELECT coalesce((SELECT sum(n) FROM by_series), 0) + (SELECT count(*) FROM batch
 """
 
 
-#: Run by the writer in a deferred-mode batch transaction before its rows: $1, $2 = the least
-#: and greatest device timestamps of the batch. ``set_config(..., true)`` lasts until commit.
+#: Run by the writer in a batch transaction before its rows: $1, $2 = the least and greatest
+#: device timestamps of the batch; returns the batch number, which the writer sends in every
+#: row it copies. ``set_config(..., true)`` (until commit) gives it to the column default of
+#: ``batch`` too, for rows inserted otherwise in that transaction.
 BEGIN_BATCH_SQL: Final = """
     WITH b AS (
         INSERT INTO dashboard_pending (batch, min_ts, max_ts)

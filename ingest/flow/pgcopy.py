@@ -23,25 +23,29 @@ from ingest.model import Reading, TextReading
 
 __all__ = ["POINT_COLUMNS", "encode_points", "encode_texts"]
 
-#: The columns of ``points`` and ``text_points`` the data fills, in order.
-POINT_COLUMNS = ("series_id", "ts", "value")
+#: The columns of ``points`` and ``text_points`` the data fills, in order. ``batch`` is sent
+#: with every row rather than left to its column default, which PostgreSQL would evaluate per
+#: row (``current_setting``, a cast): about 0.2 us a row, a third of a plain insert.
+POINT_COLUMNS = ("series_id", "ts", "value", "batch")
 
 _HEADER = b"PGCOPY\n\xff\r\n\x00" + bytes(8)  # signature, flags, header extension length
 _TRAILER = b"\xff\xff"
 _PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 _ONE_US = timedelta(microseconds=1)
-# 3 fields; length 4, series id (int4); length 8, ts; length 8, value
-_POINT = struct.Struct("!hiiiqid")
-# 3 fields; length 4, series id; length 8, ts; then the text's length (its bytes follow)
+# 4 fields; length 4, series id (int4); length 8, ts; length 8, value; length 8, batch
+_POINT = struct.Struct("!hiiiqidiq")
+# 4 fields; length 4, series id; length 8, ts; then the text's length (its bytes follow)
 _TEXT_HEAD = struct.Struct("!hiiiqi")
+_TEXT_TAIL = struct.Struct("!iq")  # length 8, batch
 
 #: device -> metric -> series id (ingest.flow.series.resolve).
 SeriesIds = Mapping[str, Mapping[str, int]]
 
 
-def encode_points(rows: Iterable[Reading], series: SeriesIds) -> bytes:
+def encode_points(rows: Iterable[Reading], series: SeriesIds, batch: int) -> bytes:
     """The COPY ... (FORMAT binary) data of ``rows`` for :data:`POINT_COLUMNS`, each row's
-    device and metric replaced by its id in ``series`` (which must hold them all)."""
+    device and metric replaced by its id in ``series`` (which must hold them all), stored by
+    write ``batch``."""
     out = bytearray(_HEADER)
     pack = _POINT.pack
     last_ts: datetime | None = None
@@ -55,20 +59,22 @@ def encode_points(rows: Iterable[Reading], series: SeriesIds) -> bytes:
         if ts is not last_ts:  # ... and their datetime object
             last_ts = ts
             micros = (ts - _PG_EPOCH) // _ONE_US
-        out += pack(3, 4, ids[metric], 8, micros, 8, value)
+        out += pack(4, 4, ids[metric], 8, micros, 8, value, 8, batch)
     out += _TRAILER
     return bytes(out)
 
 
-def encode_texts(rows: Iterable[TextReading], series: SeriesIds) -> bytes:
+def encode_texts(rows: Iterable[TextReading], series: SeriesIds, batch: int) -> bytes:
     """As :func:`encode_points`, for text values (their UTF-8 bytes). Raises
     ``UnicodeEncodeError`` for a value PostgreSQL could not hold (a lone surrogate), as
     asyncpg's encoder does; a NUL character is left to the server to refuse."""
     out = bytearray(_HEADER)
     pack = _TEXT_HEAD.pack
+    tail = _TEXT_TAIL.pack(8, batch)
     for device_id, metric, ts, value in rows:
         raw = value.encode()
-        out += pack(3, 4, series[device_id][metric], 8, (ts - _PG_EPOCH) // _ONE_US, len(raw))
+        out += pack(4, 4, series[device_id][metric], 8, (ts - _PG_EPOCH) // _ONE_US, len(raw))
         out += raw
+        out += tail
     out += _TRAILER
     return bytes(out)

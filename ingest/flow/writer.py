@@ -96,14 +96,15 @@ _STAGING = {"points": "ingest_staging", "text_points": "ingest_staging_text"}
 # default).
 _CREATE_STAGING = """
     CREATE TEMPORARY TABLE IF NOT EXISTS ingest_staging
-        (series_id integer, ts timestamptz, value double precision) ON COMMIT DELETE ROWS;
+        (series_id integer, ts timestamptz, value double precision, batch bigint)
+        ON COMMIT DELETE ROWS;
     CREATE TEMPORARY TABLE IF NOT EXISTS ingest_staging_text
-        (series_id integer, ts timestamptz, value text) ON COMMIT DELETE ROWS
+        (series_id integer, ts timestamptz, value text, batch bigint) ON COMMIT DELETE ROWS
 """
 # Staging rows come back in COPY order, so inside one batch the first occurrence wins too.
 _INSERT_FROM_STAGING = """
-    INSERT INTO {table} (series_id, ts, value)
-    SELECT series_id, ts, value FROM {staging}
+    INSERT INTO {table} (series_id, ts, value, batch)
+    SELECT series_id, ts, value, batch FROM {staging}
     ON CONFLICT (series_id, ts) DO NOTHING
 """
 
@@ -625,12 +626,12 @@ class Writer:
         if batch.rows or batch.texts:
             # Tags the rows below with a new batch, recorded for ingest.db.dashboard.fold.
             stamps = [*map(_TS, batch.rows), *map(_TS, batch.texts)]
-            await conn.fetchval(BEGIN_BATCH_SQL, min(stamps), max(stamps))
+            number = int(await conn.fetchval(BEGIN_BATCH_SQL, min(stamps), max(stamps)))
             if conflict_safe:
                 await conn.execute(_CREATE_STAGING)
             for table, data in (
-                ("points", encode_points(batch.rows, ids) if batch.rows else None),
-                ("text_points", encode_texts(batch.texts, ids) if batch.texts else None),
+                ("points", encode_points(batch.rows, ids, number) if batch.rows else None),
+                ("text_points", encode_texts(batch.texts, ids, number) if batch.texts else None),
             ):
                 if data is not None:
                     inserted += await _copy(conn, table, data, conflict_safe=conflict_safe)
