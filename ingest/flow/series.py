@@ -74,14 +74,17 @@ class SeriesCache:
 
 
 def missing_keys(
-    cache: SeriesCache, keys: Iterable[tuple[str, str]], found: SeriesIds
+    cache: SeriesCache, keys: Iterable[Sequence[Any]], found: SeriesIds
 ) -> set[tuple[str, str]]:
-    """The keys the cache does not hold; ``found`` gets the cached metric dicts of the
-    devices seen (or a new dict for a device not cached)."""
+    """The (device_id, metric) of ``keys`` (rows whose first two fields are those) that the
+    cache does not hold; ``found`` gets the cached metric dicts of the devices seen (or a new
+    dict for a device not cached). Once per row on the hot path: no tuple made per row."""
     missing: set[tuple[str, str]] = set()
     last: str | None = None
     metrics: dict[str, int] = {}
-    for device_id, metric in keys:
+    for row in keys:
+        device_id = row[0]
+        metric = row[1]
         if device_id is not last:
             last = device_id
             known = found.get(device_id)
@@ -109,9 +112,10 @@ _CREATE_SERIES_SQL = """
 
 
 async def resolve(
-    conn: _Conn, cache: SeriesCache, keys: Iterable[tuple[str, str]]
+    conn: _Conn, cache: SeriesCache, keys: Iterable[Sequence[Any]]
 ) -> tuple[SeriesIds, int]:
-    """The series ids of ``keys`` (device_id, metric) and how many series were created.
+    """The series ids of ``keys`` (rows whose first two fields are device_id and metric: readings,
+    text readings, (device_id, metric) pairs) and how many series were created.
     Outside any transaction of the caller's: each statement commits on its own."""
     found: SeriesIds = {}
     missing = missing_keys(cache, keys, found)

@@ -2,16 +2,23 @@
 
 Contract of :meth:`Writer.write`:
 
-- A batch is stored in one transaction: the readings of every decoded message and one
-  ``dead_letters`` row per message that did not decode (``payload_size``: its size on the wire
-  when the payload holds only its start, a ``too_large`` one). A message is stored whole or not
-  at all.
+- A batch is stored in one transaction: the numeric and text readings of every decoded
+  message, what its messages say about their devices (tags merged newest-wins per key, a status
+  only when newer, units on the series: :mod:`ingest.flow.series`, written only when they
+  changed since this writer last wrote them), and one ``dead_letters`` row per message that did
+  not decode (``payload_size``: its size on the wire when the payload holds only its start, a
+  ``too_large`` one). A message is stored whole or not at all.
+- Readings are stored by series id: ``(device_id, metric)`` is resolved through a bounded cache,
+  missing series created in bulk in their own short transaction first
+  (:func:`ingest.flow.series.resolve`). Text values are stored as given: the formats skip those
+  over ``INGEST_MAX_TEXT_BYTES`` (and count them).
 - Idempotent on ``(device_id, metric, ts)``: the first write wins, later ones are counted as
   duplicates (redeliveries, and duplicates inside one batch).
-- Fast path: binary COPY straight into ``readings``. Only when that hits a unique violation is
-  the batch redone, in a new transaction, through a per-connection temporary table and
-  ``INSERT ... ON CONFLICT DO NOTHING`` (slower, conflict-safe).
-- Dashboard tables (``devices``, ``latest_readings``, ``readings_1m``, ``readings_fleet_1m``)
+- Fast path: binary COPY straight into ``points`` and ``text_points``. Only when that hits a
+  unique violation is the batch redone, in a new transaction, through per-connection temporary
+  tables and ``INSERT ... ON CONFLICT DO NOTHING`` (slower, conflict-safe).
+- Dashboard tables (``devices``, ``latest_readings``, ``latest_text``, ``readings_1m``,
+  ``readings_fleet_1m``)
   come from the rows a batch actually inserted, exactly once (:mod:`ingest.db.dashboard`):
   the batch's transaction only tags its rows with a batch number and records the batch, one
   small statement; the dashboard tables are folded from it shortly after. A rolled-back batch
@@ -50,6 +57,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
+from itertools import chain
 from operator import itemgetter
 from types import TracebackType
 from typing import TYPE_CHECKING, Self, TypeAlias, TypeVar
@@ -109,7 +117,6 @@ _INSERT_FROM_STAGING = """
 """
 
 _TS = itemgetter(2)
-_KEY = itemgetter(0, 1)
 _TLS_FILE_PARAMETERS = ("sslrootcert", "sslcert", "sslkey", "sslcrl")
 # Allowed on a process of one's own role; false when it is gone already.
 _TERMINATE = "SELECT pg_terminate_backend($1)"
@@ -553,11 +560,7 @@ class Writer:
             try:
                 async with asyncio.timeout(self._write_timeout):
                     # Committed before the batch's transaction starts: see ingest.flow.series.
-                    keys = (
-                        *map(_KEY, batch.rows),
-                        *map(_KEY, batch.texts),
-                        *unit_keys(batch.updates),
-                    )
+                    keys = chain(batch.rows, batch.texts, unit_keys(batch.updates))
                     ids, created = await resolve(conn, self._series, keys)
                     self._series_created += created
                     plan = self._device_memory.plan(batch.updates)
