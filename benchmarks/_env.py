@@ -36,7 +36,7 @@ from ingest.devservers.throwaway import Listener, Mosquitto, PostgresCluster
 from ingest.devservers.tls import make_tls_files
 from ingest.urls import parse_mqtt_url
 
-__all__ = ["Environment", "fetch", "fetchval", "open_environment"]
+__all__ = ["PG_TUNED", "Environment", "fetch", "fetchval", "open_environment"]
 
 
 async def _fetch(dsn: str, sql: str, *args: Any) -> list[asyncpg.Record]:
@@ -148,11 +148,28 @@ class Environment:
 
 
 _BENCH_SETTINGS = {"shared_buffers": "128MB", "track_commit_timestamp": "on"}
+#: README's settings for an ingest server ("PostgreSQL settings for ingest"), sized for a
+#: benchmark machine: fewer checkpoints (and so fewer full-page images in the WAL), compressed
+#: full-page images, a WAL buffer that holds several batches. Still durable.
+PG_TUNED = {
+    "shared_buffers": "2GB",
+    "max_wal_size": "16GB",
+    "min_wal_size": "2GB",
+    "wal_buffers": "128MB",
+    "wal_compression": "lz4",
+    "checkpoint_timeout": "15min",
+    "checkpoint_completion_target": "0.9",
+}
 
 
 @contextlib.contextmanager
 def open_environment(
-    *, inflight: int, database_url: str | None, durable: bool = True, tls: bool = False
+    *,
+    inflight: int,
+    database_url: str | None,
+    durable: bool = True,
+    tls: bool = False,
+    tuned: bool = False,
 ) -> Iterator[Environment]:
     with contextlib.ExitStack() as stack:
         listeners: list[Listener] = []
@@ -172,6 +189,8 @@ def open_environment(
             settings = dict(_BENCH_SETTINGS)
             if durable:
                 settings |= {"fsync": "on", "full_page_writes": "on"}
+            if tuned:
+                settings |= PG_TUNED
             for key, value in settings.items():
                 fetch(cluster.dsn(), f"ALTER SYSTEM SET {key} = '{value}'")
             cluster.restart()

@@ -45,6 +45,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
+from benchmarks._env import PG_TUNED
 from ingest.db.dashboard import fold
 from ingest.db.migrate import migrate_dsn
 from ingest.db.partitions import ensure_partitions
@@ -64,15 +65,20 @@ _CLUSTER_SETTINGS = {
 # One time slice of the load: samples [$1, $2) of every (device, metric), sample s of device
 # d at start + (s + d/devices) * step, so every device reports every `step` seconds, spread.
 _LOAD_SQL = """
-WITH ins AS (
-    INSERT INTO readings (device_id, metric, ts, value)
-    SELECT 'dev-' || lpad(d::text, 5, '0'), 'm' || m,
+WITH stored AS (
+    INSERT INTO points (series_id, ts, value)
+    SELECT k.id,
            $3::timestamptz + make_interval(secs => (s + d::float8 / $5::int) * $4::float8),
            round((50 + 20 * sin(s / 50.0 + d) + m)::numeric, 2)::float8
     FROM generate_series($1::int, $2::int - 1) s,
          generate_series(1, $5::int) d,
-         generate_series(0, $6::int - 1) m
-    RETURNING device_id, metric, ts, value
+         generate_series(0, $6::int - 1) m,
+         LATERAL (SELECT id FROM series
+                  WHERE device_id = 'dev-' || lpad(d::text, 5, '0') AND metric = 'm' || m) k
+    RETURNING series_id, ts, value
+), ins AS (
+    SELECT k.device_id, k.metric, stored.ts, stored.value
+    FROM stored JOIN series k ON k.id = stored.series_id
 ), rollup AS (
     INSERT INTO readings_1m AS r (device_id, metric, bucket, n, sum, min, max)
     SELECT device_id, metric, date_bin('1 minute', ts, timestamptz '2000-01-01 00:00:00+00'),
@@ -101,6 +107,15 @@ SELECT device_id, min(ts), max(ts), max(ts) FROM ins GROUP BY device_id
 ON CONFLICT (device_id) DO UPDATE
 SET last_seen = greatest(dv.last_seen, excluded.last_seen),
     last_ts = greatest(dv.last_ts, excluded.last_ts)
+"""
+
+
+# Every series of the load, in key order (as the daemon's writer would create them).
+_SERIES_SQL = """
+INSERT INTO series (device_id, metric)
+SELECT 'dev-' || lpad(d::text, 5, '0'), 'm' || m
+FROM generate_series(1, $1::int) d, generate_series(0, $2::int - 1) m
+ORDER BY 1, 2
 """
 
 
@@ -172,6 +187,11 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="with --database-url: keep the loaded database (its DSN goes to stderr)",
     )
+    p.add_argument(
+        "--pg-tuned",
+        action="store_true",
+        help="the throwaway cluster with README's PostgreSQL settings for ingest",
+    )
     p.add_argument("--json", type=Path, default=None, help="write every figure to this file")
     p.add_argument("--seed", type=int, default=1)
     return p
@@ -187,13 +207,14 @@ def _with_db(dsn: str, db: str) -> str:
 
 
 @contextlib.contextmanager
-def _server(database_url: str | None) -> Iterator[str]:
-    """Admin DSN of the server to use: a throwaway cluster unless one is given."""
+def _server(database_url: str | None, *, tuned: bool = False) -> Iterator[str]:
+    """Admin DSN of the server to use: a throwaway cluster unless one is given (``tuned``:
+    with README's PostgreSQL settings for ingest)."""
     if database_url is not None:
         yield database_url
         return
     with PostgresCluster() as cluster:
-        for key, value in _CLUSTER_SETTINGS.items():
+        for key, value in (_CLUSTER_SETTINGS | (PG_TUNED if tuned else {})).items():
             asyncio.run(_execute(cluster.dsn(), f"ALTER SYSTEM SET {key} = '{value}'"))
         cluster.restart()
         yield cluster.dsn()
@@ -220,6 +241,7 @@ async def load(dsn: str, a: argparse.Namespace, end: datetime) -> dict[str, Any]
     try:
         await ensure_partitions(conn, days_ahead=int(a.days) + 2, now=start)
         await ensure_partitions(conn, days_ahead=3, now=end)
+        await conn.execute(_SERIES_SQL, a.devices, a.metrics)
         slice_samples = max(1, 250_000 // keys)
         t0 = time.perf_counter()
         done = 0
@@ -237,7 +259,7 @@ async def load(dsn: str, a: argparse.Namespace, end: datetime) -> dict[str, Any]
             r["name"]: r["size"]
             for r in await conn.fetch(
                 "SELECT t AS name, pg_size_pretty(sum(pg_total_relation_size(p.relid))) AS size"
-                " FROM unnest(ARRAY['readings', 'readings_1m']) t,"
+                " FROM unnest(ARRAY['points', 'readings_1m']) t,"
                 " LATERAL pg_partition_tree(t::regclass) p GROUP BY t"
                 " UNION ALL SELECT t, pg_size_pretty(pg_total_relation_size(t::regclass))"
                 " FROM unnest(ARRAY['latest_readings', 'devices']) t"
@@ -532,7 +554,7 @@ async def _run(admin: str, a: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
-    with _server(a.database_url) as admin:
+    with _server(a.database_url, tuned=a.pg_tuned) as admin:
         result = asyncio.run(_run(admin, a))
     print(_report(result))
     if a.json is not None:

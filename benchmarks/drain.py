@@ -104,6 +104,11 @@ def _parser() -> argparse.ArgumentParser:
         action="store_false",
         help="throwaway cluster with fsync and full_page_writes off (the tests' setting)",
     )
+    p.add_argument(
+        "--pg-tuned",
+        action="store_true",
+        help="the throwaway cluster with README's PostgreSQL settings for ingest",
+    )
     p.add_argument("--repeat", type=int, default=1, help="runs; medians with min and max")
     p.add_argument("--json", type=Path, default=None, help="write every figure to this file")
     p.add_argument(
@@ -145,6 +150,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 # --- the three consumers --------------------------------------------------------------------
+
+
+def _storage(dsn: str) -> str:
+    """The table that holds the rows: ``points`` (behind the ``readings`` view), or
+    ``readings`` itself in a database of the earlier schema."""
+    return "points" if fetchval(dsn, "SELECT to_regclass('points')") else "readings"
 
 
 def _rate(count: int, seconds: float | None) -> float | None:
@@ -289,7 +300,8 @@ def measure_ingest(
         (first_commit, last_commit), *_ = fetch(
             dsn,
             "SELECT extract(epoch FROM min(pg_xact_commit_timestamp(xmin)))::float8,"
-            " extract(epoch FROM max(pg_xact_commit_timestamp(xmin)))::float8 FROM readings",
+            " extract(epoch FROM max(pg_xact_commit_timestamp(xmin)))::float8"
+            f" FROM {_storage(dsn)}",
         )
         if last_commit is not None:
             r["seconds"] = round(last_commit - daemon.started, 3)
@@ -571,13 +583,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     modes = TRANSPORTS[a.transport]
     with open_environment(
-        inflight=a.inflight, database_url=a.database_url, durable=a.durable, tls=True in modes
+        inflight=a.inflight,
+        database_url=a.database_url,
+        durable=a.durable,
+        tls=True in modes,
+        tuned=a.pg_tuned,
     ) as env:
         config["transport"] = a.transport
         config["transport_text"] = env.transport_text(modes)
         config["postgres"] = (
             "external server" if env.external_db
             else "throwaway cluster, " + ("durable (fsync on)" if a.durable else "fsync off")
+            + (", tuned for ingest" if a.pg_tuned else "")
         )  # fmt: skip
         config["commit_timestamps"] = env.commit_timestamps
         for i in range(a.repeat):

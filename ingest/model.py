@@ -170,6 +170,11 @@ class WriterStatistics:
     retries_by_class: dict[str, int]
     connected: bool
     last_commit: float | None
+    #: series rows this writer created, the (device, metric) pairs its cache holds, and the
+    #: devices dropped from that cache when full (ingest.flow.series)
+    series_created: int = 0
+    series_cached: int = 0
+    series_evicted: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -201,6 +201,12 @@ class Settings:
         "slow (it is split, and a message that times out alone 3 times becomes a dead letter "
         "rejected_by_database)",
     )  # fmt: skip
+    series_cache_size: int = _setting(
+        "INGEST_SERIES_CACHE_SIZE", 1_000_000, group=FLOW, shown="1000000",
+        help="(device, metric) -> series id pairs each worker keeps in memory (about 90 MB at "
+        "a million for devices of 5 metrics, up to 3 times more per pair for devices of one); "
+        "when full, the devices cached longest ago are looked up again",
+    )  # fmt: skip
     retry_max_delay: float = _setting(
         "INGEST_RETRY_MAX_DELAY", 10.0, group=FLOW,
         help="longest backoff between retries, seconds",
@@ -306,7 +312,7 @@ class Settings:
             "db_pool_size", "db_connect_timeout", "db_write_timeout", "retry_max_delay",
             "shutdown_timeout", "stats_interval", "ready_max_lag", "workers",
             "max_payload_bytes", "max_readings_per_message", "max_text_bytes",
-            "mqtt_inflight_bytes",
+            "mqtt_inflight_bytes", "series_cache_size",
         ):  # fmt: skip
             positive(name)
         self._check_limits()

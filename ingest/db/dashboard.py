@@ -1,14 +1,16 @@
-"""The dashboard tables: ``devices``, ``latest_readings``, ``readings_1m``, ``readings_fleet_1m``
-(README, "Querying the data"), maintained exactly once from the rows a batch actually inserted.
+"""The dashboard tables: ``devices``, ``latest_readings``, ``latest_text``, ``readings_1m``,
+``readings_fleet_1m`` (README, "Querying the data"), maintained exactly once from the rows a
+batch actually inserted into ``points`` and ``text_points``.
 
-Deferred, never in the batch's transaction: the batch's transaction only records the batch. The writer sets
-  ``ingest.batch`` (a number from ``dashboard_batch_seq``) so that every row it inserts carries
-  it in ``readings.batch`` (a column default), and inserts a ``dashboard_pending`` row with the
-  batch's device-time range. :func:`fold` later claims pending batches (``FOR UPDATE SKIP
-  LOCKED``), reads their rows back (BRIN index on ``batch``, partitions pruned by the time
-  range), upserts the dashboard tables and deletes the pending rows, all in one transaction:
-  each committed batch is applied once, a rolled-back batch (a rejected row, bisection) never
-  is, and duplicates were never inserted. A :class:`Folder` runs it every
+Deferred, never in the batch's transaction: the batch's transaction only records the batch. The
+  writer takes a number from ``dashboard_batch_seq`` that every row it inserts carries in
+  ``points.batch`` / ``text_points.batch``, and inserts
+  a ``dashboard_pending`` row with the batch's device-time range. :func:`fold` later claims
+  pending batches (``FOR UPDATE SKIP LOCKED``), reads their rows back (BRIN index on ``batch``,
+  partitions pruned by the time range), names their series (one probe of ``series`` per
+  series, not per row), upserts the dashboard tables and deletes the pending rows, all in one
+  transaction: each committed batch is applied once, a rolled-back batch (a rejected row,
+  bisection) never is, and duplicates were never inserted. A :class:`Folder` runs it every
   ``INGEST_DASHBOARD_INTERVAL`` seconds in the daemon, so dashboards lag by about that much.
   The write path pays a few percent; the upserts cost one row per (device, metric, minute),
   (device, metric) and device *per fold*, not per batch (doing them in the batch's own
@@ -44,7 +46,6 @@ __all__ = [
     "describe_error",
     "fold",
     "fold_forever",
-    "upsert_ctes",
 ]
 
 #: Pending batches one fold applies at most (a backlog is worked off fold after fold).
@@ -81,24 +82,43 @@ def _saturating_add(a: str, b: str) -> str:
     )
 
 
-def upsert_ctes(rows: str, *, devices: str) -> str:
-    """The CTEs (starting with a comma) that add the rows of relation ``rows`` (columns
-    device_id, metric, ts, value) to the dashboard tables. ``devices``: a SELECT of
-    (device_id, first_seen, last_seen, last_ts), one row per device of ``rows``.
+def _apply_sql() -> str:
+    """The statement that folds the claimed batches ($1: their numbers, $2: when each was
+    stored; $3..$6: their batch and time ranges, which let the BRIN index on batch and
+    partition pruning find their rows in ``points`` and ``text_points`` without a full scan).
 
-    ``rows`` is read twice: for the per-minute aggregate (from which the fleet rollups and the
-    newest time of each device and metric come too), and to fetch the values at those newest
-    times with a hash join on the key. (Sorting every row for a ``DISTINCT ON`` instead was over half of a fold's time.) Run it
-    with ``enable_nestloop`` off (:data:`PLANNER_SETTINGS`): the planner cannot estimate
-    ``rows`` and would pick a nested loop, one pass over ``rows`` per key. Every upsert reads
-    its input grouped (no key twice in one statement) and sorted by key (lock ordering);
-    buckets are UTC minutes whatever the session time zone."""
+    Everything is computed by series id, and names are looked up once per series, not per row:
+    ``named`` probes the primary key of ``series`` for each series of the batches (a LATERAL
+    subquery with LIMIT, so the planner cannot turn it into a join that reads all of
+    ``series``). The rows are read once (``batch_points``), aggregated per series and minute
+    (from which the fleet rollups and the newest time of each series come too), and read again
+    to fetch the values at those newest times with a hash join on the key. (Sorting every row
+    for a ``DISTINCT ON`` instead was over half of a fold's time.) Run it with ``enable_nestloop``
+    off (:data:`PLANNER_SETTINGS`): the planner cannot estimate the batches' rows and would pick
+    a nested loop, one pass over them per key. Every upsert reads its input grouped (no key
+    twice in one statement) and sorted by key (lock ordering); buckets are UTC minutes whatever
+    the session time zone. A device's first/last seen: when the first/last claimed batch
+    holding it (numeric or text values) was stored."""
+    where = "batch = ANY ($1::bigint[]) AND batch BETWEEN $3 AND $4 AND ts BETWEEN $5 AND $6"
     return f"""
-, agg AS (
-    SELECT device_id, metric, {_BUCKET} AS bucket,
+WITH batch_points AS (
+    SELECT series_id, ts, value, batch FROM points WHERE {where}
+), batch_texts AS (
+    SELECT series_id, ts, value, batch FROM text_points WHERE {where}
+), by_series AS (
+    SELECT series_id, {_BUCKET} AS bucket,
            count(*)::integer AS n, {_saturating_sum("value")} AS sum,
            min(value) AS min, max(value) AS max, max(ts) AS last_ts
-    FROM {rows} GROUP BY 1, 2, 3
+    FROM batch_points GROUP BY 1, 2
+), named AS MATERIALIZED (
+    SELECT k.series_id, s.device_id, s.metric
+    FROM (SELECT series_id FROM by_series UNION SELECT series_id FROM batch_texts) k
+    CROSS JOIN LATERAL (
+        SELECT device_id, metric FROM series WHERE id = k.series_id LIMIT 1
+    ) s
+), agg AS (
+    SELECT n.device_id, n.metric, a.bucket, a.n, a.sum, a.min, a.max
+    FROM by_series a JOIN named n USING (series_id)
 ), rollup AS (
     INSERT INTO readings_1m AS r (device_id, metric, bucket, n, sum, min, max)
     SELECT device_id, metric, bucket, n, sum, min, max FROM agg ORDER BY 1, 2, 3
@@ -114,27 +134,49 @@ def upsert_ctes(rows: str, *, devices: str) -> str:
         min = least(f.min, excluded.min), max = greatest(f.max, excluded.max)
 ), latest AS (
     INSERT INTO latest_readings AS l (device_id, metric, ts, value)
-    SELECT DISTINCT ON (r.device_id, r.metric) r.device_id, r.metric, r.ts, r.value
-    FROM (SELECT device_id, metric, max(last_ts) AS ts FROM agg GROUP BY 1, 2) newest
-    JOIN {rows} r
-      ON r.device_id = newest.device_id AND r.metric = newest.metric AND r.ts = newest.ts
-    -- one row per key even if rows held a key twice (a batch that will fail on its insert)
-    ORDER BY r.device_id, r.metric
+    SELECT n.device_id, n.metric, p.ts, p.value
+    FROM (SELECT series_id, max(last_ts) AS ts FROM by_series GROUP BY 1) newest
+    JOIN batch_points p ON p.series_id = newest.series_id AND p.ts = newest.ts
+    JOIN named n ON n.series_id = newest.series_id
+    -- (series_id, ts) is the key of points: one row per series
+    ORDER BY n.device_id, n.metric
     ON CONFLICT (device_id, metric) DO UPDATE SET ts = excluded.ts, value = excluded.value
     -- by device timestamp: a late or redelivered sample never replaces a newer one
     WHERE excluded.ts > l.ts
+), latest_texts AS (
+    INSERT INTO latest_text AS l (device_id, metric, ts, value)
+    SELECT DISTINCT ON (n.device_id, n.metric) n.device_id, n.metric, t.ts, t.value
+    FROM batch_texts t JOIN named n USING (series_id)
+    ORDER BY n.device_id, n.metric, t.ts DESC
+    ON CONFLICT (device_id, metric) DO UPDATE SET ts = excluded.ts, value = excluded.value
+    WHERE excluded.ts > l.ts
 ), seen AS (
     INSERT INTO devices AS d (device_id, first_seen, last_seen, last_ts)
-    {devices}
+    SELECT n.device_id, min(s.first_seen), max(s.last_seen), max(s.last_ts)
+    FROM (
+        SELECT x.series_id, min(p.stored_at) AS first_seen, max(p.stored_at) AS last_seen,
+               max(x.ts) AS last_ts
+        FROM (
+            SELECT series_id, batch, ts FROM batch_points
+            UNION ALL SELECT series_id, batch, ts FROM batch_texts
+        ) x
+        JOIN unnest($1::bigint[], $2::timestamptz[]) AS p (batch, stored_at) USING (batch)
+        GROUP BY x.series_id
+    ) s
+    JOIN named n USING (series_id)
+    GROUP BY n.device_id ORDER BY n.device_id
     ON CONFLICT (device_id) DO UPDATE
     SET last_seen = greatest(d.last_seen, excluded.last_seen),
         last_ts = greatest(d.last_ts, excluded.last_ts)
 )
+SELECT coalesce((SELECT sum(n) FROM by_series), 0) + (SELECT count(*) FROM batch_texts)
 """
 
 
-#: Run by the writer in a deferred-mode batch transaction before its rows: $1, $2 = the least
-#: and greatest device timestamps of the batch. ``set_config(..., true)`` lasts until commit.
+#: Run by the writer in a batch transaction before its rows: $1, $2 = the least and greatest
+#: device timestamps of the batch; returns the batch number, which the writer sends in every
+#: row it copies. ``set_config(..., true)`` (until commit) gives it to the column default of
+#: ``batch`` too, for rows inserted otherwise in that transaction.
 BEGIN_BATCH_SQL: Final = """
     WITH b AS (
         INSERT INTO dashboard_pending (batch, min_ts, max_ts)
@@ -175,29 +217,18 @@ _SET_ASIDE_SQL = """
 # it expensive.
 PENDING_COUNT_LIMIT: Final = 1_000_000
 _PENDING_SQL = f"SELECT count(*) FROM (SELECT FROM dashboard_pending LIMIT {PENDING_COUNT_LIMIT}) p"
-# $1/$2: the claimed batches and when each was stored; $3..$6: their batch and time ranges,
-# which let the BRIN index on batch and partition pruning find the rows without a full scan.
-# A device's first/last seen: when the first/last claimed batch holding it was stored.
-_APPLY_SQL = (
-    """
-WITH batch_rows AS (
-    SELECT device_id, metric, ts, value, batch FROM readings
-    WHERE batch = ANY ($1::bigint[]) AND batch BETWEEN $3 AND $4 AND ts BETWEEN $5 AND $6
-)"""
-    + upsert_ctes(
-        "batch_rows",
-        devices="""SELECT s.device_id, min(p.stored_at), max(p.stored_at), max(s.last_ts)
-    FROM (SELECT device_id, batch, max(ts) AS last_ts FROM batch_rows GROUP BY 1, 2) s
-    JOIN unnest($1::bigint[], $2::timestamptz[]) AS p (batch, stored_at) USING (batch)
-    GROUP BY s.device_id ORDER BY s.device_id""",
-    )
-    + "SELECT count(*) FROM batch_rows"
-)
-#: For the statements built with :func:`upsert_ctes`, scoped to their transaction.
+_APPLY_SQL = _apply_sql()
+#: For the fold's statement (:func:`_apply_sql`), scoped to its transaction.
 PLANNER_SETTINGS: Final = "SET LOCAL enable_nestloop = off; SET LOCAL enable_mergejoin = off"
 # Scoped to the fold's transaction: sorts of a fold's rows stay in memory, and the planner,
 # which cannot know that the newest batch numbers are few, never scans a whole partition.
-_FOLD_SETTINGS = f"SET LOCAL work_mem = '64MB'; SET LOCAL enable_seqscan = off; {PLANNER_SETTINGS}"
+# JIT off: the nested loop that names the series is the only plan for its LATERAL subquery, so
+# enable_nestloop = off adds its penalty to the plan's cost, which then passes jit_above_cost:
+# compiling the statement took longer than running it (15 instead of 1.5 us per folded row).
+_FOLD_SETTINGS = (
+    "SET LOCAL work_mem = '64MB'; SET LOCAL enable_seqscan = off; SET LOCAL jit = off;"
+    f" {PLANNER_SETTINGS}"
+)
 
 
 #: SQLSTATE classes of errors that come from the data being folded (a value out of range, a

@@ -1,24 +1,26 @@
-"""Time partitions of ``readings`` (one per UTC day) and ``readings_1m`` (one per UTC month).
+"""Time partitions of ``points`` and ``text_points`` (one per UTC day; the storage behind the
+``readings`` and ``text_readings`` views) and ``readings_1m`` (one per UTC month).
 
-The migrations make both tables partitioned by time with a default partition. This module:
+The migrations make these tables partitioned by time with a default partition. This module:
 
 - :func:`ensure_partitions` creates the partitions of the coming days (and months) ahead of
   time. A partition is created outside the table and then attached (``ATTACH PARTITION``
   locks the parent in SHARE UPDATE EXCLUSIVE mode, which does not block writers, where
   ``CREATE TABLE ... PARTITION OF`` would lock it exclusively); rows that the default
   partition caught for its range move into it first. A range that overlaps an existing
-  partition (``readings_legacy`` after an upgrade, a partition made by hand) is left alone.
+  partition (``points_legacy`` after an upgrade, a partition made by hand) is left alone.
 - :func:`apply_retention` drops the partitions wholly older than the retention
-  (``INGEST_RETENTION`` for ``readings``, ``INGEST_ROLLUP_RETENTION`` for ``readings_1m``,
+  (``INGEST_RETENTION`` for ``points`` and ``text_points``, ``INGEST_ROLLUP_RETENTION`` for ``readings_1m``,
   usually longer) and deletes the expired rows the default partitions hold, and those of the
   small ``readings_fleet_1m`` (rollup retention).
 - :func:`prune` deletes dead letters older than ``INGEST_DEAD_LETTER_RETENTION``, and the
-  ``devices`` and ``latest_readings`` rows of devices unseen for longer than
+  ``devices``, ``latest_readings`` and ``latest_text`` rows of devices unseen for longer than
   ``INGEST_RETENTION`` (a device that went silent stays visible as silent until then).
 - :func:`maintain` runs them once at start and then every hour, for the daemon.
 
 The daemon may run as an ``ingest_writer`` login, which may not issue DDL: partitions are
-created and dropped by owner-defined ``SECURITY DEFINER`` functions (migrations/0005_roles.sql),
+created and dropped by owner-defined ``SECURITY DEFINER`` functions (migrations/0005_roles.sql,
+extended to points and text_points by migrations/0006_series.sql),
 called here.
 
 Several instances may run this at once: every change happens under one transaction-level
@@ -70,8 +72,11 @@ class _Table:
         return out
 
 
-READINGS = _Table("readings", "day")
+POINTS = _Table("points", "day")
+TEXT_POINTS = _Table("text_points", "day")
 ROLLUPS = _Table("readings_1m", "month")
+#: Tables of raw values, kept for INGEST_RETENTION.
+RAW: tuple[_Table, ...] = (POINTS, TEXT_POINTS)
 
 # Bounds of the partitions of a table, as the server reads its own bound expressions back
 # (so the session's TimeZone and DateStyle do not matter). NULL stands for MINVALUE/MAXVALUE.
@@ -101,15 +106,15 @@ class _Partition:
 async def ensure_partitions(
     conn: asyncpg.Connection[asyncpg.Record], *, days_ahead: int, now: datetime
 ) -> list[str]:
-    """Create the partitions of ``readings`` for the UTC days from ``now``'s to ``days_ahead``
-    days later, and those of ``readings_1m`` for the months these days fall in. Returns the
+    """Create the partitions of ``points`` and ``text_points`` for the UTC days from ``now``'s
+    to ``days_ahead`` days later, and those of ``readings_1m`` for the months these days fall in. Returns the
     names of the partitions created (none when they all exist)."""
     if days_ahead < 0:
         raise ValueError(f"days_ahead must be >= 0, got {days_ahead!r}")
     first = _utc(now).date()
     last = first + timedelta(days=days_ahead)
     created: list[str] = []
-    for table in (READINGS, ROLLUPS):
+    for table in (*RAW, ROLLUPS):
         async with conn.transaction():
             await _lock(conn)
             existing = await _partitions(conn, table)
@@ -134,11 +139,12 @@ async def apply_retention(
     rollup_retention: timedelta | None,
     now: datetime,
 ) -> list[str]:
-    """Drop the partitions of ``readings`` whose whole range is older than ``now - retention``
+    """Drop the partitions of ``points`` and ``text_points`` whose whole range is older than ``now - retention``
     and those of ``readings_1m`` older than ``now - rollup_retention`` (None: keep forever),
     and delete the expired rows of the default partitions. Returns the partitions dropped."""
     dropped: list[str] = []
-    for table, keep in ((READINGS, retention), (ROLLUPS, rollup_retention)):
+    tables = [*((table, retention) for table in RAW), (ROLLUPS, rollup_retention)]
+    for table, keep in tables:
         if keep is None:
             continue
         cutoff = _utc(now) - keep
@@ -184,7 +190,8 @@ _DELETE_DEAD_LETTERS = """
 # none of its readings are left. A fold of a batch holding it, later, makes it anew.
 _PRUNE_DEVICES = """
     WITH gone AS (DELETE FROM devices WHERE last_seen < $1 RETURNING device_id),
-    latest AS (DELETE FROM latest_readings l USING gone WHERE l.device_id = gone.device_id)
+    latest AS (DELETE FROM latest_readings l USING gone WHERE l.device_id = gone.device_id),
+    texts AS (DELETE FROM latest_text l USING gone WHERE l.device_id = gone.device_id)
     SELECT count(*) FROM gone
 """
 _PRUNE_SET_ASIDE = """
@@ -201,7 +208,7 @@ async def prune(
     now: datetime,
 ) -> Pruned:
     """Delete the dead letters received before ``now - dead_letter_retention``, and the
-    ``devices`` and ``latest_readings`` rows of devices last seen before ``now - retention``
+    ``devices``, ``latest_readings`` and ``latest_text`` rows of devices last seen before ``now - retention``
     (None: keep forever)."""
     dead_letters = devices = set_aside = 0
     if dead_letter_retention is not None:

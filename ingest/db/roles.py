@@ -2,7 +2,8 @@
 ``ingest migrate``.
 
 - ``ingest_writer``: what ``ingest run`` needs once the schema is migrated. It reads, inserts,
-  updates and deletes rows of the data and dashboard tables, uses their sequences, reads
+  updates and deletes rows of the data and dashboard tables, reads, inserts and updates (units)
+  ``series`` (never deletes: points refer to it), uses their sequences, reads
   ``schema_migrations`` (the daemon checks that nothing is pending) and executes the two
   partition functions of migrations/0005_roles.sql, which do the only DDL the daemon needs as
   their owner. It may create temporary tables (the writer stages each batch in one) and
@@ -35,7 +36,6 @@ _WRITER_TABLES: Final = (
     "readings",
     "points",
     "text_points",
-    "series",
     "dead_letters",
     "devices",
     "latest_readings",
@@ -46,6 +46,8 @@ _WRITER_TABLES: Final = (
     "dashboard_failed",
 )
 _WRITER_READS: Final = ("schema_migrations",)
+# Series are created and given units, never deleted by the daemon.
+_WRITER_GROWS: Final = ("series",)
 _WRITER_SEQUENCES: Final = ("dashboard_batch_seq",)  # and those of the tables' serial columns
 _WRITER_FUNCTIONS: Final = (
     "ingest_create_partition(regclass, timestamptz)",
@@ -67,7 +69,9 @@ _READER_RELATIONS: Final = (
     "dead_letters_summary",
 )
 _ALL_RELATIONS: Final = tuple(
-    dict.fromkeys((*_WRITER_TABLES, *_WRITER_READS, *_READER_RELATIONS, "dead_letters"))
+    dict.fromkeys(
+        (*_WRITER_TABLES, *_WRITER_READS, *_WRITER_GROWS, *_READER_RELATIONS, "dead_letters")
+    )
 )
 
 _EXISTING_SQL = """
@@ -140,7 +144,9 @@ async def grant_statements(conn: asyncpg.Connection[asyncpg.Record]) -> list[str
     rels = {r["n"]: r["rel"] for r in await conn.fetch(_EXISTING_SQL, list(_ALL_RELATIONS))}
     sequences = [
         r["rel"]
-        for r in await conn.fetch(_SEQUENCES_SQL, list(_WRITER_TABLES), list(_WRITER_SEQUENCES))
+        for r in await conn.fetch(
+            _SEQUENCES_SQL, [*_WRITER_TABLES, *_WRITER_GROWS], list(_WRITER_SEQUENCES)
+        )
     ]
     functions = [r[0] for r in await conn.fetch(_FUNCTIONS_SQL, list(_WRITER_FUNCTIONS))]
 
@@ -157,6 +163,10 @@ async def grant_statements(conn: asyncpg.Connection[asyncpg.Record]) -> list[str
         (f"GRANT USAGE {on('SEQUENCE', sequences)} TO {WRITER}", sequences),
         (f"GRANT SELECT, INSERT, UPDATE, DELETE {tables(_WRITER_TABLES)} TO {WRITER}", True),
         (f"GRANT SELECT {tables(_WRITER_READS)} TO {WRITER}", tables(_WRITER_READS)),
+        (
+            f"GRANT SELECT, INSERT, UPDATE {tables(_WRITER_GROWS)} TO {WRITER}",
+            tables(_WRITER_GROWS),
+        ),
         (f"GRANT EXECUTE {on('FUNCTION', functions)} TO {WRITER}", functions),
         (f"GRANT SELECT {tables(_READER_RELATIONS)} TO {READER}", True),
         # Only the schema's owner may; USAGE on public is granted to PUBLIC anyway.

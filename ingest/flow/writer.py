@@ -2,16 +2,23 @@
 
 Contract of :meth:`Writer.write`:
 
-- A batch is stored in one transaction: the readings of every decoded message and one
-  ``dead_letters`` row per message that did not decode (``payload_size``: its size on the wire
-  when the payload holds only its start, a ``too_large`` one). A message is stored whole or not
-  at all.
+- A batch is stored in one transaction: the numeric and text readings of every decoded
+  message, what its messages say about their devices (tags merged newest-wins per key, a status
+  only when newer, units on the series: :mod:`ingest.flow.series`, written only when they
+  changed since this writer last wrote them), and one ``dead_letters`` row per message that did
+  not decode (``payload_size``: its size on the wire when the payload holds only its start, a
+  ``too_large`` one). A message is stored whole or not at all.
+- Readings are stored by series id: ``(device_id, metric)`` is resolved through a bounded cache,
+  missing series created in bulk in their own short transaction first
+  (:func:`ingest.flow.series.resolve`). Text values are stored as given: the formats skip those
+  over ``INGEST_MAX_TEXT_BYTES`` (and count them).
 - Idempotent on ``(device_id, metric, ts)``: the first write wins, later ones are counted as
   duplicates (redeliveries, and duplicates inside one batch).
-- Fast path: binary COPY straight into ``readings``. Only when that hits a unique violation is
-  the batch redone, in a new transaction, through a per-connection temporary table and
-  ``INSERT ... ON CONFLICT DO NOTHING`` (slower, conflict-safe).
-- Dashboard tables (``devices``, ``latest_readings``, ``readings_1m``, ``readings_fleet_1m``)
+- Fast path: binary COPY straight into ``points`` and ``text_points``. Only when that hits a
+  unique violation is the batch redone, in a new transaction, through per-connection temporary
+  tables and ``INSERT ... ON CONFLICT DO NOTHING`` (slower, conflict-safe).
+- Dashboard tables (``devices``, ``latest_readings``, ``latest_text``, ``readings_1m``,
+  ``readings_fleet_1m``)
   come from the rows a batch actually inserted, exactly once (:mod:`ingest.db.dashboard`):
   the batch's transaction only tags its rows with a batch number and records the batch, one
   small statement; the dashboard tables are folded from it shortly after. A rolled-back batch
@@ -50,6 +57,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
+from itertools import chain
 from operator import itemgetter
 from types import TracebackType
 from typing import TYPE_CHECKING, Self, TypeAlias, TypeVar
@@ -61,9 +69,17 @@ from ingest.backoff import Backoff
 from ingest.db.dashboard import BEGIN_BATCH_SQL
 from ingest.errors import ConfigError, DecodeError, FatalError
 from ingest.flow.classify import ErrorClass, classify, sqlstate_of
-from ingest.flow.pgcopy import COLUMNS as _READING_COLUMNS
-from ingest.flow.pgcopy import encode_readings
-from ingest.model import DeadLetter, Envelope, Reading, WriterStatistics
+from ingest.flow.pgcopy import POINT_COLUMNS, encode_points, encode_texts
+from ingest.flow.series import (
+    DeviceMemory,
+    DevicePlan,
+    SeriesCache,
+    SeriesIds,
+    apply_plan,
+    resolve,
+    unit_keys,
+)
+from ingest.model import DeadLetter, DeviceUpdate, Envelope, Reading, TextReading, WriterStatistics
 
 __all__ = ["WriteResult", "Writer"]
 
@@ -81,20 +97,23 @@ SLOW_ATTEMPTS_ALONE = 3
 
 # In DeadLetter's field order: copy_records_to_table takes the records as they are.
 _DEAD_LETTER_COLUMNS = ("received_at", "topic", "payload", "error", "reason", "payload_size")
-_STAGING_TABLE = "ingest_staging"
-# Temporary, so per connection and never seen by others; ON COMMIT DELETE ROWS empties it at the
-# end of every transaction that touched it (PostgreSQL skips that for transactions that did not).
-# Only the columns COPY fills, not LIKE readings (which has more: batch, with its default).
-_CREATE_STAGING = f"""
-    CREATE TEMPORARY TABLE IF NOT EXISTS {_STAGING_TABLE}
-        (device_id text, metric text, ts timestamptz, value double precision)
-        ON COMMIT DELETE ROWS
+_STAGING = {"points": "ingest_staging", "text_points": "ingest_staging_text"}
+# Temporary, so per connection and never seen by others; ON COMMIT DELETE ROWS empties them at
+# the end of every transaction that touched them (PostgreSQL skips that for transactions that
+# did not). Only the columns COPY fills, not LIKE points (which has more: batch, with its
+# default).
+_CREATE_STAGING = """
+    CREATE TEMPORARY TABLE IF NOT EXISTS ingest_staging
+        (series_id integer, ts timestamptz, value double precision, batch bigint)
+        ON COMMIT DELETE ROWS;
+    CREATE TEMPORARY TABLE IF NOT EXISTS ingest_staging_text
+        (series_id integer, ts timestamptz, value text, batch bigint) ON COMMIT DELETE ROWS
 """
 # Staging rows come back in COPY order, so inside one batch the first occurrence wins too.
-_INSERT_FROM_STAGING = f"""
-    INSERT INTO readings (device_id, metric, ts, value)
-    SELECT device_id, metric, ts, value FROM {_STAGING_TABLE}
-    ON CONFLICT (device_id, metric, ts) DO NOTHING
+_INSERT_FROM_STAGING = """
+    INSERT INTO {table} (series_id, ts, value, batch)
+    SELECT series_id, ts, value, batch FROM {staging}
+    ON CONFLICT (series_id, ts) DO NOTHING
 """
 
 _TS = itemgetter(2)
@@ -122,6 +141,16 @@ class _WriteTimeout(TimeoutError):
 class _TooSlow(Exception):
     """A segment outlasted ``write_timeout`` while the database answered a probe promptly:
     the segment is the problem, not the database. Narrowed down like rejected rows."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Batch:
+    """What one transaction stores: numeric and text readings, device updates, dead letters."""
+
+    rows: Sequence[Reading]
+    texts: Sequence[TextReading]
+    updates: Sequence[DeviceUpdate]
+    dead: Sequence[DeadLetter]
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,6 +259,7 @@ class Writer:
         backoff_max: float = 10.0,
         retry_log_interval: float = 10.0,
         application_name: str = "iot-ingest",
+        series_cache_size: int = 1_000_000,
         logger: logging.Logger | None = None,
     ) -> None:
         for name, value in (
@@ -267,6 +297,10 @@ class Writer:
         self._retries: Counter[str] = Counter()
         self._connected = False
         self._last_commit: float | None = None
+        self._series = SeriesCache(series_cache_size)
+        # Devices hold more than a series id each (tags, units): a fifth as many of them.
+        self._device_memory = DeviceMemory(max(1, series_cache_size // 5))
+        self._series_created = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -368,6 +402,9 @@ class Writer:
             retries_by_class=dict(self._retries),
             connected=self._connected,
             last_commit=self._last_commit,
+            series_created=self._series_created,
+            series_cached=len(self._series),
+            series_evicted=self._series.evicted,
         )
 
     # -- narrowing (ROW errors) ---------------------------------------------------------------
@@ -450,6 +487,8 @@ class Writer:
         self, segment: Sequence[Envelope], extra_dead: Sequence[DeadLetter], tally: _Tally
     ) -> None:
         rows: list[Reading] = []
+        texts: list[TextReading] = []
+        updates: list[DeviceUpdate] = []
         dead: list[DeadLetter] = list(extra_dead)
         for envelope in segment:
             result = envelope.result
@@ -466,16 +505,19 @@ class Writer:
                 )
             else:
                 rows.extend(result.readings)
-        if not rows and not dead:
+                texts.extend(result.texts)
+                updates.extend(result.updates)
+        batch = _Batch(rows, texts, updates, dead)
+        if not (rows or texts or updates or dead):
             return
 
         async def attempt() -> int:
-            return await self._attempt(rows, dead, tally)
+            return await self._attempt(batch, tally)
 
         inserted = await self._retrying(attempt, what="database write", tally=tally)
         self._last_commit = time.monotonic()
         tally.inserted += inserted
-        tally.duplicates += len(rows) - inserted
+        tally.duplicates += len(rows) + len(texts) - inserted
         tally.dead.update(d.reason for d in dead)
 
     async def _retrying(
@@ -512,20 +554,19 @@ class Writer:
 
     # -- one attempt on one connection ---------------------------------------------------------
 
-    async def _attempt(
-        self, rows: Sequence[Reading], dead: Sequence[DeadLetter], tally: _Tally
-    ) -> int:
+    async def _attempt(self, batch: _Batch, tally: _Tally) -> int:
         async with self._connection() as conn:
             pid = conn.get_server_pid()
             try:
                 async with asyncio.timeout(self._write_timeout):
-                    if not tally.conflict_safe:
-                        try:
-                            return await self._transaction(conn, rows, dead, conflict_safe=False)
-                        except asyncpg.UniqueViolationError:
-                            self._log.debug("batch holds duplicates: redoing it conflict-safe")
-                            tally.conflict_safe = True
-                    return await self._transaction(conn, rows, dead, conflict_safe=True)
+                    # Committed before the batch's transaction starts: see ingest.flow.series.
+                    keys = chain(batch.rows, batch.texts, unit_keys(batch.updates))
+                    ids, created = await resolve(conn, self._series, keys)
+                    self._series_created += created
+                    plan = self._device_memory.plan(batch.updates)
+                    inserted = await self._first_try(conn, batch, ids, plan, tally)
+                    self._device_memory.remember(plan)
+                    return inserted
             except TimeoutError as exc:
                 raise _WriteTimeout(
                     f"no answer within write_timeout={self._write_timeout:g}s,"
@@ -533,18 +574,32 @@ class Writer:
                     pid,
                 ) from exc
 
+    async def _first_try(
+        self, conn: _Conn, batch: _Batch, ids: SeriesIds, plan: DevicePlan, tally: _Tally
+    ) -> int:
+        """The fast path (COPY straight into the tables), then, if the batch holds keys stored
+        already, the conflict-safe one."""
+        if not tally.conflict_safe:
+            try:
+                return await self._transaction(conn, batch, ids, plan, conflict_safe=False)
+            except asyncpg.UniqueViolationError:
+                self._log.debug("batch holds duplicates: redoing it conflict-safe")
+                tally.conflict_safe = True
+        return await self._transaction(conn, batch, ids, plan, conflict_safe=True)
+
     async def _transaction(
         self,
         conn: _Conn,
-        rows: Sequence[Reading],
-        dead: Sequence[DeadLetter],
+        batch: _Batch,
+        ids: SeriesIds,
+        plan: DevicePlan,
         *,
         conflict_safe: bool,
     ) -> int:
         transaction = conn.transaction()
         await transaction.start()
         try:
-            inserted = await self._store(conn, rows, dead, conflict_safe=conflict_safe)
+            inserted = await self._store(conn, batch, ids, plan, conflict_safe=conflict_safe)
         except Exception as exc:
             # Refused data leaves a healthy connection: roll back and keep it. Anything else
             # (lost connection, timeout, cancellation) leaves it in an unknown state, and a
@@ -558,31 +613,36 @@ class Writer:
     async def _store(
         self,
         conn: _Conn,
-        rows: Sequence[Reading],
-        dead: Sequence[DeadLetter],
+        batch: _Batch,
+        ids: SeriesIds,
+        plan: DevicePlan,
         *,
         conflict_safe: bool,
     ) -> int:
         """All the SQL that stores a batch, inside the caller's transaction.
 
-        Returns how many of ``rows`` were inserted (the rest were duplicates). Anything else
-        that must change with the batch, in the same transaction (its record for the dashboard
-        fold), belongs here.
+        Returns how many of its numeric and text readings were inserted (the rest were
+        duplicates). Anything else that must change with the batch, in the same transaction
+        (its record for the dashboard fold, its device updates), belongs here.
         """
         inserted = 0
-        if rows:
+        if batch.rows or batch.texts:
             # Tags the rows below with a new batch, recorded for ingest.db.dashboard.fold.
-            stamps = list(map(_TS, rows))
-            await conn.fetchval(BEGIN_BATCH_SQL, min(stamps), max(stamps))
+            stamps = [*map(_TS, batch.rows), *map(_TS, batch.texts)]
+            number = int(await conn.fetchval(BEGIN_BATCH_SQL, min(stamps), max(stamps)))
             if conflict_safe:
                 await conn.execute(_CREATE_STAGING)
-                await _copy_readings(conn, _STAGING_TABLE, rows)
-                inserted = _status_count(await conn.execute(_INSERT_FROM_STAGING))
-            else:
-                inserted = _status_count(await _copy_readings(conn, "readings", rows))
-        if dead:
+            for table, data in (
+                ("points", encode_points(batch.rows, ids, number) if batch.rows else None),
+                ("text_points", encode_texts(batch.texts, ids, number) if batch.texts else None),
+            ):
+                if data is not None:
+                    inserted += await _copy(conn, table, data, conflict_safe=conflict_safe)
+        if plan:
+            await apply_plan(conn, plan, ids)
+        if batch.dead:
             await conn.copy_records_to_table(
-                "dead_letters", records=dead, columns=_DEAD_LETTER_COLUMNS
+                "dead_letters", records=batch.dead, columns=_DEAD_LETTER_COLUMNS
             )
         return inserted
 
@@ -659,10 +719,20 @@ def _unreadable_tls_file(dsn: str | None) -> str | None:
     return None
 
 
-async def _copy_readings(conn: _Conn, table: str, rows: Sequence[Reading]) -> str:
-    """Binary COPY of ``rows`` into ``table`` (ingest.flow.pgcopy encodes them); the status."""
-    return await conn.copy_to_table(
-        table, source=_one_chunk(encode_readings(rows)), columns=_READING_COLUMNS, format="binary"
+async def _copy(conn: _Conn, table: str, data: bytes, *, conflict_safe: bool) -> int:
+    """Binary COPY of ``data`` (ingest.flow.pgcopy) into ``table``, or, conflict-safe, into its
+    staging table and from there with ``ON CONFLICT DO NOTHING``; the rows inserted."""
+    if not conflict_safe:
+        status = await conn.copy_to_table(
+            table, source=_one_chunk(data), columns=POINT_COLUMNS, format="binary"
+        )
+        return _status_count(status)
+    staging = _STAGING[table]
+    await conn.copy_to_table(
+        staging, source=_one_chunk(data), columns=POINT_COLUMNS, format="binary"
+    )
+    return _status_count(
+        await conn.execute(_INSERT_FROM_STAGING.format(table=table, staging=staging))
     )
 
 

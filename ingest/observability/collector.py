@@ -148,6 +148,21 @@ def _messages(f: _Families, s: Snapshot) -> Iterator[Metric]:
         s.writer.rows_inserted,
     )
     yield f.counter(
+        "ingest_series_created",
+        "Series (device, metric) created by this writer on their first reading.",
+        s.writer.series_created,
+    )
+    yield f.gauge(
+        "ingest_series_cached",
+        "(device, metric) -> series id pairs held in memory (INGEST_SERIES_CACHE_SIZE).",
+        s.writer.series_cached,
+    )
+    yield f.counter(
+        "ingest_series_cache_evictions",
+        "Devices dropped from the full series cache (looked up again when they next send).",
+        s.writer.series_evicted,
+    )
+    yield f.counter(
         "ingest_readings_duplicates",
         "Readings not inserted because (device_id, metric, ts) was already stored.",
         s.writer.duplicates,

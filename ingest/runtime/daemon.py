@@ -164,6 +164,7 @@ class Daemon:
             connect_timeout=s.db_connect_timeout,
             write_timeout=s.db_write_timeout,
             backoff_max=s.retry_max_delay,
+            series_cache_size=s.series_cache_size,
             logger=logging.getLogger("ingest.writer"),
         )
 

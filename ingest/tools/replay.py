@@ -6,9 +6,9 @@ again, oldest first (by id), in batches. Per batch, one transaction:
 1. ``DELETE FROM dead_letters WHERE id = ANY(...) RETURNING id`` for the ones that decode now:
    only the rows this transaction deleted go on (a concurrent replay that got there first
    holds the row lock, and this one then sees nothing to move);
-2. ``INSERT INTO readings ... ON CONFLICT (device_id, metric, ts) DO NOTHING`` for their
-   readings: readings already stored stay as they are (the first write wins) and are counted
-   as already present.
+2. the series of their readings created when new, then ``INSERT INTO points ... ON CONFLICT
+   (series_id, ts) DO NOTHING``: readings already stored stay as they are (the first write
+   wins) and are counted as already present.
 
 Dead letters that still fail to decode are never touched (error text and reason kept). When
 the database rejects a batch's rows (SQLSTATE class 22/23/54, ``ingest.flow.classify`` ROW), that
@@ -18,9 +18,10 @@ Idempotent: a second run finds only dead letters that still fail, and changes no
 ``--dry-run`` reads only (no locks, no writes): it decodes, and counts which readings are
 already stored; what the database would still reject is only found by a real run.
 
-Known limit: readings are inserted with plain SQL, not through the daemon's writer, so
-anything the writer maintains alongside ``readings`` in its own transaction (not triggers)
-is not updated by a replay.
+Known limits: readings are inserted with plain SQL, not through the daemon's writer, so
+anything the writer maintains alongside ``points`` in its own transaction (the dashboard
+batch, device tags and status) is not updated by a replay; text readings of a replayed message
+are not moved (only numeric ones).
 """
 
 from __future__ import annotations
@@ -60,10 +61,21 @@ GONE: Final = "gone (moved by another replay)"
 #: Rejections whose database message is kept for the summary.
 _KEEP_ERRORS: Final = 5
 
+# The series of the readings first (in key order, as the daemon's writer creates them:
+# ingest.flow.series), then the points, the first write winning.
+_SERIES_SQL = """
+    INSERT INTO series (device_id, metric)
+    SELECT DISTINCT device_id, metric FROM unnest($1::text[], $2::text[]) AS k (device_id, metric)
+    ORDER BY 1, 2
+    ON CONFLICT (device_id, metric) DO NOTHING
+"""
 _INSERT_SQL = """
-    INSERT INTO readings (device_id, metric, ts, value)
-    SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::float8[])
-    ON CONFLICT (device_id, metric, ts) DO NOTHING
+    INSERT INTO points (series_id, ts, value)
+    SELECT s.id, u.ts, u.value
+    FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::float8[])
+        AS u (device_id, metric, ts, value)
+    JOIN series s ON s.device_id = u.device_id AND s.metric = u.metric
+    ON CONFLICT (series_id, ts) DO NOTHING
 """
 _DELETE_SQL = "DELETE FROM dead_letters WHERE id = ANY($1::bigint[]) RETURNING id"
 _PRESENT_SQL = """
@@ -153,6 +165,7 @@ async def _move(
         inserted = 0
         if readings:
             devices, metrics, stamps = _columns(readings)
+            await conn.execute(_SERIES_SQL, devices, metrics)
             status = await conn.execute(
                 _INSERT_SQL, devices, metrics, stamps, [r.value for r in readings]
             )

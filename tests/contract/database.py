@@ -33,6 +33,6 @@ async def storage_of_readings(database_url: str) -> str:
     """The table that holds the numeric readings: ``readings`` itself, or the table behind it
     when ``readings`` is a view over a narrower storage table (``points``)."""
     kind = await fetchval(
-        database_url, "SELECT relkind FROM pg_class WHERE oid = 'readings'::regclass"
+        database_url, "SELECT relkind::text FROM pg_class WHERE oid = 'readings'::regclass"
     )
     return "points" if kind == "v" else "readings"

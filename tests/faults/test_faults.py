@@ -352,7 +352,7 @@ def test_poison_rows_rejected_by_postgres_only_those_dead_lettered(
 
     migrate(database_url)
     # An operator's constraint the decoder knows nothing about.
-    query(database_url, "ALTER TABLE readings ADD CONSTRAINT sane CHECK (value > -1e9)")
+    query(database_url, "ALTER TABLE points ADD CONSTRAINT sane CHECK (value > -1e9)")
     fleet = Fleet(topic=unique_topic(), devices=5, count=400)
     poison = [
         (

@@ -71,8 +71,12 @@ SCHEMA: dict[str, frozenset[str]] = {
     "dead_letters_summary": frozenset(
         {"id", "received_at", "topic", "error", "reason", "payload_size"}
     ),
-    "devices": frozenset({"device_id", "first_seen", "last_seen", "last_ts"}),
+    "text_readings": frozenset({"device_id", "metric", "ts", "value"}),
+    "devices": frozenset(
+        {"device_id", "first_seen", "last_seen", "last_ts", "tags", "status", "status_at"}
+    ),
     "latest_readings": frozenset({"device_id", "metric", "ts", "value"}),
+    "latest_text": frozenset({"device_id", "metric", "ts", "value"}),
     "readings_1m": frozenset({"device_id", "metric", "bucket", "n", "sum", "min", "max"}),
     "readings_fleet_1m": frozenset({"metric", "bucket", "n", "sum", "min", "max"}),
 }

@@ -249,7 +249,7 @@ async def test_rejected_rows_leave_no_trace_in_the_dashboard(
     bad = T0 + timedelta(seconds=7)
     batch[13] = message("dev-005", ("temp", bad, 1.0), ("rh", bad, 5e6))
     async with database(database_url) as db:
-        await db.execute("ALTER TABLE readings ADD CONSTRAINT v CHECK (value < 1e6)")
+        await db.execute("ALTER TABLE points ADD CONSTRAINT v CHECK (value < 1e6)")
         async with quick_writer(database_url) as writer:
             result = await writer.write(batch)
             redelivered = await writer.write(batch)  # conflict-safe path + the same rejection
@@ -326,7 +326,7 @@ async def test_deferred_batches_are_folded_once(database_url: str) -> None:
             await writer.write(samples(range(4), T0 + timedelta(minutes=i), 3))
         before = await db.fetchval("SELECT count(*) FROM readings_1m")
         pending = await db.fetch("SELECT * FROM dashboard_pending ORDER BY batch")
-        tags = await db.fetch("SELECT batch, count(*) AS n FROM readings GROUP BY 1 ORDER BY 1")
+        tags = await db.fetch("SELECT batch, count(*) AS n FROM points GROUP BY 1 ORDER BY 1")
         folds = [await fold(db, max_batches=5) for _ in range(4)]
         await assert_consistent(db)
 
@@ -379,14 +379,14 @@ async def test_partitions_are_created_ahead(database_url: str) -> None:
         await settle(db)
         created = await ensure_partitions(db, days_ahead=3, now=now)
         again = await ensure_partitions(db, days_ahead=3, now=now)
-        readings = await partitions(db, "readings")
+        readings = await partitions(db, "points")
         rollup_parts = await partitions(db, "readings_1m")
         # ... and moves into its partition when that is created.
-        where = await db.fetchval("SELECT tableoid::regclass::text FROM readings")
+        where = await db.fetchval("SELECT tableoid::regclass::text FROM points")
         where_1m = await db.fetchval("SELECT tableoid::regclass::text FROM readings_1m")
         pkeys = await db.fetchval(
-            "SELECT count(*) FROM pg_indexes WHERE tablename = 'readings_p20240601'"
-            " AND indexdef LIKE '%(device_id, metric, ts)'"
+            "SELECT count(*) FROM pg_indexes WHERE tablename = 'points_p20240601'"
+            " AND indexdef LIKE '%(series_id, ts)'"
         )
         # Both instances at once: one creates, the other finds nothing left to do.
         other = await asyncpg.connect(database_url)
@@ -399,16 +399,19 @@ async def test_partitions_are_created_ahead(database_url: str) -> None:
         finally:
             await other.close()
 
+    days = ("20240530", "20240531", "20240601", "20240602")
     assert created == [
-        "readings_p20240530", "readings_p20240531", "readings_p20240601", "readings_p20240602",
+        *(f"points_p{d}" for d in days), *(f"text_points_p{d}" for d in days),
         "readings_1m_p202405", "readings_1m_p202406",
     ]  # fmt: skip
     assert again == []
-    assert readings == ["readings_default", *created[:4]]
+    assert readings == ["points_default", *created[:4]]
     assert rollup_parts == ["readings_1m_default", "readings_1m_p202405", "readings_1m_p202406"]
-    assert (where, where_1m) == ("readings_p20240601", "readings_1m_p202406")
+    assert (where, where_1m) == ("points_p20240601", "readings_1m_p202406")
     assert pkeys == 1
-    assert sorted(a + b) == ["readings_p20240610", "readings_p20240611"]
+    assert sorted(a + b) == [
+        "points_p20240610", "points_p20240611", "text_points_p20240610", "text_points_p20240611"
+    ]  # fmt: skip
 
 
 async def test_retention_drops_only_what_it_should(database_url: str) -> None:
@@ -446,7 +449,10 @@ async def test_retention_drops_only_what_it_should(database_url: str) -> None:
         )
 
     # Cutoff 2024-05-31 06:00: the partitions of May 1 to May 30 end before it, May 31's not.
-    assert dropped == [f"readings_p202405{d:02d}" for d in range(1, 31)]
+    assert dropped == [
+        *(f"points_p202405{d:02d}" for d in range(1, 31)),
+        *(f"text_points_p202405{d:02d}" for d in range(1, 31)),
+    ]
     assert [r["day"].isoformat() for r in left] == [
         "2024-05-31",
         *(f"2024-06-{d:02d}" for d in range(1, 10)),
@@ -484,7 +490,8 @@ async def test_rollup_partitions_expire_by_month(database_url: str) -> None:
         fleet = await db.fetchval("SELECT array_agg(n) FROM readings_fleet_1m")
 
     assert dropped == [
-        *(f"readings_p{date(2024, 5, 1) + timedelta(days=i):%Y%m%d}" for i in range(71)),
+        *(f"points_p{date(2024, 5, 1) + timedelta(days=i):%Y%m%d}" for i in range(71)),
+        *(f"text_points_p{date(2024, 5, 1) + timedelta(days=i):%Y%m%d}" for i in range(71)),
         "readings_1m_p202405",
         "readings_1m_p202406",
     ]
@@ -501,11 +508,11 @@ async def test_maintain_runs_at_start_and_survives_an_unreachable_database(
         settings = Settings(database_url=database_url, retention="30d", partition_days_ahead=2)
         with anyio.move_on_after(3):
             await maintain(database_url, settings, log)
-        names = await partitions(db, "readings")
+        names = await partitions(db, "points")
     today = datetime.now(UTC).date()
     assert names == [
-        "readings_default",
-        *(f"readings_p{today + timedelta(days=d):%Y%m%d}" for d in range(3)),
+        "points_default",
+        *(f"points_p{today + timedelta(days=d):%Y%m%d}" for d in range(3)),
     ]
 
     dead = "postgresql://postgres@127.0.0.1:1/nothing"
@@ -554,14 +561,14 @@ async def test_migrating_an_unpartitioned_installation_keeps_its_data(database_u
 
         after = await conn.fetch(_ROWS)
         kind = await conn.fetchval("SELECT relkind FROM pg_class WHERE oid = 'readings'::regclass")
-        parts = await partitions(conn, "readings")
+        parts = await partitions(conn, "points")
         bound = await conn.fetchval(
-            "SELECT pg_get_expr(relpartbound, oid) FROM pg_class WHERE relname = 'readings_legacy'"
+            "SELECT pg_get_expr(relpartbound, oid) FROM pg_class WHERE relname = 'points_legacy'"
         )
-        legacy_rows = await conn.fetchval("SELECT count(*) FROM readings_legacy")
+        legacy_rows = await conn.fetchval("SELECT count(*) FROM points_legacy")
         pkey = await conn.fetchval(
             "SELECT pg_get_constraintdef(oid) FROM pg_constraint"
-            " WHERE conrelid = 'readings'::regclass AND contype = 'p'"
+            " WHERE conrelid = 'points'::regclass AND contype = 'p'"
         )
         with pytest.raises(asyncpg.UniqueViolationError):
             await conn.execute("INSERT INTO readings VALUES ($1, $2, $3, $4)", *old[7])
@@ -583,11 +590,11 @@ async def test_migrating_an_unpartitioned_installation_keeps_its_data(database_u
 
     assert applied == [m.version for m in load_migrations()[1:]]
     assert [tuple(r) for r in after] == [tuple(r) for r in before]
-    assert kind == b"p"
-    assert parts[:2] == ["readings_default", "readings_legacy"]
+    assert kind == b"v"  # a view over points (migrations/0006_series.sql)
+    assert parts[:2] == ["points_default", "points_legacy"]
     assert bound is not None and bound.startswith("FOR VALUES FROM (MINVALUE) TO (")
     assert legacy_rows == len(old)  # the future row moved out (default, then its partition)
-    assert pkey == "PRIMARY KEY (device_id, metric, ts)"
-    assert f"readings_p{tomorrow:%Y%m%d}" in created
-    assert f"readings_p{now:%Y%m%d}" not in created
+    assert pkey == "PRIMARY KEY (series_id, ts)"
+    assert f"points_p{tomorrow:%Y%m%d}" in created
+    assert f"points_p{now:%Y%m%d}" not in created
     assert (redelivered.inserted, redelivered.duplicates, fresh.inserted) == (0, 1, 1)

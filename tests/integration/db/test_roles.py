@@ -34,11 +34,11 @@ from ingest.settings import Settings
 from tests.integration.support import Daemon, Publisher, query, scalar, unique_topic, wait_until
 
 READER_RELATIONS = [
-    "readings", "devices", "latest_readings", "readings_1m", "readings_fleet_1m",
-    "device_status", "fleet_status", "current_values", "fleet_summary_1h", "dead_letters_summary",
+    "readings", "text_readings", "series", "devices", "latest_readings", "latest_text",
+    "readings_1m", "readings_fleet_1m", "device_status", "fleet_status", "current_values", "fleet_summary_1h", "dead_letters_summary",
 ]  # fmt: skip
 TABLES = [
-    "readings", "dead_letters", "devices", "latest_readings", "readings_1m", "readings_fleet_1m",
+    "readings", "points", "text_points", "dead_letters", "devices", "latest_readings", "readings_1m", "readings_fleet_1m",
     "dashboard_pending", "dashboard_failed", "schema_migrations",
 ]  # fmt: skip
 
@@ -131,6 +131,8 @@ def test_migrate_makes_both_roles_once_and_grants_in_every_database(
         == {
             **{t: rw for t in TABLES if t != "schema_migrations"},
             "schema_migrations": {"SELECT"},
+            "series": {"SELECT", "INSERT", "UPDATE"},
+            "latest_text": rw,
         }
     )
     assert reader[0] == reader[1] == {t: {"SELECT"} for t in READER_RELATIONS}
@@ -157,8 +159,8 @@ def test_reader_reads_every_dashboard_relation_and_nothing_else(
         "TRUNCATE readings_fleet_1m",
         "INSERT INTO dead_letters (received_at, topic, payload, error) VALUES (now(), 't', '', 'e')",
         "CREATE TABLE mine (x int)",
-        "SELECT ingest_create_partition('readings', now())",
-        "SELECT ingest_drop_expired('readings', now())",
+        "SELECT ingest_create_partition('points', now())",
+        "SELECT ingest_drop_expired('points', now())",
     ]
 
     async def check() -> tuple[dict[str, int], asyncpg.Record | None, list[str]]:
@@ -247,7 +249,7 @@ def test_the_daemon_runs_as_a_writer_login_without_ddl(
         for r in query(
             database_url,
             "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
-            " WHERE i.inhparent = 'readings'::regclass ORDER BY 1",
+            " WHERE i.inhparent = 'points'::regclass ORDER BY 1",
         )
     ]
     today = datetime.now(UTC).date()
@@ -266,7 +268,7 @@ def test_the_daemon_runs_as_a_writer_login_without_ddl(
     assert scalar(database_url, "SELECT count(*) FROM latest_readings") == 10
     assert scalar(database_url, "SELECT count(*) FROM dashboard_pending") == 0
     assert old_partitions and not set(old_partitions) & set(parts)  # dropped by retention
-    assert f"readings_p{today:%Y%m%d}" in parts  # created ahead, through the functions
+    assert f"points_p{today:%Y%m%d}" in parts  # created ahead, through the functions
     assert scalar(database_url, "SELECT count(*) FROM dead_letters") == 1
     assert scalar(database_url, "SELECT count(*) FROM devices WHERE device_id = 'dev-gone'") == 0
     assert writer not in owners  # the writer created nothing

@@ -51,17 +51,17 @@ async def test_a_revoked_writer_stops_with_42501_and_loses_nothing(database_url:
     async with database(database_url) as db, login_with_writes(db, database_url) as (role, dsn):
         async with quick_writer(dsn) as writer:
             assert (await writer.write(first)).inserted == 4 * 2
-            await db.execute(f"REVOKE INSERT ON readings FROM {role}")
+            await db.execute(f"REVOKE INSERT ON points FROM {role}")
             with pytest.raises(FatalError, match="42501") as caught:
                 await writer.write(second)
             stats = writer.statistics()
         assert await db.fetchval("SELECT count(*) FROM dead_letters") == 0
         assert stats.dead_letters == 0 and stats.retries_by_class.get("transient", 0) == 0
         assert describe_root(caught.value) == (
-            "permission denied for table readings (SQLSTATE 42501)"
+            "permission denied for table points (SQLSTATE 42501)"
         )
 
-        await db.execute(f"GRANT INSERT ON readings TO {role}")
+        await db.execute(f"GRANT INSERT ON points TO {role}")
         async with quick_writer(dsn) as restarted:  # the daemon restarted; all redelivered
             again = await restarted.write(second)
         count = await db.fetchval("SELECT count(*) FROM readings")

@@ -27,11 +27,13 @@ def slow_trigger() -> str:
     return f"""
 CREATE FUNCTION test_slow_device() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM pg_sleep(60);
+    IF (SELECT device_id FROM series WHERE id = NEW.series_id) = '{SLOW_DEVICE}' THEN
+        PERFORM pg_sleep(60);
+    END IF;
     RETURN NULL;
 END $$;
-CREATE TRIGGER test_slow_device AFTER INSERT ON readings FOR EACH ROW
-    WHEN (NEW.device_id = '{SLOW_DEVICE}') EXECUTE FUNCTION test_slow_device();
+CREATE TRIGGER test_slow_device AFTER INSERT ON points FOR EACH ROW
+    EXECUTE FUNCTION test_slow_device();
 """
 
 

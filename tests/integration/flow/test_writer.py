@@ -129,7 +129,7 @@ async def test_dead_letters_land_in_the_same_transaction(database_url: str) -> N
         dead = await db.fetch(
             "SELECT received_at, topic, payload, error, reason, xmin FROM dead_letters"
         )
-        xmins = {r["xmin"] for r in await db.fetch("SELECT xmin FROM readings")}
+        xmins = {r["xmin"] for r in await db.fetch("SELECT xmin FROM points")}
 
     assert (result.inserted, result.dead_letters, result.dead_reasons) == (2, 1, {"not_json": 1})
     assert len(dead) == 1
@@ -196,7 +196,7 @@ async def test_poison_rows_become_dead_letters_and_neighbours_commit(database_ur
     batch[21] = message("dev-00021", ("\ud800", T0, 1.0))  # asyncpg cannot encode it
     batch[30] = malformed("dev-00030", b"{")
     async with database(database_url) as db:
-        await db.execute("ALTER TABLE readings ADD CONSTRAINT v CHECK (value < 1e6)")
+        await db.execute("ALTER TABLE points ADD CONSTRAINT v CHECK (value < 1e6)")
         async with quick_writer(database_url) as writer:
             result = await writer.write(batch)
             # The next batch is not held back by the previous one.
@@ -225,7 +225,7 @@ async def test_poison_rows_become_dead_letters_and_neighbours_commit(database_ur
 
 async def test_fatal_error_raises_and_does_not_retry(database_url: str) -> None:
     async with database(database_url) as db:
-        await db.execute("ALTER TABLE readings RENAME TO readings_old")
+        await db.execute("ALTER TABLE points RENAME TO points_old")
         async with quick_writer(database_url) as writer:
             with pytest.raises(FatalError, match="42P01") as caught:
                 async with asyncio.timeout(5):

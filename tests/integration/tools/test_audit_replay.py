@@ -312,7 +312,7 @@ def test_replay_moves_exactly_what_decodes_now(
 ) -> None:
     migrate(database_url)
     # A constraint the database enforces and the decoder does not know about.
-    query(database_url, "ALTER TABLE readings ADD CONSTRAINT sane CHECK (value < 1e6)")
+    query(database_url, "ALTER TABLE points ADD CONSTRAINT sane CHECK (value < 1e6)")
     now = datetime.now(UTC)
     dev = _topic("dev-1")
     # Stored before: dl5's two readings (other values: the first write must win) and one of
@@ -394,7 +394,7 @@ def test_replay_moves_exactly_what_decodes_now(
     assert _snapshot(database_url) == after
 
     # The database accepts dl6 now; --reason picks it alone.
-    query(database_url, "ALTER TABLE readings DROP CONSTRAINT sane")
+    query(database_url, "ALTER TABLE points DROP CONSTRAINT sane")
     assert main(["replay", *url, "--reason", "rejected_by_database", "not_json"]) == 0
     text = capsys.readouterr().out
     assert "examined 2 dead letters" in text

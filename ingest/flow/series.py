@@ -1,0 +1,267 @@
+"""Series ids and device updates for the writer (docs/design.md, "Database").
+
+:class:`SeriesCache` maps ``(device_id, metric)`` to the integer id of its ``series`` row, so
+that a batch is written as narrow ``(series_id, ts, value)`` rows. It holds one small dict of
+metric -> id per device (metric names interned: a fleet repeats a handful of them), bounded by
+``INGEST_SERIES_CACHE_SIZE`` entries; when full, the devices cached longest ago are dropped
+whole (counted in :attr:`SeriesCache.evicted`) and looked up again when they next send.
+
+:func:`resolve` finds the ids of a batch: from the cache, else from ``series``, else it creates
+the missing series in bulk (``INSERT ... ON CONFLICT DO NOTHING`` in key order, so workers racing
+on the same new series take their locks in one order and never deadlock) and reads them back.
+This runs in its own short transactions, before the batch's: a series, once cached, is
+committed, so a rolled-back batch never leaves the cache pointing at nothing. A series whose
+message is then rejected stays, with no points (harmless).
+
+:class:`DeviceMemory` remembers, bounded likewise, what the writer last stored of each device's
+tags, status and units, so a fleet whose every message repeats its tags costs nothing per
+batch: :meth:`DeviceMemory.plan` keeps only what changed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+from ingest.model import DeviceUpdate
+
+__all__ = ["DeviceMemory", "DevicePlan", "SeriesCache", "apply_plan", "resolve"]
+
+#: Ids of one batch: device -> metric -> series id.
+SeriesIds = dict[str, dict[str, int]]
+
+
+class _Conn(Protocol):
+    async def fetch(self, query: str, *args: Any) -> list[Any]: ...
+    async def execute(self, query: str, *args: Any) -> str: ...
+
+
+class SeriesCache:
+    """``(device_id, metric)`` -> series id, at most ``capacity`` entries (module docstring)."""
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity!r}")
+        self._capacity = capacity
+        self._devices: dict[str, dict[str, int]] = {}
+        self._size = 0
+        self.evicted = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def device(self, device_id: str) -> dict[str, int] | None:
+        return self._devices.get(device_id)
+
+    def add(self, device_id: str, metric: str, series_id: int) -> None:
+        metrics = self._devices.get(device_id)
+        if metrics is None:
+            while self._size >= self._capacity and self._devices:
+                self._evict_oldest()
+            metrics = self._devices[device_id] = {}
+        if metric not in metrics:
+            self._size += 1
+        metrics[sys.intern(metric)] = series_id
+
+    def _evict_oldest(self) -> None:
+        oldest = next(iter(self._devices))
+        self._size -= len(self._devices.pop(oldest))
+        self.evicted += 1
+
+
+def missing_keys(
+    cache: SeriesCache, keys: Iterable[Sequence[Any]], found: SeriesIds
+) -> set[tuple[str, str]]:
+    """The (device_id, metric) of ``keys`` (rows whose first two fields are those) that the
+    cache does not hold; ``found`` gets the cached metric dicts of the devices seen (or a new
+    dict for a device not cached). Once per row on the hot path: no tuple made per row."""
+    missing: set[tuple[str, str]] = set()
+    last: str | None = None
+    metrics: dict[str, int] = {}
+    for row in keys:
+        device_id = row[0]
+        metric = row[1]
+        if device_id is not last:
+            last = device_id
+            known = found.get(device_id)
+            if known is None:
+                known = found[device_id] = cache.device(device_id) or {}
+            metrics = known
+        if metric not in metrics:
+            missing.add((device_id, metric))
+    return missing
+
+
+_SELECT_SERIES_SQL = """
+    SELECT s.id, s.device_id, s.metric FROM series s
+    JOIN unnest($1::text[], $2::text[]) AS k (device_id, metric)
+      ON s.device_id = k.device_id AND s.metric = k.metric
+"""
+# In key order (the server's collation, the same for every worker): concurrent creators of the
+# same series wait for each other in one order, never in a cycle.
+_CREATE_SERIES_SQL = """
+    INSERT INTO series (device_id, metric)
+    SELECT device_id, metric FROM unnest($1::text[], $2::text[]) AS k (device_id, metric)
+    ORDER BY 1, 2
+    ON CONFLICT (device_id, metric) DO NOTHING
+"""
+
+
+async def resolve(
+    conn: _Conn, cache: SeriesCache, keys: Iterable[Sequence[Any]]
+) -> tuple[SeriesIds, int]:
+    """The series ids of ``keys`` (rows whose first two fields are device_id and metric: readings,
+    text readings, (device_id, metric) pairs) and how many series were created.
+    Outside any transaction of the caller's: each statement commits on its own."""
+    found: SeriesIds = {}
+    missing = missing_keys(cache, keys, found)
+    if not missing:
+        return found, 0
+    for device_id, metric in missing:
+        # UnicodeEncodeError for a name PostgreSQL cannot hold (a lone surrogate), as the COPY
+        # encoder raises it: the message becomes a dead letter that says so.
+        device_id.encode()
+        metric.encode()
+    created = 0
+    for attempt in range(2):
+        devices, metrics = zip(*sorted(missing), strict=True)
+        if attempt:
+            status = await conn.execute(_CREATE_SERIES_SQL, list(devices), list(metrics))
+            created = int(status.rsplit(" ", 1)[-1])
+        for row in await conn.fetch(_SELECT_SERIES_SQL, list(devices), list(metrics)):
+            key = (row["device_id"], row["metric"])
+            cache.add(key[0], key[1], row["id"])
+            found[key[0]][key[1]] = row["id"]
+            missing.discard(key)
+        if not missing:
+            break
+    if missing:  # a series deleted by hand between the insert and the select
+        raise LookupError(f"series of {sorted(missing)[:3]} vanished while being created")
+    return found, created
+
+
+@dataclass(slots=True)
+class _Known:
+    tags: dict[str, str] = field(default_factory=dict)
+    status_at: datetime | None = None
+    units: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class DevicePlan:
+    """What a batch's device updates change: per device (sorted) the tags that differ from
+    what was stored, the newest status, and per series the units that differ."""
+
+    devices: list[tuple[str, dict[str, str], str | None, datetime | None]]
+    units: list[tuple[str, str, str]]
+
+    def __bool__(self) -> bool:
+        return bool(self.devices or self.units)
+
+
+class DeviceMemory:
+    """What the writer last stored per device, at most ``capacity`` devices (oldest dropped:
+    their next update is written again, which is harmless)."""
+
+    def __init__(self, capacity: int) -> None:
+        self._capacity = capacity
+        self._known: dict[str, _Known] = {}
+
+    def plan(self, updates: Iterable[DeviceUpdate]) -> DevicePlan:
+        merged: dict[str, _Known] = {}
+        statuses: dict[str, str] = {}
+        for update in updates:
+            into = merged.setdefault(update.device_id, _Known())
+            if update.tags:
+                into.tags.update(update.tags)  # in receive order: the newest wins per key
+            if update.units:
+                into.units.update(update.units)
+            if (
+                update.status is not None
+                and update.status_at is not None
+                and (into.status_at is None or update.status_at > into.status_at)
+            ):
+                into.status_at = update.status_at
+                statuses[update.device_id] = update.status
+        devices: list[tuple[str, dict[str, str], str | None, datetime | None]] = []
+        units: list[tuple[str, str, str]] = []
+        for device_id in sorted(merged):
+            new = merged[device_id]
+            known = self._known.get(device_id) or _Known()
+            tags = {k: v for k, v in new.tags.items() if known.tags.get(k) != v}
+            status_at = new.status_at
+            if status_at is not None and known.status_at is not None:
+                status_at = status_at if status_at > known.status_at else None
+            if tags or status_at is not None:
+                status = statuses[device_id] if status_at is not None else None
+                devices.append((device_id, tags, status, status_at))
+            units.extend(
+                (device_id, m, u) for m, u in sorted(new.units.items()) if known.units.get(m) != u
+            )
+        return DevicePlan(devices, units)
+
+    def remember(self, plan: DevicePlan) -> None:
+        """Called once the batch holding ``plan`` committed."""
+        for device_id, tags, _status, status_at in plan.devices:
+            known = self._entry(device_id)
+            known.tags.update(tags)
+            if status_at is not None:
+                known.status_at = status_at
+        for device_id, metric, unit in plan.units:
+            self._entry(device_id).units[sys.intern(metric)] = unit
+
+    def _entry(self, device_id: str) -> _Known:
+        known = self._known.get(device_id)
+        if known is None:
+            while len(self._known) >= self._capacity:
+                del self._known[next(iter(self._known))]
+            known = self._known[device_id] = _Known()
+        return known
+
+
+# Tags merge per key, the newest wins; a status replaces the stored one only when newer. A
+# device first known from such a message gets its row now (last_ts stays NULL until a reading
+# of it is folded: ingest.db.dashboard).
+_DEVICES_SQL = """
+    INSERT INTO devices AS d (device_id, first_seen, last_seen, tags, status, status_at)
+    SELECT u.device_id, now(), now(), u.tags::jsonb, u.status, u.status_at
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[])
+        AS u (device_id, tags, status, status_at)
+    ORDER BY 1
+    ON CONFLICT (device_id) DO UPDATE SET
+        tags = d.tags || excluded.tags,
+        status = CASE WHEN excluded.status_at > d.status_at OR d.status_at IS NULL
+                      THEN coalesce(excluded.status, d.status) ELSE d.status END,
+        status_at = CASE WHEN excluded.status_at > d.status_at OR d.status_at IS NULL
+                         THEN coalesce(excluded.status_at, d.status_at) ELSE d.status_at END
+"""
+_UNITS_SQL = """
+    UPDATE series s SET unit = u.unit
+    FROM unnest($1::integer[], $2::text[]) AS u (id, unit)
+    WHERE s.id = u.id AND s.unit IS DISTINCT FROM u.unit
+"""
+
+
+async def apply_plan(conn: _Conn, plan: DevicePlan, ids: Mapping[str, Mapping[str, int]]) -> None:
+    """Store ``plan`` in the caller's (the batch's) transaction; ``ids`` holds the series of
+    its units."""
+    if plan.devices:
+        await conn.execute(
+            _DEVICES_SQL,
+            [d for d, _, _, _ in plan.devices],
+            [json.dumps(t, ensure_ascii=False) for _, t, _, _ in plan.devices],
+            [s for _, _, s, _ in plan.devices],
+            [a for _, _, _, a in plan.devices],
+        )
+    if plan.units:
+        pairs = sorted((ids[d][m], u) for d, m, u in plan.units)
+        await conn.execute(_UNITS_SQL, [i for i, _ in pairs], [u for _, u in pairs])
+
+
+def unit_keys(updates: Sequence[DeviceUpdate]) -> list[tuple[str, str]]:
+    """The (device_id, metric) of every unit the updates give: their series must exist."""
+    return [(u.device_id, m) for u in updates if u.units for m in u.units]
