@@ -31,9 +31,9 @@ __all__ = ["Batcher", "rows_of"]
 
 
 def rows_of(d: Delivery) -> int:
-    """Rows a delivery adds to a batch: its readings, or one dead letter."""
+    """Rows a delivery adds to a batch: its numeric and text readings, or one dead letter."""
     result = d.envelope.result
-    return len(result.readings) if isinstance(result, Decoded) else 1
+    return len(result.readings) + len(result.texts) if isinstance(result, Decoded) else 1
 
 
 class Batcher:

@@ -9,8 +9,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from ingest.devservers import free_port
 from tests.integration.observability.test_observability import metric, metrics_env, scrape
 from tests.integration.support import Daemon, Publisher, query, scalar, wait_until
@@ -20,11 +18,6 @@ T0 = 1_700_000_000  # 2023-11-14T22:13:20Z
 
 def at(seconds: float) -> datetime:
     return datetime.fromtimestamp(seconds, UTC)
-
-
-def has_text_storage(database_url: str) -> bool:
-    """Text readings and device tags are stored once the storage for them is migrated."""
-    return bool(scalar(database_url, "SELECT to_regclass('text_readings') IS NOT NULL"))
 
 
 def config(path: Path, p: str) -> Path:
@@ -143,8 +136,7 @@ def test_mixed_fleet_one_daemon(database_url: str, mqtt_url: str, tmp_path: Path
     assert sorted((r["topic"], bytes(r["payload"]), r["reason"]) for r in dead) == sorted(
         (f"{p}/{t}", payload, reason) for t, payload, reason in BAD
     )
-    if has_text_storage(database_url):
-        _check_texts_and_tags(database_url)
+    _check_texts_and_tags(database_url)
 
 
 def _check_texts_and_tags(database_url: str) -> None:
@@ -164,13 +156,6 @@ def _check_texts_and_tags(database_url: str) -> None:
 
 def _as_dict(value: Any) -> dict[str, Any]:
     return json.loads(value) if isinstance(value, str) else dict(value)
-
-
-def test_text_storage_assertions_wait_for_storage(database_url: str) -> None:
-    """Documents the skip below: the text and tag checks run once the storage is there."""
-    if not has_text_storage(database_url):
-        pytest.skip("text_readings is not migrated on this branch yet (text and tag storage)")
-    assert scalar(database_url, "SELECT count(*) FROM text_readings") == 0
 
 
 def test_overlapping_filters_count_duplicates(

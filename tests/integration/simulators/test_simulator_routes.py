@@ -101,15 +101,12 @@ def test_tagged_fleet_spreads_over_the_combinations(
         assert daemon.stop() == 0
     assert result["totals"]["samples"] == 40
     assert result["totals"]["rows"] == 40 * 5
-    if scalar(database_url, "SELECT to_regclass('text_readings') IS NOT NULL"):
-        rows = query(database_url, "SELECT device_id, tags FROM devices ORDER BY device_id")
-        tags = [
-            json.loads(r["tags"]) if isinstance(r["tags"], str) else dict(r["tags"]) for r in rows
-        ]
-        assert [(t["site"], t["line"]) for t in tags] == [
-            ("north", "1"),
-            ("north", "2"),
-            ("south", "1"),
-            ("south", "2"),
-        ]
-        assert all(t["source"] == "sim" for t in tags)
+    rows = query(database_url, "SELECT device_id, tags FROM devices ORDER BY device_id")
+    tags = [json.loads(r["tags"]) if isinstance(r["tags"], str) else dict(r["tags"]) for r in rows]
+    assert [(t["site"], t["line"]) for t in tags] == [
+        ("north", "1"),
+        ("north", "2"),
+        ("south", "1"),
+        ("south", "2"),
+    ]
+    assert all(t["source"] == "sim" for t in tags)
