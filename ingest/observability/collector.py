@@ -144,7 +144,7 @@ def _messages(f: _Families, s: Snapshot) -> Iterator[Metric]:
     )
     yield f.counter(
         "ingest_readings_written",
-        "Readings inserted into the readings table.",
+        "Readings inserted, numeric (readings) and text (text_readings).",
         s.writer.rows_inserted,
     )
     yield f.counter(
@@ -164,7 +164,7 @@ def _messages(f: _Families, s: Snapshot) -> Iterator[Metric]:
     )
     yield f.counter(
         "ingest_readings_duplicates",
-        "Readings not inserted because (device_id, metric, ts) was already stored.",
+        "Numeric and text readings not inserted because their series and ts were already stored.",
         s.writer.duplicates,
     )
     yield f.counter_by(
