@@ -58,12 +58,14 @@ not_object         top level is neither an object nor an array (a number, unless
 no_readings        nothing to store: an empty array, or no finite number, boolean or text
 bad_ts             ``ts`` is a bool, list, object, non-finite or unparseable
 ts_out_of_range    a sample's time is outside the window (above), or beyond the calendar
-bad_sample         an array element that is not an object
+bad_sample         an array element that is not an object, or a ``tag_fields`` value over
+                   128 characters or holding a control character
 bad_device_id      device id from the topic empty, over 128 characters or holding a
                    control character
 bad_metric         metric name empty, over 128 characters or holding a control character
 duplicate_metric   two fields of one sample flatten to one name (``{"a.b": 1, "a": {"b": 2}}``)
-bad_topic          the topic matches no route
+bad_topic          the topic matches no route, or a level that becomes a tag value is over
+                   128 characters or holds a control character
 too_large          the payload is over ``max_payload_bytes`` (decided by the source, which
                    never hands such a payload to ``decode``)
 too_many_readings  more readings, or samples, than ``max_readings_per_message``
@@ -561,11 +563,16 @@ class _Sink:
             self.out.append(build(Reading, (self.device_id, name, ts, float(value))))
         return None
 
-    def tag(self, name: str, value: Any) -> None:
-        if self.tags is not None and type(value) in (str, int, float, bool):
-            self.tags[name] = str(value).lower() if type(value) is bool else str(value)
-        else:
+    def tag(self, name: str, value: Any) -> DecodeError | None:
+        if self.tags is None or type(value) not in (str, int, float, bool):
             self.skipped += 1
+            return None
+        text = str(value).lower() if type(value) is bool else str(value)
+        fault = bad_tag_value(text)
+        if fault is not None:
+            return DecodeError("bad_sample", f"tag field {_show(name)} = {_show(text)}: {fault}")
+        self.tags[name] = text
+        return None
 
 
 def _option_sample(
@@ -635,7 +642,9 @@ def _flatten(
             if name in skip:
                 continue
             if name in tag_fields:
-                sink.tag(name, value)
+                error = sink.tag(name, value)
+                if error is not None:
+                    return error
                 continue
             if type(value) is dict and value and len(name) <= _MAX_NAME:
                 stack.append((name, iter(value.items())))
@@ -706,6 +715,15 @@ def text_fits(value: str, limits: Limits) -> bool:
 def bad_name(name: str) -> str | None:
     """Why a device id or metric name is refused, or None when it is fine."""
     return _name_fault(name) if _bad_name(name) else None
+
+
+def bad_tag_value(value: str) -> str | None:
+    """Why a tag value (a topic level or a ``tag_fields`` field) is refused, or None: the
+    rules of names but for emptiness (an empty tag value says something; an empty name
+    names nothing)."""
+    if not value or not _bad_name(value):
+        return None
+    return _name_fault(value)
 
 
 def show(value: object) -> str:

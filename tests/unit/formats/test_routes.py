@@ -209,6 +209,25 @@ def test_topic_levels_and_static_tags_become_device_tags() -> None:
     assert result.updates == (DeviceUpdate("d1", {"src": "plc", "site": "north"}),)
 
 
+@pytest.mark.parametrize(
+    "site", ["no\x01rth", "a\x00b", "tab\there", "del\x7f", "c1\x85", "x" * 129]
+)
+def test_a_topic_level_that_would_be_a_bad_tag_value_is_bad_topic(site: str) -> None:
+    routes = table({"topic": "f/{site}/{device_id}/{metric}", "format": "value"})
+    result = decode(f"f/{site}/d1/temp", b"1", RECEIVED, routes)
+    assert isinstance(result, DecodeError), result
+    assert result.reason == "bad_topic"
+    assert "tag site" in result.message
+
+
+def test_a_tag_value_of_128_characters_is_stored() -> None:
+    routes = table({"topic": "f/{site}/{device_id}/{metric}", "format": "value"})
+    site = "é" * 128
+    result = decode(f"f/{site}/d1/temp", b"1", RECEIVED, routes)
+    assert isinstance(result, Decoded), result
+    assert result.updates == (DeviceUpdate("d1", {"site": site}),)
+
+
 def test_default_route_sends_no_device_update() -> None:
     result = decode(
         "devices/d/telemetry",
