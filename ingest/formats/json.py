@@ -21,8 +21,9 @@ A route's ``[routes.json]`` options (``JsonOptions``) take the general path, ``_
 the timestamp at another (dotted) path, a list of ``{name, value, ts}`` samples, fields that
 become device tags, numbers sent as strings. The default route never goes there.
 
-Payload with ``{metric}``: a bare number (or boolean), ``{"ts": ..., "value": ...}``, or an
-array of such objects; fields other than ``ts`` and ``value`` are skipped.
+Payload with ``{metric}``: a bare number (or boolean), a bare JSON string (a text reading at
+the receive time, within the text limits), ``{"ts": ..., "value": ...}``, or an array of such
+objects; fields other than ``ts`` and ``value`` are skipped.
 
 ``ts``: absent or null -> ``received_at``; an int or float is epoch seconds, or epoch
 milliseconds when its magnitude is above 1e11; a string is RFC 3339 (``T``, ``t`` or space
@@ -207,7 +208,7 @@ def decode_json(
     options = route.options
     if metric is not None:
         result = _decode_metric(
-            doc, device_id, metric, received_at, readings, names, limits, latest
+            doc, device_id, metric, received_at, readings, texts, names, limits, latest
         )
     elif options is not None:
         if tags is None and options.tag_fields:
@@ -429,11 +430,13 @@ def _decode_metric(
     metric: str,
     received_at: datetime,
     out: list[Reading],
+    texts: list[TextReading],
     names: set[str],
     limits: Limits,
     latest: datetime,
 ) -> int | DecodeError:
-    """``{metric}`` templates: a bare value, ``{"ts":..., "value":...}``, or an array of those."""
+    """``{metric}`` templates: a bare value, ``{"ts":..., "value":...}``, or an array of those.
+    A bare string is a text reading, as a string field is (too long or holding NUL: skipped)."""
     if _bad_name(metric):
         return DecodeError("bad_metric", f"metric {_show(metric)}: {_name_fault(metric)}")
     kind = type(doc)
@@ -447,7 +450,10 @@ def _decode_metric(
         return _value_sample(doc, device_id, metric, received_at, out, limits, latest)
     if kind is list:
         return _samples(doc, device_id, received_at, out, [], metric, names, limits, latest)
-    return 1  # a string, null or non-finite number: skipped (and so no readings)
+    if kind is str and text_fits(doc, limits):
+        texts.append(build(TextReading, (device_id, metric, received_at, doc)))
+        return 0
+    return 1  # null, a non-finite number or an unfit string: skipped (and so no readings)
 
 
 def _value_sample(
