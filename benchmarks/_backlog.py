@@ -4,6 +4,12 @@ Every consumer gets the same backlog: its persistent session (``clean_session=Fa
 subscription) is registered first, then the messages are published once and the broker queues
 a copy for each session.
 
+With ``fmt="value"`` the same logical samples go out one value per topic, as the ``value``
+route format reads them: every reading of a sample is its own message on
+``devices/<id>/<metric>``, payload ``{"ts": <epoch ms>, "value": <number>}`` (the sample's
+``ts``, so a device's messages never collapse on one receive time); ``--messages`` still
+counts MQTT messages, so each carries one row.
+
 Publishing goes through ``mosquitto_pub -l -q 1`` (a C client, one message per stdin line), one
 process per device topic, ``--publishers`` of them at once. Measured here for 100,000 messages
 over 100 devices: ~3.2 s with 16 at once and ``-M 1000``, ~4.5 s with 8, ~10 s with 2; a paho
@@ -30,6 +36,8 @@ from paho.mqtt.properties import Properties
 from ingest.urls import MqttEndpoint, parse_mqtt_url
 
 __all__ = [
+    "FORMATS",
+    "VALUE_ROUTES",
     "Backlog",
     "broker_address",
     "device_id",
@@ -43,6 +51,10 @@ __all__ = [
 ]
 
 TOPIC_FILTER = "devices/+/telemetry"
+VALUE_FILTER = "devices/+/+"
+# The route table ``ingest run --config`` gets for a value-per-topic backlog.
+VALUE_ROUTES = '[[routes]]\ntopic = "devices/{device_id}/{metric}"\nformat = "value"\n'
+FORMATS = ("json", "value")
 _METRICS = ("temperature", "humidity", "battery", "rssi", "pressure", "co2", "voltage", "lux")
 
 
@@ -69,6 +81,7 @@ class Backlog:
     messages: int
     rows: int
     mean_payload_bytes: float
+    topic_filter: str = TOPIC_FILTER  # what the consumers' sessions subscribe to
 
 
 def dumps(value: Any) -> bytes:
@@ -86,11 +99,19 @@ def sample_body(ts: int, seq: int, readings: int) -> dict[str, Any]:
 
 
 def make_backlog(
-    *, messages: int, devices: int, readings: int, samples: int | None, payload_bytes: int
+    *,
+    messages: int,
+    devices: int,
+    readings: int,
+    samples: int | None,
+    payload_bytes: int,
+    fmt: str = "json",
 ) -> Backlog:
     """``messages`` spread round-robin over ``devices``; every sample has a ``ts`` (epoch ms)
     and ``seq`` unique per device. A string field (``fw``: counted by the daemon, not stored)
     pads single-sample payloads to about ``payload_bytes``."""
+    if fmt == "value":
+        return _value_backlog(messages=messages, devices=devices, readings=readings)
     base_ms = int(time.time() * 1000) - 10 * messages * (samples or 1)
     lines: dict[str, list[bytes]] = {}
     seqs = [0] * devices
@@ -123,6 +144,34 @@ def make_backlog(
     )
 
 
+def _value_backlog(*, messages: int, devices: int, readings: int) -> Backlog:
+    """The samples of the JSON backlog, each reading a message of its own (``seq`` too)."""
+    base_ms = int(time.time() * 1000) - 10 * messages
+    lines: dict[str, list[bytes]] = {}
+    seqs = [0] * devices
+    total_bytes = sent = sample_no = 0
+    while sent < messages:
+        d = sample_no % devices
+        sample_no += 1
+        seqs[d] += 1
+        body = sample_body(base_ms + seqs[d], seqs[d], readings)
+        ts = body.pop("ts")
+        for name, value in body.items():
+            if sent == messages:
+                break
+            payload = dumps({"ts": ts, "value": value})
+            lines.setdefault(f"devices/{device_id(d)}/{name}", []).append(payload)
+            total_bytes += len(payload)
+            sent += 1
+    return Backlog(
+        lines=lines,
+        messages=messages,
+        rows=messages,
+        mean_payload_bytes=round(total_bytes / max(messages, 1), 1),
+        topic_filter=VALUE_FILTER,
+    )
+
+
 def _client(client_id: str, protocol: str, *, clean: bool) -> paho.Client:
     v5 = protocol == "5"
     kwargs: dict[str, Any] = {
@@ -144,8 +193,11 @@ def _connect(client: paho.Client, broker: MqttEndpoint, protocol: str, *, clean:
         client.connect(broker.host, broker.port)
 
 
-def register_sessions(url: str, client_ids: list[str], protocol: str) -> None:
-    """A persistent session with a QoS 1 subscription for each id, then disconnect."""
+def register_sessions(
+    url: str, client_ids: list[str], protocol: str, topic_filter: str = TOPIC_FILTER
+) -> None:
+    """A persistent session with a QoS 1 subscription to ``topic_filter`` for each id, then
+    disconnect."""
     broker = broker_address(url)
     for cid in client_ids:
         client = _client(cid, protocol, clean=False)
@@ -154,7 +206,7 @@ def register_sessions(url: str, client_ids: list[str], protocol: str) -> None:
         _connect(client, broker, protocol, clean=False)
         client.loop_start()
         try:
-            client.subscribe(TOPIC_FILTER, qos=1)
+            client.subscribe(topic_filter, qos=1)
             if not subscribed.wait(10):
                 raise RuntimeError(f"no SUBACK for {cid} from {url}")
         finally:

@@ -7,6 +7,10 @@
 3. **ingest**: ``ingest run`` end to end, from process start to the last row committed with
    every message acknowledged.
 
+``--format value`` queues the same samples one value per topic (``devices/<id>/<metric>``,
+``{"ts": ..., "value": ...}``, one row a message) and gives ``ingest run`` a route table for them
+(``--config`` with one ``value`` route); the naive baseline reads only JSON and is skipped.
+
 ``--tls`` drains over a TLS listener of the same broker (``mqtts://``, certificate and host
 name verified against a throwaway CA); ``--transport both`` measures each consumer over both
 listeners on the same backlog, alternating which goes first, and prints mqtts / mqtt. The
@@ -24,6 +28,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -31,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks._backlog import (
+    FORMATS,
+    VALUE_ROUTES,
     Backlog,
     make_backlog,
     publish,
@@ -79,6 +86,14 @@ def _parser() -> argparse.ArgumentParser:
         "--inflight", type=int, default=10000, help="broker max_inflight_messages (10000)"
     )
     p.add_argument("--protocol", choices=("3.1.1", "5"), default="3.1.1")
+    p.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="json",
+        help="json: a JSON sample per message on devices/<id>/telemetry (the default route); "
+        "value: each reading its own message on devices/<id>/<metric>, drained through a "
+        "`value` route (--config); the naive baseline must be skipped",
+    )
     p.add_argument(
         "--transport",
         choices=tuple(TRANSPORTS),
@@ -248,6 +263,8 @@ def measure_ingest(
     env: Environment, a: argparse.Namespace, client_id: str, backlog: Backlog, *, tls: bool
 ) -> Result:
     args, extra_env = split_ingest_args(a.ingest_args)
+    if a.routes_file is not None:
+        args = ["--config", str(a.routes_file), *args]
     dsn = env.fresh_database("ingest")
     settings = {
         "INGEST_DATABASE_URL": dsn,
@@ -327,7 +344,7 @@ def one_run(
     tag = uuid.uuid4().hex[:6]
     consumers = [c for c in CONSUMERS if c not in a.skip]
     ids = {k: f"bench-{k.replace('_', '-')}-{tag}" for k in _keys(consumers, a.transport)}
-    register_sessions(env.mqtt_url, list(ids.values()), a.protocol)
+    register_sessions(env.mqtt_url, list(ids.values()), a.protocol, backlog.topic_filter)
     seconds = publish(env.mqtt_url, backlog, parallel=a.publishers)
     run: Result = {
         "repeat": index,
@@ -481,6 +498,7 @@ def render(config: Result, runs: Sequence[Result], summary: Result) -> str:
         f"rows (~{config['mean_payload_bytes']:.0f} B), {config['devices']} devices, "
         f"broker max_inflight_messages {config['inflight']}, MQTT {config['protocol']}, "
         f"Postgres {config['postgres']}, bare client on {config['bare_loop']}, {len(runs)} run(s)"
+        + (", one value per topic (a `value` route)" if config["format"] == "value" else "")
         + (" (median (min..max))" if len(runs) > 1 else ""),
         "publish: "
         + ", ".join(f"{r['publish_s']:.1f}s ({r['publish_msgs_per_s']:,.0f} msg/s)" for r in runs),
@@ -550,6 +568,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     a.skip = {s.strip() for s in a.skip.split(",") if s.strip()}
     if unknown := a.skip - set(CONSUMERS):
         _parser().error(f"--skip: unknown consumer(s) {', '.join(sorted(unknown))}")
+    if a.format == "value" and "naive" not in a.skip:
+        _parser().error("--format value: the naive baseline reads only JSON; add --skip naive")
     loop = a.bare_loop
     if loop == "auto":
         uvloop_on = split_ingest_args(a.ingest_args)[1].get("INGEST_UVLOOP") == "1"
@@ -560,8 +580,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         readings=a.readings,
         samples=a.samples,
         payload_bytes=a.payload_bytes,
+        fmt=a.format,
     )
     config: Result = {
+        "format": a.format,
         "messages": backlog.messages,
         "rows": backlog.rows,
         "rows_per_message": backlog.rows // backlog.messages,
@@ -582,13 +604,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs: list[Result] = []
     started = time.monotonic()
     modes = TRANSPORTS[a.transport]
-    with open_environment(
-        inflight=a.inflight,
-        database_url=a.database_url,
-        durable=a.durable,
-        tls=True in modes,
-        tuned=a.pg_tuned,
-    ) as env:
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-drain-") as tmp,
+        open_environment(
+            inflight=a.inflight,
+            database_url=a.database_url,
+            durable=a.durable,
+            tls=True in modes,
+            tuned=a.pg_tuned,
+        ) as env,
+    ):
+        a.routes_file = None
+        if a.format == "value":
+            a.routes_file = Path(tmp) / "routes.toml"
+            a.routes_file.write_text(VALUE_ROUTES)
         config["transport"] = a.transport
         config["transport_text"] = env.transport_text(modes)
         config["postgres"] = (

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from ingest.errors import ConfigError
 from ingest.urls import MqttEndpoint, UrlError, check_database_url, parse_mqtt_url, redact_url
@@ -141,8 +141,8 @@ class Settings:
         "INGEST_ROUTES", None, group=CONNECTIONS, shown="one `json` route on `INGEST_TOPIC`",
         example='[{"topic": "stat/{device_id}/{metric}", "format": "value"}]',
         help="the route table as JSON, what `[[routes]]` tables in the config file give "
-        "(README, Routes); setting it and a non-default `INGEST_TOPIC` is a configuration "
-        "error",
+        "(README, Routes); setting it and `INGEST_TOPIC` (even to its default, by any means) "
+        "is a configuration error",
     )  # fmt: skip
     client_id: str = _setting(
         "INGEST_CLIENT_ID", _default_client_id, group=CONNECTIONS, shown="`ingest-<hostname>`",
@@ -344,11 +344,10 @@ class Settings:
         # Imported here: decode imports settings' error type, not the other way round.
         from ingest.formats.decode import load_routes
 
+        # By value here (a Settings built in code); load_settings also catches a topic set
+        # to its default, by where it came from.
         if self.routes is not None and self.topic != _DEFAULT_TOPIC:
-            raise ConfigError(
-                f"{_env('topic')} and [[routes]]",
-                'both set; put the topic in a [[routes]] table (format = "json")',
-            )
+            raise ConfigError(f"{_env('topic')} and [[routes]]", _TOPIC_AND_ROUTES)
         load_routes(self)
 
     def _check_choices(self) -> None:
@@ -424,6 +423,8 @@ class Settings:
         env: dict[str, str] = {}
         for f in fields(self):
             value = getattr(self, f.name)
+            if f.name == "topic" and self.routes is not None:
+                continue  # unused beside routes, and setting both is an error
             if value is None and str(f.type).startswith("timedelta"):
                 env[_env(f.name)] = "forever"
             elif value is not None:
@@ -620,9 +621,18 @@ def load_settings(
     (flags; None values ignored)."""
     env = os.environ if environ is None else environ
     values: dict[str, Any] = {}
+    # Where each setting given came from, for errors that depend on a setting being set at
+    # all, whatever its value.
+    sources: dict[str, str] = {}
     if config_file is not None:
-        values.update(_from_file(Path(config_file)))
-    values.update(_from_environ(env))
+        from_file = _from_file(Path(config_file))
+        values.update(from_file)
+        sources |= {k: f"{config_file}: {k}" for k in from_file}
+        if "routes" in from_file:
+            sources["routes"] = "[[routes]]"
+    from_env = _from_environ(env)
+    values.update(from_env)
+    sources |= {k: _env_source(k, env) for k in from_env}
     by_name = {f.name: f for f in fields(Settings)}
     for name, raw in (overrides or {}).items():
         if raw is None:
@@ -631,8 +641,19 @@ def load_settings(
             raise KeyError(name)
         flag = "--" + name.replace("_", "-")
         values[name] = _convert(name, raw, by_name[name].type, flag)
+        sources[name] = flag
+    if "topic" in sources and "routes" in sources:
+        # Set to its default value too: the routes would silently win over it.
+        raise ConfigError(f"{sources['topic']} and {sources['routes']}", _TOPIC_AND_ROUTES)
     return Settings(**values)
 
+
+def _env_source(name: str, env: Mapping[str, str]) -> str:
+    var = _env(name)
+    return var if var in env else f"{var}_FILE"
+
+
+_TOPIC_AND_ROUTES: Final = 'both set; put the topic in a [[routes]] table (format = "json")'
 
 # Top-level tables of the config file that are not settings: each is read by its own loader.
 _OTHER_TABLES = frozenset({"routes"})

@@ -9,7 +9,7 @@ Formats: ``json`` (``ingest.formats.json``), ``value`` (``ingest.formats.value``
 is a module with a decoder and an options reader, and a line in ``FORMATS``.
 
 The name rules (device ids and metrics non-empty, at most 128 characters, no control
-character) and the limits (readings per message, the time window, text size) hold for every
+character; tag values the same but may be empty) and the limits (readings per message, the time window, text size) hold for every
 format: the dispatch checks what the topic names, each format what its payload names, with
 the shared helpers of ``ingest.formats.json``.
 """
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Final
 import orjson
 
 from ingest.errors import ConfigError, DecodeError
-from ingest.formats.json import REASONS, decode_json, json_options, show
+from ingest.formats.json import REASONS, bad_tag_value, decode_json, json_options, show
 from ingest.formats.json import bad_name as _bad_name
 from ingest.formats.limits import DEFAULT_LIMITS, Limits
 from ingest.formats.routes import FormatSpec, RouteTable, parse_routes
@@ -68,9 +68,23 @@ def decode(
             fault = _bad_name(device_id)
             if fault is not None:
                 return DecodeError("bad_device_id", f"device id {show(device_id)}: {fault}")
+        if match[2]:
+            error = _check_tags(match[2])
+            if error is not None:
+                return error
         return route.decode(match, payload, received_at, route, limits)
     except Exception as exc:  # a bug: the message must still become a dead letter
         return DecodeError("internal", f"decoder bug: {type(exc).__name__}: {show(exc)}")
+
+
+def _check_tags(tags: Mapping[str, str]) -> DecodeError | None:
+    """A topic level that would become a tag value must follow the tag rules: the topic is
+    what is wrong, as when it matches no route."""
+    for name, value in tags.items():
+        fault = bad_tag_value(value)
+        if fault is not None:
+            return DecodeError("bad_topic", f"tag {name} = {show(value)}: {fault}")
+    return None
 
 
 def single_route(topic: str) -> RouteTable:

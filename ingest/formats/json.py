@@ -21,8 +21,9 @@ A route's ``[routes.json]`` options (``JsonOptions``) take the general path, ``_
 the timestamp at another (dotted) path, a list of ``{name, value, ts}`` samples, fields that
 become device tags, numbers sent as strings. The default route never goes there.
 
-Payload with ``{metric}``: a bare number (or boolean), ``{"ts": ..., "value": ...}``, or an
-array of such objects; fields other than ``ts`` and ``value`` are skipped.
+Payload with ``{metric}``: a bare number (or boolean), a bare JSON string (a text reading at
+the receive time, within the text limits), ``{"ts": ..., "value": ...}``, or an array of such
+objects; fields other than ``ts`` and ``value`` are skipped.
 
 ``ts``: absent or null -> ``received_at``; an int or float is epoch seconds, or epoch
 milliseconds when its magnitude is above 1e11; a string is RFC 3339 (``T``, ``t`` or space
@@ -58,12 +59,14 @@ not_object         top level is neither an object nor an array (a number, unless
 no_readings        nothing to store: an empty array, or no finite number, boolean or text
 bad_ts             ``ts`` is a bool, list, object, non-finite or unparseable
 ts_out_of_range    a sample's time is outside the window (above), or beyond the calendar
-bad_sample         an array element that is not an object
+bad_sample         an array element that is not an object, or a ``tag_fields`` value over
+                   128 characters or holding a control character
 bad_device_id      device id from the topic empty, over 128 characters or holding a
                    control character
 bad_metric         metric name empty, over 128 characters or holding a control character
 duplicate_metric   two fields of one sample flatten to one name (``{"a.b": 1, "a": {"b": 2}}``)
-bad_topic          the topic matches no route
+bad_topic          the topic matches no route, or a level that becomes a tag value is over
+                   128 characters or holds a control character
 too_large          the payload is over ``max_payload_bytes`` (decided by the source, which
                    never hands such a payload to ``decode``)
 too_many_readings  more readings, or samples, than ``max_readings_per_message``
@@ -205,7 +208,7 @@ def decode_json(
     options = route.options
     if metric is not None:
         result = _decode_metric(
-            doc, device_id, metric, received_at, readings, names, limits, latest
+            doc, device_id, metric, received_at, readings, texts, names, limits, latest
         )
     elif options is not None:
         if tags is None and options.tag_fields:
@@ -427,11 +430,13 @@ def _decode_metric(
     metric: str,
     received_at: datetime,
     out: list[Reading],
+    texts: list[TextReading],
     names: set[str],
     limits: Limits,
     latest: datetime,
 ) -> int | DecodeError:
-    """``{metric}`` templates: a bare value, ``{"ts":..., "value":...}``, or an array of those."""
+    """``{metric}`` templates: a bare value, ``{"ts":..., "value":...}``, or an array of those.
+    A bare string is a text reading, as a string field is (too long or holding NUL: skipped)."""
     if _bad_name(metric):
         return DecodeError("bad_metric", f"metric {_show(metric)}: {_name_fault(metric)}")
     kind = type(doc)
@@ -445,7 +450,10 @@ def _decode_metric(
         return _value_sample(doc, device_id, metric, received_at, out, limits, latest)
     if kind is list:
         return _samples(doc, device_id, received_at, out, [], metric, names, limits, latest)
-    return 1  # a string, null or non-finite number: skipped (and so no readings)
+    if kind is str and text_fits(doc, limits):
+        texts.append(build(TextReading, (device_id, metric, received_at, doc)))
+        return 0
+    return 1  # null, a non-finite number or an unfit string: skipped (and so no readings)
 
 
 def _value_sample(
@@ -561,11 +569,16 @@ class _Sink:
             self.out.append(build(Reading, (self.device_id, name, ts, float(value))))
         return None
 
-    def tag(self, name: str, value: Any) -> None:
-        if self.tags is not None and type(value) in (str, int, float, bool):
-            self.tags[name] = str(value).lower() if type(value) is bool else str(value)
-        else:
+    def tag(self, name: str, value: Any) -> DecodeError | None:
+        if self.tags is None or type(value) not in (str, int, float, bool):
             self.skipped += 1
+            return None
+        text = str(value).lower() if type(value) is bool else str(value)
+        fault = bad_tag_value(text)
+        if fault is not None:
+            return DecodeError("bad_sample", f"tag field {_show(name)} = {_show(text)}: {fault}")
+        self.tags[name] = text
+        return None
 
 
 def _option_sample(
@@ -635,7 +648,9 @@ def _flatten(
             if name in skip:
                 continue
             if name in tag_fields:
-                sink.tag(name, value)
+                error = sink.tag(name, value)
+                if error is not None:
+                    return error
                 continue
             if type(value) is dict and value and len(name) <= _MAX_NAME:
                 stack.append((name, iter(value.items())))
@@ -706,6 +721,15 @@ def text_fits(value: str, limits: Limits) -> bool:
 def bad_name(name: str) -> str | None:
     """Why a device id or metric name is refused, or None when it is fine."""
     return _name_fault(name) if _bad_name(name) else None
+
+
+def bad_tag_value(value: str) -> str | None:
+    """Why a tag value (a topic level or a ``tag_fields`` field) is refused, or None: the
+    rules of names but for emptiness (an empty tag value says something; an empty name
+    names nothing)."""
+    if not value or not _bad_name(value):
+        return None
+    return _name_fault(value)
 
 
 def show(value: object) -> str:

@@ -50,7 +50,7 @@ def test_sigkill_with_two_routes(
     d = Daemon(
         database_url=database_url,
         mqtt_url=broker.url,
-        topic="devices/{device_id}/telemetry",
+        topic=None,  # the routes table is the config
         extra_env=meter.env,
         args=["--config", str(config)],
     )

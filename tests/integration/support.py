@@ -108,7 +108,7 @@ class Daemon:
         *,
         database_url: str,
         mqtt_url: str,
-        topic: str,
+        topic: str | None,
         client_id: str | None = None,
         extra_env: dict[str, str] | None = None,
         args: list[str] | None = None,
@@ -118,7 +118,9 @@ class Daemon:
             **os.environ,
             "INGEST_DATABASE_URL": database_url,
             "INGEST_MQTT_URL": mqtt_url,
-            "INGEST_TOPIC": topic,
+            # None: the routes come from --config or INGEST_ROUTES, and a topic beside them
+            # (even the default one) is a configuration error.
+            **({"INGEST_TOPIC": topic} if topic is not None else {}),
             "INGEST_CLIENT_ID": self.client_id,
             "INGEST_METRICS_PORT": "0",
             "INGEST_LOG_FORMAT": "json",

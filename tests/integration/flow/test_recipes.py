@@ -222,7 +222,7 @@ def test_recipe_through_the_daemon(name: str, database_url: str, mqtt_url: str) 
     with Daemon(
         database_url=database_url,
         mqtt_url=mqtt_url,
-        topic="devices/{device_id}/telemetry",
+        topic=None,
         extra_env={"INGEST_ROUTES": routes},
     ) as d:
         d.wait_subscribed()

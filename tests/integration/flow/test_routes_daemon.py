@@ -97,7 +97,7 @@ def test_mixed_fleet_one_daemon(database_url: str, mqtt_url: str, tmp_path: Path
     with Daemon(
         database_url=database_url,
         mqtt_url=mqtt_url,
-        topic="devices/{device_id}/telemetry",  # the default: the routes table is the config
+        topic=None,  # the routes table is the config
         extra_env=metrics_env(port),
         args=["--config", str(config(tmp_path / "ingest.toml", p))],
     ) as d:
@@ -177,7 +177,7 @@ def test_overlapping_filters_count_duplicates(
     with Daemon(
         database_url=database_url,
         mqtt_url=mqtt_url,
-        topic="devices/{device_id}/telemetry",
+        topic=None,
         extra_env=metrics_env(port),
         args=["--config", str(path)],
     ) as d:

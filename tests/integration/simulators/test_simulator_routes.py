@@ -58,7 +58,7 @@ def _daemon(database_url: str, mqtt_url: str, config: Path) -> Daemon:
     return Daemon(
         database_url=database_url,
         mqtt_url=mqtt_url,
-        topic="devices/{device_id}/telemetry",
+        topic=None,
         args=["--config", str(config)],
     )
 

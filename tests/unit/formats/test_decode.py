@@ -558,7 +558,7 @@ def test_metric_template(
         ("1", f"devices/dev-7/{'m' * 129}", "bad_metric"),
         ("1", "devices//temp", "bad_device_id"),
         ("1", "devices/dev-7", "bad_topic"),
-        ('"21.5"', "devices/dev-7/temp", "no_readings"),
+        ('"\\u0000"', "devices/dev-7/temp", "no_readings"),
         ("null", "devices/dev-7/temp", "no_readings"),
         ("1e400", "devices/dev-7/temp", "no_readings"),
         ("{}", "devices/dev-7/temp", "no_readings"),
@@ -575,6 +575,21 @@ def test_metric_template(
 )
 def test_metric_template_malformed(payload: str | bytes, topic: str, expected: str) -> None:
     assert reason(payload, topic=topic, template=METRIC_TEMPLATE) == expected
+
+
+@pytest.mark.parametrize("text", ["21.5", "ON", "", "é" * 512])
+def test_metric_template_bare_string_is_a_text_reading(text: str) -> None:
+    result = ok(orjson.dumps(text), topic="devices/dev-7/state", template=METRIC_TEMPLATE)
+    assert result.texts == (TextReading("dev-7", "state", RECEIVED, text),)
+    assert result.readings == [] and result.skipped == 0
+
+
+def test_metric_template_bare_string_over_the_text_limit_is_skipped() -> None:
+    long = orjson.dumps("é" * 513)  # 1026 bytes of UTF-8, over the 1024 default
+    assert reason(long, topic="devices/dev-7/state", template=METRIC_TEMPLATE) == "no_readings"
+    limits = Limits(max_text_bytes=2048)
+    result = run(long, "devices/dev-7/state", METRIC_TEMPLATE, limits)
+    assert isinstance(result, Decoded) and len(result.texts) == 1
 
 
 def test_received_at_passes_through_unchanged() -> None:

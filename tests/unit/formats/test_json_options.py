@@ -142,6 +142,19 @@ def test_tag_fields_without_other_tags() -> None:
     assert ok({"tag_fields": ["location"]}, {"t": 1, "location": [1]}).skipped == 1
 
 
+@pytest.mark.parametrize("value", ["hall\x01", "a\nb", "\x00", "c1\x9f", "x" * 129])
+def test_a_bad_tag_field_value_is_bad_sample(value: str) -> None:
+    result = run({"tag_fields": ["location"]}, {"t": 1, "location": value})
+    assert isinstance(result, DecodeError), result
+    assert result.reason == "bad_sample"
+    assert "location" in result.message
+
+
+def test_an_empty_tag_field_value_is_a_tag() -> None:
+    result = ok({"tag_fields": ["location"]}, {"t": 1, "location": ""})
+    assert result.updates == (DeviceUpdate("d1", {"location": ""}),)
+
+
 @pytest.mark.parametrize(
     ("value", "stored"),
     [("21.5", 21.5), ("-3", -3.0), ("1e2", 100.0), ("abc", "abc"), ("1,5", "1,5"), ("NaN", "NaN")],

@@ -209,6 +209,25 @@ def test_topic_levels_and_static_tags_become_device_tags() -> None:
     assert result.updates == (DeviceUpdate("d1", {"src": "plc", "site": "north"}),)
 
 
+@pytest.mark.parametrize(
+    "site", ["no\x01rth", "a\x00b", "tab\there", "del\x7f", "c1\x85", "x" * 129]
+)
+def test_a_topic_level_that_would_be_a_bad_tag_value_is_bad_topic(site: str) -> None:
+    routes = table({"topic": "f/{site}/{device_id}/{metric}", "format": "value"})
+    result = decode(f"f/{site}/d1/temp", b"1", RECEIVED, routes)
+    assert isinstance(result, DecodeError), result
+    assert result.reason == "bad_topic"
+    assert "tag site" in result.message
+
+
+def test_a_tag_value_of_128_characters_is_stored() -> None:
+    routes = table({"topic": "f/{site}/{device_id}/{metric}", "format": "value"})
+    site = "é" * 128
+    result = decode(f"f/{site}/d1/temp", b"1", RECEIVED, routes)
+    assert isinstance(result, Decoded), result
+    assert result.updates == (DeviceUpdate("d1", {"site": site}),)
+
+
 def test_default_route_sends_no_device_update() -> None:
     result = decode(
         "devices/d/telemetry",
@@ -303,6 +322,55 @@ def test_config_file_routes(tmp_path: Any) -> None:
     with pytest.raises(ConfigError) as info:
         load_settings(config_file=path, environ={"INGEST_TOPIC": "x/{device_id}"})
     assert info.value.setting == "INGEST_TOPIC and [[routes]]"
+
+
+DEFAULT_TOPIC = "devices/{device_id}/telemetry"
+ONE_ROUTE = '[[routes]]\ntopic = "a/{device_id}"\n'
+
+
+@pytest.mark.parametrize("how", ["env", "env_file", "flag", "file", "file_nested"])
+def test_topic_set_to_its_default_beside_routes_is_an_error(tmp_path: Any, how: str) -> None:
+    path = tmp_path / "ingest.toml"
+    environ: dict[str, str] = {}
+    overrides: dict[str, Any] = {}
+    text = ONE_ROUTE
+    expected = "INGEST_TOPIC and [[routes]]"
+    if how == "env":
+        environ["INGEST_TOPIC"] = DEFAULT_TOPIC
+    elif how == "env_file":
+        (tmp_path / "topic").write_text(DEFAULT_TOPIC + "\n")
+        environ["INGEST_TOPIC_FILE"] = str(tmp_path / "topic")
+        expected = "INGEST_TOPIC_FILE and [[routes]]"
+    elif how == "flag":
+        overrides["topic"] = DEFAULT_TOPIC
+        expected = "--topic and [[routes]]"
+    elif how == "file":
+        text = f'topic = "{DEFAULT_TOPIC}"\n' + ONE_ROUTE
+        expected = f"{path}: topic and [[routes]]"
+    else:
+        text = f'[ingest]\ntopic = "{DEFAULT_TOPIC}"\n' + ONE_ROUTE
+        expected = f"{path}: topic and [[routes]]"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_settings(config_file=path, environ=environ, overrides=overrides)
+    assert info.value.setting == expected
+    assert "both set" in info.value.message
+
+
+def test_topic_beside_routes_from_the_environment_is_an_error() -> None:
+    environ = {"INGEST_TOPIC": DEFAULT_TOPIC, "INGEST_ROUTES": '[{"topic": "a/{device_id}"}]'}
+    with pytest.raises(ConfigError) as info:
+        load_settings(environ=environ)
+    assert info.value.setting == "INGEST_TOPIC and INGEST_ROUTES"
+
+
+def test_routes_alone_leave_the_topic_out_of_a_workers_environment(tmp_path: Any) -> None:
+    path = tmp_path / "ingest.toml"
+    path.write_text(ONE_ROUTE)
+    settings = load_settings(config_file=path, environ={})
+    assert "INGEST_TOPIC" not in settings.to_environ()
+    # Without routes the topic travels as before.
+    assert load_settings(environ={}).to_environ()["INGEST_TOPIC"] == DEFAULT_TOPIC
 
 
 def test_config_file_bad_route_names_it(tmp_path: Any) -> None:
