@@ -482,6 +482,7 @@ async def _queries(dsn: str) -> dict[str, Any]:
         }
         out: dict[str, Any] = {"have": have}
         out["readings"] = await conn.fetchval("SELECT count(*) FROM readings")
+        out["texts"] = await conn.fetchval("SELECT count(*) FROM text_readings")
         out["dead_letters"] = await conn.fetch(
             "SELECT reason, count(*) AS n FROM dead_letters GROUP BY reason ORDER BY n DESC"
         )
@@ -530,7 +531,10 @@ def _print_summary(run: _Run) -> None:
         )
     else:
         p(f"  published     {'?':>12} (no simulator report: see {run.data_dir / 'simulator.log'})")
-    p(f"  written       {q['readings']:>12,} readings in the database")
+    p(
+        f"  written       {q['readings']:>12,} readings in the database"
+        f" (and {q['texts']:,} text readings)"
+    )
     dead = sum(r["n"] for r in q["dead_letters"])
     reasons = ", ".join(f"{r['reason']} {r['n']:,}" for r in q["dead_letters"])
     p(f"  dead letters  {dead:>12,}" + (f" ({reasons})" if reasons else ""))
