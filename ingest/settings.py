@@ -443,7 +443,7 @@ class Settings:
     def lists_brokers(self) -> bool:
         """Whether the brokers come as a list (several URLs, or ``[[brokers]]``): then only
         :meth:`broker_settings` tells each one's URL and credentials."""
-        return self.brokers is not None or bool(_lists_several(self.mqtt_url))
+        return self.brokers is not None or _lists_several(self.mqtt_url)
 
     def _check_brokers(self) -> None:
         if not self.lists_brokers:

@@ -217,3 +217,16 @@ def test_per_broker_families_get_the_broker_label() -> None:
     assert f'ingest_broker_subscribed{{broker="{B}",worker="b1-0"}} 1.0' in merged
     assert 'ingest_database_connected{worker="b1-0"} 1.0' in merged  # not about a broker
     assert merged.count("# TYPE ingest_messages_received_total counter") == 1
+
+
+def test_each_worker_set_gets_its_brokers_own_credentials(tmp_path: Path) -> None:
+    cfg = _toml(
+        tmp_path,
+        f'[ingest]\nclient_id = "c"\nmetrics_port = 0\n[[brokers]]\nurl = "{A}"\n'
+        f'[[brokers]]\nurl = "{B}"\nusername = "bob"\npassword = "s3cret"\n',
+    )
+    sup = Supervisor(load_settings(environ={}, config_file=cfg))
+    first, second = (w.env for w in sup.workers)
+    assert "INGEST_MQTT_PASSWORD" not in first and "INGEST_BROKERS" not in first
+    assert (second["INGEST_MQTT_USERNAME"], second["INGEST_MQTT_PASSWORD"]) == ("bob", "s3cret")
+    assert (first["INGEST_MQTT_URL"], second["INGEST_MQTT_URL"]) == (A, B)
