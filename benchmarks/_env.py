@@ -83,9 +83,18 @@ class Environment:
     tls_url: str | None = None
     ca_file: Path | None = None
     databases: list[str] = field(default_factory=list)
+    #: With ``brokers=K``: the other K-1 brokers (plain listeners), and their pids.
+    more_urls: list[str] = field(default_factory=list)
+    more_pids: list[int | None] = field(default_factory=list)
+
+    @property
+    def mqtt_urls(self) -> list[str]:
+        """Every broker of the environment, the first one first."""
+        return [self.mqtt_url, *self.more_urls]
 
     def pids(self) -> dict[str, int | None]:
-        return {"broker": self.broker_pid, "postgres": self.postgres_pid}
+        more = {f"broker{k}": pid for k, pid in enumerate(self.more_pids, 1)}
+        return {"broker": self.broker_pid, **more, "postgres": self.postgres_pid}
 
     def consumer_url(self, *, tls: bool) -> str:
         """Where a consumer connects: the plain listener, or the TLS one."""
@@ -170,7 +179,10 @@ def open_environment(
     durable: bool = True,
     tls: bool = False,
     tuned: bool = False,
+    brokers: int = 1,
 ) -> Iterator[Environment]:
+    """The servers; ``brokers`` > 1 starts that many Mosquitto instances (the first has the
+    TLS listener, when asked for)."""
     with contextlib.ExitStack() as stack:
         listeners: list[Listener] = []
         ca_file: Path | None = None
@@ -184,6 +196,10 @@ def open_environment(
             Mosquitto(overrides={"max_inflight_messages": str(inflight)}, listeners=listeners)
         )
         broker_pid = _pid_by_cmdline(str(broker.dir / "mosquitto.conf"))
+        more = [
+            stack.enter_context(Mosquitto(overrides={"max_inflight_messages": str(inflight)}))
+            for _ in range(brokers - 1)
+        ]
         if database_url is None:
             cluster = stack.enter_context(PostgresCluster())
             settings = dict(_BENCH_SETTINGS)
@@ -211,6 +227,8 @@ def open_environment(
             external_db=database_url is not None,
             tls_url=f"mqtts://127.0.0.1:{broker.ports[1]}" if tls else None,
             ca_file=ca_file,
+            more_urls=[b.url for b in more],
+            more_pids=[_pid_by_cmdline(str(b.dir / "mosquitto.conf")) for b in more],
         )
         try:
             yield env

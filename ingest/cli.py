@@ -121,7 +121,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ingest.runtime.supervisor import run_supervisor
 
         try:
-            return run_supervisor(settings) if settings.workers > 1 else run_daemon(settings)
+            brokers = settings.broker_settings()  # one Settings per broker
+            if settings.workers > 1 or len(brokers) > 1:
+                return run_supervisor(settings)
+            return run_daemon(brokers[0])
         except ConfigError as exc:
             print(f"ingest: configuration error: {exc}", file=sys.stderr)
             return EXIT_CONFIG

@@ -21,7 +21,14 @@ from pathlib import Path
 from typing import Any, Final
 
 from ingest.errors import ConfigError
-from ingest.urls import MqttEndpoint, UrlError, check_database_url, parse_mqtt_url, redact_url
+from ingest.urls import (
+    MqttEndpoint,
+    UrlError,
+    check_database_url,
+    parse_mqtt_url,
+    redact_url,
+    split_mqtt_urls,
+)
 
 __all__ = [
     "MqttEndpoint",
@@ -37,6 +44,7 @@ __all__ = [
 
 _PROTOCOLS = ("3.1.1", "5")
 _DEFAULT_TOPIC = "devices/{device_id}/telemetry"
+_DEFAULT_MQTT_URL = "mqtt://localhost:1883"
 _LOG_FORMATS = ("auto", "json", "text")
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -95,9 +103,20 @@ class Settings:
         "`?sslmode=verify-full&sslrootcert=...&sslcert=...&sslkey=...`",
     )  # fmt: skip
     mqtt_url: str = _setting(
-        "INGEST_MQTT_URL", "mqtt://localhost:1883", group=CONNECTIONS, secret_url=True,
+        "INGEST_MQTT_URL", _DEFAULT_MQTT_URL, group=CONNECTIONS, secret_url=True,
         help="broker, `mqtt://[user:pass@]host[:port]` or `mqtts://...` (TLS, certificate and "
-        "host name always verified)",
+        "host name always verified); several brokers separated by commas, each served by its "
+        "own worker set (README, Several brokers)",
+    )  # fmt: skip
+    # -- brokers: [[brokers]] in the config file, carried as JSON like the routes -------------
+    brokers: str | None = _setting(
+        "INGEST_BROKERS", None, group=CONNECTIONS, secret=True,
+        shown="the brokers of `INGEST_MQTT_URL`",
+        example='[{"url": "mqtts://b1:8883", "ca_file": "/run/secrets/b1-ca.pem"}]',
+        help="the broker list as JSON, what `[[brokers]]` tables in the config file give: "
+        "`url` and, per broker, `username`, `password`, `ca_file`, `cert_file`, `key_file` "
+        "(else the `INGEST_MQTT_*` settings); setting it and `INGEST_MQTT_URL` is a "
+        "configuration error",
     )  # fmt: skip
     mqtt_username: str | None = _setting(
         "INGEST_MQTT_USERNAME", None, group=CONNECTIONS, example="ingest",
@@ -217,8 +236,9 @@ class Settings:
     )  # fmt: skip
     workers: int = _setting(
         "INGEST_WORKERS", 1, group=FLOW,
-        help="worker processes sharing one subscription (client ids `<client_id>-<i>`, shared "
-        "group `INGEST_SHARE_GROUP` or the client id); the parent supervises them",
+        help="worker processes per broker sharing one subscription (client ids "
+        "`<client_id>-<i>`, with several brokers `<client_id>-b<k>-<i>`; shared group "
+        "`INGEST_SHARE_GROUP` or the client id); the parent supervises them",
     )  # fmt: skip
     # -- limits on what one device message may cost (docs/design.md, Limits) ----------------
     max_payload_bytes: int = _setting(
@@ -336,8 +356,7 @@ class Settings:
             except UrlError as exc:  # its message never quotes the URL
                 raise ConfigError(_env("database_url"), str(exc)) from None
         self._check_upkeep()
-        self.mqtt_endpoint()  # validates the URL
-        self._check_no_plaintext_with_tls_files()
+        self._check_brokers()
         self._check_routes()
 
     def _check_routes(self) -> None:
@@ -411,11 +430,69 @@ class Settings:
             raise ConfigError(_env("mqtt_password"), f"needs {_env('mqtt_username')} too")
 
     def mqtt_endpoint(self) -> MqttEndpoint:
-        """The broker as the URL gives it (ingest/urls.py); raises ConfigError."""
+        """The broker as the URL gives it (ingest/urls.py); raises ConfigError. Settings of
+        several brokers have none: see :meth:`broker_settings`."""
+        if self.lists_brokers:
+            raise ConfigError(_env("mqtt_url"), "a list of brokers: see broker_settings()")
         try:
             return parse_mqtt_url(self.mqtt_url)
         except UrlError as exc:  # its message never quotes the URL
             raise ConfigError(_env("mqtt_url"), str(exc)) from None
+
+    @property
+    def lists_brokers(self) -> bool:
+        """Whether the brokers come as a list (several URLs, or ``[[brokers]]``): then only
+        :meth:`broker_settings` tells each one's URL and credentials."""
+        return self.brokers is not None or _lists_several(self.mqtt_url)
+
+    def _check_brokers(self) -> None:
+        if not self.lists_brokers:
+            self.mqtt_endpoint()  # validates the URL
+            self._check_no_plaintext_with_tls_files()
+            return
+        if self.brokers is not None and self.mqtt_url != _DEFAULT_MQTT_URL:
+            # By value here (a Settings built in code); load_settings catches it by source.
+            raise ConfigError(f"{_env('mqtt_url')} and [[brokers]]", _URL_AND_BROKERS)
+        self.broker_settings()  # validates every broker, and that none is listed twice
+
+    def broker_settings(self) -> tuple[Settings, ...]:
+        """One single-broker Settings per broker, in the order given (broker ``k`` is the
+        ``k``-th, 0-based): its URL, and its own credentials and TLS files, else these
+        settings'. Just ``(self,)`` for one URL and no ``[[brokers]]``. Raises ConfigError
+        naming the broker; a broker listed twice is one too."""
+        if not self.lists_brokers:
+            return (self,)
+        out: list[Settings] = []
+        seen: dict[str, str] = {}
+        for where, values in self._broker_entries():
+            try:
+                one = dataclasses.replace(self, brokers=None, **values)
+            except ConfigError as exc:
+                where_exactly = _broker_setting(where, exc.setting, values)
+                raise ConfigError(where_exactly, exc.message) from None
+            name = one.mqtt_endpoint().name()
+            if name in seen:
+                raise ConfigError(where, f"{name} is listed twice (also {seen[name]})")
+            seen[name] = where
+            out.append(one)
+        return tuple(out)
+
+    def _broker_entries(self) -> list[tuple[str, dict[str, Any]]]:
+        """(where, the fields that broker sets) for each broker."""
+        if self.brokers is None:
+            try:
+                urls = split_mqtt_urls(self.mqtt_url)
+            except UrlError as exc:
+                raise ConfigError(_env("mqtt_url"), str(exc)) from None
+            var = _env("mqtt_url")
+            return [(f"{var}[{k}]", {"mqtt_url": u}) for k, u in enumerate(urls)]
+        try:
+            raw = json.loads(self.brokers)
+        except ValueError:
+            raise ConfigError(_env("brokers"), "not JSON") from None  # never quote: passwords
+        if not isinstance(raw, list) or not raw:
+            raise ConfigError("brokers", "must be a non-empty array of tables ([[brokers]])")
+        return [_broker_entry(k, entry) for k, entry in enumerate(raw)]
 
     def to_environ(self) -> dict[str, str]:
         """The settings as ``INGEST_*`` variables that load back to these same settings
@@ -628,8 +705,8 @@ def load_settings(
         from_file = _from_file(Path(config_file))
         values.update(from_file)
         sources |= {k: f"{config_file}: {k}" for k in from_file}
-        if "routes" in from_file:
-            sources["routes"] = "[[routes]]"
+        for table in _OTHER_TABLES & from_file.keys():
+            sources[table] = f"[[{table}]]"
     from_env = _from_environ(env)
     values.update(from_env)
     sources |= {k: _env_source(k, env) for k in from_env}
@@ -645,6 +722,8 @@ def load_settings(
     if "topic" in sources and "routes" in sources:
         # Set to its default value too: the routes would silently win over it.
         raise ConfigError(f"{sources['topic']} and {sources['routes']}", _TOPIC_AND_ROUTES)
+    if "mqtt_url" in sources and "brokers" in sources:
+        raise ConfigError(f"{sources['mqtt_url']} and {sources['brokers']}", _URL_AND_BROKERS)
     return Settings(**values)
 
 
@@ -654,9 +733,57 @@ def _env_source(name: str, env: Mapping[str, str]) -> str:
 
 
 _TOPIC_AND_ROUTES: Final = 'both set; put the topic in a [[routes]] table (format = "json")'
+_URL_AND_BROKERS: Final = "both set; put every broker in a [[brokers]] table (url = ...)"
 
 # Top-level tables of the config file that are not settings: each is read by its own loader.
-_OTHER_TABLES = frozenset({"routes"})
+_OTHER_TABLES = frozenset({"routes", "brokers"})
+
+# A [[brokers]] table's keys and the settings they stand for, for that broker.
+_BROKER_KEYS: Final = {
+    "url": "mqtt_url",
+    "username": "mqtt_username",
+    "password": "mqtt_password",
+    "ca_file": "mqtt_ca_file",
+    "cert_file": "mqtt_cert_file",
+    "key_file": "mqtt_key_file",
+}
+
+
+def _lists_several(text: str) -> bool:
+    """Whether ``text`` lists more than one URL (it does not check them)."""
+    try:
+        return len(split_mqtt_urls(text)) > 1
+    except UrlError:
+        return True  # a stray comma: reported by broker_settings, naming the setting
+
+
+def _broker_entry(k: int, entry: Any) -> tuple[str, dict[str, Any]]:
+    where = f"brokers[{k}]"
+    if not isinstance(entry, dict):
+        raise ConfigError(where, "must be a table")
+    unknown = sorted(set(entry) - set(_BROKER_KEYS))
+    if unknown:
+        raise ConfigError(where, f"unknown key {unknown[0]!r} (known: {', '.join(_BROKER_KEYS)})")
+    if "url" not in entry:
+        raise ConfigError(where, "url: missing (the broker's mqtt:// or mqtts:// URL)")
+    values: dict[str, Any] = {}
+    for key, value in entry.items():
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}.{key}", "must be a string")
+        values[_BROKER_KEYS[key]] = value
+    return where, values
+
+
+def _broker_setting(where: str, setting: str, values: Mapping[str, Any]) -> str:
+    """Which setting of which broker an error is about: ``brokers[1].ca_file`` when that
+    broker set it, ``INGEST_MQTT_CA_FILE for brokers[1]`` when it came from the settings."""
+    for key, name in _BROKER_KEYS.items():
+        if setting == _env(name):
+            if name == "mqtt_url" and where.startswith(_env("mqtt_url")):
+                return where
+            if name in values:
+                return f"{where}.{key}"
+    return f"{setting} for {where}"
 
 
 def _from_file(path: Path) -> dict[str, Any]:
@@ -674,20 +801,21 @@ def _from_file(path: Path) -> dict[str, Any]:
                 f"{path}: {key}", "unknown table or setting (settings go in [ingest])"
             )
     by_name = {f.name: f for f in fields(Settings)}
+    # [[routes]] and [[brokers]]: arrays of tables, carried as JSON (a string is the JSON).
+    tables = {
+        name: json.dumps(data[name], default=str)
+        for name in _OTHER_TABLES
+        if name in data and not isinstance(data[name], str)
+    }
     values: dict[str, Any] = {}
-    if "routes" in data and not isinstance(data["routes"], str):
-        values_routes = json.dumps(data["routes"], default=str)
-    else:
-        values_routes = None
     for key, raw in table.items():
         name = key.replace("-", "_")
-        if not nested and name in _OTHER_TABLES and values_routes is not None:
+        if not nested and name in tables:
             continue
         if name not in by_name:
             raise ConfigError(f"{path}: {key}", "unknown setting")
         values[name] = _convert(name, raw, by_name[name].type, f"{path}: {key}")
-    if values_routes is not None:
-        values["routes"] = values_routes
+    values |= tables
     return values
 
 

@@ -7,6 +7,9 @@ a database, query parameters). In the user name and password ``/ ? # @ [ ]`` mus
 percent-encoded; an unencoded one is an error, never a guess, because a guess would move part
 of the password into the host, the path or the query, and from there into a log line.
 
+Several brokers are one string of URLs separated by commas (:func:`split_mqtt_urls`); a broker
+is named, in metrics and the database, by its URL without user info (:func:`broker_name`).
+
 A :class:`UrlError` never quotes the URL: it names what is wrong and how to fix it. Logs show
 URLs through :func:`redact_url`, which hides the password whatever the string looks like.
 Pure functions on strings: no I/O, nothing of the daemon's decoding, so the simulator can use it.
@@ -24,10 +27,12 @@ __all__ = [
     "MQTT_SHAPE",
     "MqttEndpoint",
     "UrlError",
+    "broker_name",
     "check_database_url",
     "parse_mqtt_url",
     "redact_url",
     "redact_urls_in",
+    "split_mqtt_urls",
 ]
 
 MQTT_SHAPE = "mqtt://[user:pass@]host[:port] or mqtts://..."
@@ -77,6 +82,12 @@ class MqttEndpoint:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{scheme}://{user}{host}:{self.port}"
 
+    def name(self) -> str:
+        """``mqtt[s]://host:port``, without user info: how a broker is named in metrics,
+        ``/readyz`` and the database (never with a user name or password)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'mqtts' if self.tls else 'mqtt'}://{host}:{self.port}"
+
 
 @dataclass(frozen=True, slots=True)
 class _Parts:
@@ -107,6 +118,27 @@ def parse_mqtt_url(url: str) -> MqttEndpoint:
     )
 
 
+# A comma that starts the next URL of a list: one followed by a scheme. A comma inside a
+# password (which urls.py lets through unencoded) is not followed by "scheme://".
+_NEXT_URL = re.compile(r",(?=\s*[A-Za-z][A-Za-z0-9+.-]*://)")
+
+
+def split_mqtt_urls(text: str) -> list[str]:
+    """``"mqtt://a:1883,mqtt://b:1883"`` -> the two URLs (not parsed; see
+    :func:`parse_mqtt_url`). A single URL, a comma in its password included, is one item.
+    Raises :class:`UrlError` on an empty item (a stray comma)."""
+    items = [item.strip() for item in _NEXT_URL.split(text)]
+    if any(not item for item in items) or text.strip().endswith(","):
+        raise UrlError("an empty broker in the list (a stray ',')")
+    return items
+
+
+def broker_name(url: str) -> str:
+    """The broker of ``url`` as metrics and the database name it: ``mqtt://host:port``,
+    without user info. Raises :class:`UrlError`."""
+    return parse_mqtt_url(url).name()
+
+
 def check_database_url(url: str) -> None:
     """Check a PostgreSQL DSN the way the daemon needs it; raises :class:`UrlError`.
 
@@ -117,13 +149,17 @@ def check_database_url(url: str) -> None:
 
 
 def redact_url(url: str) -> str:
-    """The URL with its password (and any ``password=`` parameter) replaced by ``***``.
+    """The URL with its password (and any ``password=`` parameter) replaced by ``***``; in a
+    list of URLs (:func:`split_mqtt_urls`), each one's.
 
     A URL that parses keeps its user name, hosts, path and query. One that does not parse
     loses everything between ``://`` and its last ``@`` (where a password could hide), or
     everything after ``://`` when it has no ``@``; a string that is not a URL at all is not
     shown. Never raises.
     """
+    pieces = _NEXT_URL.split(url)
+    if len(pieces) > 1:  # several brokers: each URL on its own
+        return ",".join(redact_url(piece.strip()) for piece in pieces)
     match = _SCHEME.match(url)
     if match is None:
         return "<not a URL>"

@@ -12,7 +12,7 @@ import re
 import secrets
 from dataclasses import dataclass, field, replace
 
-from ingest.urls import MqttEndpoint, UrlError
+from ingest.urls import MqttEndpoint, UrlError, split_mqtt_urls
 from ingest.urls import parse_mqtt_url as _parse_url
 from simulators._errors import ConfigError
 from simulators._mqtt import tls_context
@@ -132,6 +132,8 @@ class SimulatorConfig:
     and ``seed`` to a random one (it is reported, so a run can be repeated).
     """
 
+    #: One broker URL, or several separated by commas (``--mqtt-url`` repeated): device ``i``
+    #: (0-based) publishes to broker ``i mod K``.
     mqtt_url: str = DEFAULT_MQTT_URL
     devices: int = 10
     rate: float = 1.0
@@ -170,10 +172,13 @@ class SimulatorConfig:
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None
+    #: The brokers of ``mqtt_url``, in order; ``broker`` is the first.
+    brokers: tuple[MqttUrl, ...] = field(init=False, repr=False, compare=False)
     broker: MqttUrl = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "broker", self._broker())
+        object.__setattr__(self, "brokers", self._brokers())
+        object.__setattr__(self, "broker", self.brokers[0])
         _positive_int("--devices", self.devices, MAX_DEVICES)
         _finite("--rate", self.rate, 0.0, MAX_RATE, open_low=True)
         if self.count is not None and self.duration is not None:
@@ -231,10 +236,25 @@ class SimulatorConfig:
         _positive_int("inflight_window", self.inflight_window, 65_000)
         _positive_int("keepalive", self.keepalive, 65_535)
 
-    def _broker(self) -> MqttEndpoint:
+    def _brokers(self) -> tuple[MqttEndpoint, ...]:
+        """Each URL's endpoint with the credentials and TLS files; a broker given twice is
+        an error (its devices would be counted against the other)."""
+        try:
+            urls = split_mqtt_urls(self.mqtt_url)
+        except UrlError as exc:
+            raise ConfigError("--mqtt-url", str(exc)) from None
+        out: dict[str, MqttEndpoint] = {}
+        for url in urls:
+            endpoint = self._broker(url)
+            if endpoint.name() in out:
+                raise ConfigError("--mqtt-url", f"{endpoint.name()} is given twice")
+            out[endpoint.name()] = endpoint
+        return tuple(out.values())
+
+    def _broker(self, text: str) -> MqttEndpoint:
         """The URL's endpoint with the credentials and TLS files; files are checked here so
         that an unreadable one is a configuration error before anything connects."""
-        url = parse_mqtt_url(self.mqtt_url)
+        url = parse_mqtt_url(text)
         if self.username == "":
             raise ConfigError("--username", "must not be empty (leave it out instead)")
         username = url.username if self.username is None else self.username
@@ -289,6 +309,10 @@ class SimulatorConfig:
         for (name, _), value in zip(self.tags, combos[index % len(combos)], strict=True):
             topic = topic.replace(f"{{{name}}}", value)
         return topic
+
+    def broker_of(self, index: int) -> int:
+        """The broker (its position in ``brokers``) device ``index`` (0-based) publishes to."""
+        return index % len(self.brokers)
 
     def device_name(self, index: int) -> str:
         """The id of device ``index`` (0-based) of this fleet."""

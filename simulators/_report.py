@@ -17,6 +17,8 @@ RATE_TOLERANCE = 0.05
 
 
 DeviceCounts = tuple[int, int, int, int, int, int, int]
+#: A broker's (devices, messages, published, failed), with several brokers.
+BrokerCounts = tuple[int, int, int, int]
 DeviceKinds = tuple[int, dict[str, int]]
 
 
@@ -46,6 +48,10 @@ class ProcessResult:
     #: device id -> (extreme messages, bad messages by kind), kept with ``devices``
     kinds: dict[str, DeviceKinds] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
+    #: Connections it opened (with several brokers at least one per broker it has devices of).
+    connections: int = 0
+    #: broker name -> its devices' counts (several brokers only)
+    brokers: dict[str, BrokerCounts] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +102,9 @@ class Report:
     finished_at: str
     errors: list[str]
     per_device: dict[str, dict[str, Any]] | None
+    #: With several brokers: each one's ``devices``, ``messages``, ``published``, ``failed``
+    #: (by its URL without user info); None with one (the totals say it all).
+    brokers: dict[str, dict[str, int]] | None = None
 
     @property
     def exit_status(self) -> int:
@@ -106,6 +115,8 @@ class Report:
         data = asdict(self)
         if data["per_device"] is None:
             del data["per_device"]
+        if data["brokers"] is None:
+            del data["brokers"]
         return data
 
     def to_text(self) -> str:
@@ -152,6 +163,11 @@ class Report:
                 why = "the run was too short to measure"
             lines.append(
                 f"  BELOW TARGET: {self.rate:,.1f} msg/s achieved, {target:,.1f} asked ({why})"
+            )
+        for name, b in (self.brokers or {}).items():
+            lines.append(
+                f"  broker    {name}: {b['devices']:,} devices, published {b['published']:,}, "
+                f"failed {b['failed']:,}"
             )
         lines.extend(f"  error: {e}" for e in self.errors)
         return "\n".join(lines)
@@ -203,19 +219,28 @@ def build_report(
         connect_failures=total.connect_failures,
         interrupted=stopped is not None,
         qos=config.qos,
-        connections=config.connection_count,
+        connections=total.connections or config.connection_count,
         processes=config.processes,
         samples_per_message=config.samples_per_message,
         count=config.count,
         duration=config.duration,
         seed=config.seed_value,
         topic=config.topic,
-        mqtt_url=config.broker.redacted(),
+        mqtt_url=",".join(b.redacted() for b in config.brokers),
         started_at=_iso(started),
         finished_at=_iso(finished),
         errors=total.errors,
         per_device=dict(sorted(per_device.items())) if per_device else None,
+        brokers=_brokers(config, total) if len(config.brokers) > 1 else None,
     )
+
+
+def _brokers(config: SimulatorConfig, total: ProcessResult) -> dict[str, dict[str, int]]:
+    keys = ("devices", "messages", "published", "failed")
+    return {
+        b.name(): dict(zip(keys, total.brokers.get(b.name(), (0, 0, 0, 0)), strict=True))
+        for b in config.brokers
+    }
 
 
 def _merge(results: list[ProcessResult]) -> tuple[ProcessResult, dict[str, dict[str, Any]]]:
@@ -240,6 +265,15 @@ def _merge(results: list[ProcessResult]) -> tuple[ProcessResult, dict[str, dict[
         total.max_lag = max(total.max_lag, r.max_lag)
         total.finished = max(total.finished, r.finished)
         total.errors.extend(r.errors)
+        total.connections += r.connections
+        for name, (n, messages, published, failed) in r.brokers.items():
+            was = total.brokers.get(name, (0, 0, 0, 0))
+            total.brokers[name] = (
+                was[0] + n,
+                was[1] + messages,
+                was[2] + published,
+                was[3] + failed,
+            )
         for dev, counts in (r.devices or {}).items():
             per_device[dev] = _device(counts, r.kinds.get(dev, (0, {})))
     return total, per_device

@@ -30,6 +30,7 @@ from simulators._payloads import Device, FaultRatios
 from simulators._publisher import Publisher, Stats
 from simulators._report import (
     PER_DEVICE_LIMIT,
+    BrokerCounts,
     ProcessResult,
     Progress,
     Report,
@@ -67,7 +68,7 @@ async def run_process(config: SimulatorConfig, part: int, control: Control) -> P
     """Simulate process ``part``'s share of the fleet."""
     stats = Stats()
     devices, publishers = _fleet(config, part, stats)
-    result = ProcessResult(failures={})
+    result = ProcessResult(failures={}, connections=len(publishers))
     if not await _connect_all(publishers, control, config.connect_timeout):
         result.finished = time.time()
         return result
@@ -81,7 +82,7 @@ async def run_process(config: SimulatorConfig, part: int, control: Control) -> P
     for d in devices:
         d.start(int(start_wall * 1000.0))
     settled = await _run_all(publishers, control, stats, start, start_wall * 1000.0)
-    _fill(result, stats, devices, keep_devices=config.devices <= PER_DEVICE_LIMIT)
+    _fill(config, result, stats, devices, keep_devices=config.devices <= PER_DEVICE_LIMIT)
     result.finished = start_wall + (max(settled) - start)
     return result
 
@@ -89,7 +90,8 @@ async def run_process(config: SimulatorConfig, part: int, control: Control) -> P
 def _fleet(
     config: SimulatorConfig, part: int, stats: Stats
 ) -> tuple[list[Device], list[Publisher]]:
-    """Process ``part``'s devices, and its publishers (one per connection) sharing them."""
+    """Process ``part``'s devices, and its publishers (one per connection) sharing them: with
+    several brokers, each broker's devices on connections of their own."""
     schedule = schedule_of(config)
     faults = FaultRatios(
         config.bad_ratio, config.duplicate_ratio, config.late_ratio, config.hostile_ratio
@@ -106,14 +108,14 @@ def _fleet(
         )
         for i in process_devices(config.devices, config.processes, part)
     ]
-    groups = deal(
-        devices,
-        process_connections(config.connection_count, config.processes, part, config.devices),
+    connections = process_connections(
+        config.connection_count, config.processes, part, config.devices
     )
+    several = len(config.brokers) > 1
     publishers = [
         Publisher(
-            name=f"p{part}c{c}",
-            url=config.broker,
+            name=f"p{part}b{k}c{c}" if several else f"p{part}c{c}",
+            url=config.brokers[k],
             devices=group,
             schedule=schedule,
             qos=config.qos,
@@ -122,9 +124,24 @@ def _fleet(
             inflight_window=config.inflight_window,
             ack_timeout=config.ack_timeout,
         )
+        for k, groups in enumerate(_by_broker(config, devices, connections))
         for c, group in enumerate(groups)
     ]
     return devices, publishers
+
+
+def _by_broker(
+    config: SimulatorConfig, devices: list[Device], connections: int
+) -> list[list[list[Device]]]:
+    """For each broker, its devices dealt over its share of the process's ``connections``
+    (at least one per broker with devices, at most one per device)."""
+    brokers = len(config.brokers)
+    out = []
+    for k in range(brokers):
+        mine = [d for d in devices if config.broker_of(d.index) == k]
+        share = connections // brokers + (1 if k < connections % brokers else 0)
+        out.append(deal(mine, max(1, min(share, len(mine)))) if mine else [])
+    return out
 
 
 async def _connect_all(publishers: list[Publisher], control: Control, within: float) -> bool:
@@ -197,8 +214,25 @@ async def _run_all(
     return settled
 
 
+def _per_broker(config: SimulatorConfig, devices: list[Device]) -> dict[str, BrokerCounts]:
+    """(devices, messages, published, failed) of each broker's devices."""
+    counts = {b.name(): [0, 0, 0, 0] for b in config.brokers}
+    for d in devices:
+        c = counts[config.brokers[config.broker_of(d.index)].name()]
+        c[0] += 1
+        c[1] += d.messages
+        c[2] += d.published
+        c[3] += d.failed
+    return {name: (c[0], c[1], c[2], c[3]) for name, c in counts.items()}
+
+
 def _fill(
-    result: ProcessResult, stats: Stats, devices: list[Device], *, keep_devices: bool
+    config: SimulatorConfig,
+    result: ProcessResult,
+    stats: Stats,
+    devices: list[Device],
+    *,
+    keep_devices: bool,
 ) -> None:
     result.messages = stats.messages
     result.duplicates = stats.duplicates
@@ -213,6 +247,7 @@ def _fill(
     result.reconnects = stats.reconnects
     result.connect_failures = stats.connect_failures
     result.max_lag = stats.max_lag
+    result.brokers = _per_broker(config, devices) if len(config.brokers) > 1 else {}
     if keep_devices:
         result.devices = {
             d.device_id: (d.messages, d.published, d.failed, d.seq, d.bad, d.duplicates, d.late)

@@ -92,7 +92,9 @@ def _add_fleet_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--mqtt-url",
         metavar="URL",
-        help="broker, mqtt://[user:pass@]host[:port] or mqtts://... "
+        action="append",
+        help="broker, mqtt://[user:pass@]host[:port] or mqtts://...; repeated (or separated by "
+        "commas): the devices are dealt over the brokers, device i to broker i mod K "
         f"(default: $INGEST_MQTT_URL, else {DEFAULT_MQTT_URL})",
     )
     p.add_argument("--devices", type=int, default=10, metavar="N", help="fleet size (default 10)")
@@ -203,7 +205,8 @@ def _add_scale_flags(p: argparse.ArgumentParser) -> None:
         "--connections",
         type=int,
         metavar="C",
-        help="MQTT connections the fleet is spread over (default: min(devices, 4 x processes))",
+        help="MQTT connections the fleet is spread over, at least one per broker (default: "
+        "min(devices, 4 x processes))",
     )
     p.add_argument(
         "--processes",
@@ -299,7 +302,7 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> Simula
 
 def _config(args: argparse.Namespace, password: str | None) -> SimulatorConfig:
     return SimulatorConfig(
-        mqtt_url=args.mqtt_url or DEFAULT_MQTT_URL,
+        mqtt_url=_urls(args.mqtt_url),
         username=args.username,
         password=password,
         ca_file=args.ca_file,
@@ -323,6 +326,13 @@ def _config(args: argparse.Namespace, password: str | None) -> SimulatorConfig:
         connections=args.connections,
         processes=args.processes,
     )
+
+
+def _urls(given: list[str] | str | None) -> str:
+    """``--mqtt-url`` repeated, or ``$INGEST_MQTT_URL``: one comma-separated list."""
+    if isinstance(given, list):
+        return ",".join(given)
+    return given or DEFAULT_MQTT_URL
 
 
 class _ProgressLine:

@@ -15,15 +15,26 @@ The parent owns no data. It
   exit 0 when every worker drained cleanly, else 1;
 * serves ``/metrics`` (every worker's metrics, labelled ``worker``), ``/healthz`` (the parent
   and every worker alive) and ``/readyz`` (every worker ready) on the one metrics port.
+
+Several brokers (``INGEST_MQTT_URL`` a list, or ``[[brokers]]``): a worker set per broker,
+``--workers N`` each (worker ``i`` of broker ``k``, 0-based in the list, is
+``<client_id>-b<k>-<i>``, its ``worker`` label ``b<k>-<i>``), each set in the shared group on its
+own broker. The group keeps one name on every broker: two URLs that are nodes of one cluster
+then still deliver each message once. The metrics about messages and the broker connection
+carry a ``broker`` label (its URL without user info); ``/healthz`` and ``/readyz`` answer per
+broker, and are 200 only when every broker's workers are. One database: the workers migrate
+it under the advisory lock, so the first applies what is pending and the others find nothing.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
 import socket
 import sys
+from typing import Any
 
 import anyio
 from anyio.abc import Process
@@ -41,7 +52,7 @@ from ingest.observability.http import (
 from ingest.observability.merge import merge_expositions
 from ingest.settings import Settings, worker_environ
 
-__all__ = ["Supervisor", "run_supervisor"]
+__all__ = ["Supervisor", "run_supervisor", "worker_client_id"]
 
 EXIT_CONFIG = 2
 
@@ -52,9 +63,24 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def worker_client_id(client_id: str, worker: int, broker: int | None = None) -> str:
+    """Worker ``worker``'s MQTT client id (its persistent session): ``<client_id>-<i>`` with
+    one broker, ``<client_id>-b<k>-<i>`` for broker ``k`` (0-based) of several."""
+    if broker is None:
+        return f"{client_id}-{worker}"
+    return f"{client_id}-b{broker}-{worker}"
+
+
 class _Worker:
-    def __init__(self, index: int, env: dict[str, str], metrics_port: int) -> None:
-        self.index = index
+    def __init__(
+        self,
+        label: str,
+        env: dict[str, str],
+        metrics_port: int,
+        broker: str | None = None,
+    ) -> None:
+        self.label = label  # its metrics' worker label: "<i>", or "b<k>-<i>" with several brokers
+        self.broker = broker  # the broker's name with several brokers
         self.env = env
         self.metrics_port = metrics_port
         self.process: Process | None = None
@@ -73,34 +99,35 @@ class Supervisor:
         self.stopping = False
         self.exit_code = 0
         self._signals = 0
-        # A worker sees exactly what the parent resolved; a parent started with INGEST_X_FILE
-        # must not hand a worker both INGEST_X and INGEST_X_FILE.
-        base = worker_environ(settings, os.environ)
-        group = settings.share_group or settings.client_id
+        brokers = settings.broker_settings()
+        self.brokers = [b.mqtt_endpoint().name() for b in brokers] if len(brokers) > 1 else []
         self.workers: list[_Worker] = []
-        for i in range(settings.workers):
-            port = _free_port() if settings.metrics_port else 0
-            env = {
-                **base,
-                "INGEST_WORKERS": "1",
-                "INGEST_CLIENT_ID": f"{settings.client_id}-{i}",
-                "INGEST_SHARE_GROUP": group,
-                "INGEST_WORKER_ID": str(i),
-                "INGEST_METRICS_PORT": str(port),
-                "INGEST_METRICS_HOST": "127.0.0.1",
-            }
-            self.workers.append(_Worker(i, env, port))
+        for k, one in enumerate(brokers):
+            # A worker sees exactly what the parent resolved for its broker; a parent started
+            # with INGEST_X_FILE must not hand a worker both INGEST_X and INGEST_X_FILE.
+            base = worker_environ(one, os.environ)
+            for i in range(settings.workers):
+                self.workers.append(self._worker(base, i, k if self.brokers else None))
+
+    def _worker(self, base: dict[str, str], i: int, broker: int | None) -> _Worker:
+        s = self.settings
+        port = _free_port() if s.metrics_port else 0
+        env = {
+            **base,
+            "INGEST_WORKERS": "1",
+            "INGEST_CLIENT_ID": worker_client_id(s.client_id, i, broker),
+            "INGEST_SHARE_GROUP": s.share_group or s.client_id,
+            "INGEST_WORKER_ID": str(i) if broker is None else f"b{broker}-{i}",
+            "INGEST_METRICS_PORT": str(port),
+            "INGEST_METRICS_HOST": "127.0.0.1",
+        }
+        name = None if broker is None else self.brokers[broker]
+        return _Worker(env["INGEST_WORKER_ID"], env, port, name)
 
     async def run(self) -> int:
         # Bound before any task group, so a taken port is a plain ConfigError (exit 2).
         listener = await bind(self.settings.metrics_host, self.settings.metrics_port)
-        self.log.info(
-            "starting %d workers (client ids %s-0..%d, shared subscription group %s)",
-            len(self.workers),
-            self.settings.client_id,
-            len(self.workers) - 1,
-            self.settings.share_group or self.settings.client_id,
-        )
+        self._log_start()
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._watch_signals, signals, name="ingest[signals]")
@@ -108,9 +135,33 @@ class Supervisor:
                     tg.start_soon(self._serve, listener, name="ingest[metrics]")
                 async with anyio.create_task_group() as workers:
                     for w in self.workers:
-                        workers.start_soon(self._supervise, w, name=f"ingest[worker-{w.index}]")
+                        workers.start_soon(self._supervise, w, name=f"ingest[worker-{w.label}]")
                 tg.cancel_scope.cancel()
         return self.exit_code
+
+    def _log_start(self) -> None:
+        s = self.settings
+        group = s.share_group or s.client_id
+        if not self.brokers:
+            self.log.info(
+                "starting %d workers (client ids %s-0..%d, shared subscription group %s)",
+                len(self.workers),
+                s.client_id,
+                len(self.workers) - 1,
+                group,
+            )
+            return
+        for k, name in enumerate(self.brokers):
+            self.log.info(
+                "broker %s: starting %d workers (client ids %s-b%d-0..%d, shared subscription "
+                "group %s)",
+                name,
+                s.workers,
+                s.client_id,
+                k,
+                s.workers - 1,
+                group,
+            )
 
     async def _supervise(self, w: _Worker) -> None:
         backoff = Backoff(initial=0.5, maximum=self.settings.retry_max_delay)
@@ -130,19 +181,19 @@ class Supervisor:
             if self.stopping:
                 if code != 0:
                     self.exit_code = 1
-                self.log.info("worker %d exited with status %d", w.index, code)
+                self.log.info("worker %s exited with status %d", w.label, code)
                 return
             if code == EXIT_CONFIG:
                 w.config_failures += 1
                 if w.config_failures >= 3:
-                    self.log.error("worker %d: configuration error, stopping", w.index)
+                    self.log.error("worker %s: configuration error, stopping", w.label)
                     self.exit_code = EXIT_CONFIG
                     self._stop(signal.SIGTERM)
                     return
             delay = backoff.next_delay()
             self.log.warning(
-                "worker %d exited with status %d; restarting in %.1fs (start %d)",
-                w.index,
+                "worker %s exited with status %d; restarting in %.1fs (start %d)",
+                w.label,
                 code,
                 delay,
                 w.starts + 1,
@@ -160,7 +211,7 @@ class Supervisor:
         await anyio.sleep(self.settings.shutdown_timeout + 5)
         for w in self.workers:
             if w.alive and w.process is not None:
-                self.log.error("worker %d did not drain in time: killing it", w.index)
+                self.log.error("worker %s did not drain in time: killing it", w.label)
                 w.process.kill()
                 self.exit_code = 1
 
@@ -209,34 +260,60 @@ class Supervisor:
     async def _route(self, method: str, path: str) -> Response:
         if method not in ("GET", "HEAD"):
             return METHOD_NOT_ALLOWED
-        results: dict[int, tuple[int, bytes]] = {}
+        results: dict[str, tuple[int, bytes]] = {}
 
         async def one(w: _Worker) -> None:
             try:
-                results[w.index] = await self._fetch(w, path)
+                results[w.label] = await self._fetch(w, path)
             except (OSError, TimeoutError, ValueError, IndexError) as exc:
-                results[w.index] = (503, f'{{"error": "{type(exc).__name__}"}}'.encode())
+                results[w.label] = (503, f'{{"error": "{type(exc).__name__}"}}'.encode())
 
         async with anyio.create_task_group() as tg:
             for w in self.workers:
                 tg.start_soon(one, w)
         if path == "/metrics":
-            texts = [body.decode() for status, body in results.values() if status == 200]
-            return 200, CONTENT_TYPE_LATEST, merge_expositions(texts)
+            up = [w for w in self.workers if results[w.label][0] == 200]
+            texts = [results[w.label][1].decode() for w in up]
+            merged = merge_expositions(texts, brokers=[w.broker for w in up])
+            return 200, CONTENT_TYPE_LATEST, merged
         if path in ("/healthz", "/readyz"):
             ok = all(status == 200 for status, _ in results.values()) and all(
                 w.alive for w in self.workers
             )
+            if self.brokers:
+                return (200 if ok else 503), JSON, self._by_broker(path, results)
             body = (
                 b'{"workers": {'
                 + b", ".join(
-                    f'"{i}": '.encode() + (results[i][1].strip() or b"null")
-                    for i in sorted(results)
+                    f'"{w.label}": '.encode() + (results[w.label][1].strip() or b"null")
+                    for w in self.workers
                 )
                 + b"}}\n"
             )
             return (200 if ok else 503), JSON, body
         return NOT_FOUND
+
+    def _by_broker(self, path: str, results: dict[str, tuple[int, bytes]]) -> bytes:
+        """``{"ready": ..., "brokers": {"mqtt://host:port": {"ready": ..., "workers": {...}}}}``
+        (``healthy`` for /healthz): a broker is ready when all its workers are, each worker
+        with its own answer (the reason it is not ready)."""
+        key = "ready" if path == "/readyz" else "healthy"
+        brokers: dict[str, dict[str, Any]] = {}
+        for w in self.workers:
+            assert w.broker is not None  # several brokers: every worker has one
+            status, body = results[w.label]
+            entry = brokers.setdefault(w.broker, {key: True, "workers": {}})
+            entry["workers"][w.label] = _json_or_text(body)
+            entry[key] = entry[key] and status == 200 and w.alive
+        everything = all(entry[key] for entry in brokers.values())
+        return json.dumps({key: everything, "brokers": brokers}).encode() + b"\n"
+
+
+def _json_or_text(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except ValueError:
+        return body.decode(errors="replace").strip() or None
 
 
 def run_supervisor(settings: Settings) -> int:
