@@ -12,7 +12,8 @@ Work happens in a host in two ways: a process started through :meth:`Network.exe
 process that entered the namespace (``setns`` moves only the calling thread; sockets and child
 processes it creates stay in that namespace). :meth:`Network.close` deletes every namespace,
 also after a failure; processes still inside keep theirs alive until they end, so stop them
-first.
+first. A run killed before it could clean up leaves its namespaces behind: the next
+:meth:`Network.start` deletes those whose run's process is gone (:func:`remove_stale`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import re
 import shutil
 import subprocess
 import uuid
@@ -28,13 +30,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import ParamSpec, Self, TypeVar
 
-__all__ = ["Host", "Network", "unavailable"]
+__all__ = ["Host", "Network", "remove_stale", "unavailable"]
 
 P = ParamSpec("P")
 T = TypeVar("T")
 
 _CLONE_NEWNET = 0x40000000
-_PREFIX = "ih"  # every namespace this module makes is named ih<token>-<name>
+# Every namespace this module makes is named ih<pid>x<random>-<name>: the pid tells the
+# namespaces of a run that was killed before it could delete them (see remove_stale).
+_PREFIX = "ih"
+_NAME = re.compile(rf"^{_PREFIX}([0-9a-f]+)x[0-9a-f]+-\S+")
 
 
 def _ip() -> str | None:
@@ -64,7 +69,7 @@ def unavailable() -> str | None:
         return "network namespaces need root (CAP_NET_ADMIN, CAP_SYS_ADMIN); run the suite as root"
     if _ip() is None:
         return "no `ip` command (iproute2) to make network namespaces"
-    probe = f"{_PREFIX}{uuid.uuid4().hex[:6]}-probe"
+    probe = f"{_PREFIX}{os.getpid():x}x{uuid.uuid4().hex[:4]}-probe"
     steps = (
         ("netns", "add", probe),
         ("-n", probe, "link", "add", "v0", "type", "veth", "peer", "name", "v1"),
@@ -81,6 +86,29 @@ def unavailable() -> str | None:
         return None
     finally:
         _run("netns", "del", probe)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale() -> list[str]:
+    """Delete the namespaces of runs whose process is gone (killed before it could clean up);
+    those of runs still going are left alone. Returns the names deleted."""
+    listed = _run("netns", "list")
+    stale = []
+    for line in listed.stdout.splitlines():
+        name = line.split(maxsplit=1)[0] if line.strip() else ""
+        m = _NAME.match(name)
+        if m and not _alive(int(m.group(1), 16)) and _run("netns", "del", name).returncode == 0:
+            stale.append(name)
+    return stale
 
 
 def _enter(path: str) -> None:
@@ -109,7 +137,7 @@ class Network:
     and the hosts plugged into them."""
 
     def __init__(self, nets: Mapping[str, str]) -> None:
-        self.token = uuid.uuid4().hex[:6]
+        self.token = f"{os.getpid():x}x{uuid.uuid4().hex[:4]}"
         self.nets = dict(nets)
         self.hosts: dict[str, Host] = {}
         self._switch = self._namespace("sw")
@@ -120,6 +148,7 @@ class Network:
         return f"{_PREFIX}{self.token}-{name}"
 
     def start(self) -> Self:
+        remove_stale()
         self._add_namespace(self._switch)
         for net in self.nets:
             _must("-n", self._switch, "link", "add", f"br-{net}", "type", "bridge")
