@@ -158,6 +158,10 @@ class _ProcessBroker:
     def _command(self) -> list[str]:
         raise NotImplementedError
 
+    def _addresses(self) -> list[tuple[str, int]]:
+        """Every (address, port) the broker listens on: all must answer before it is started."""
+        return [("127.0.0.1", port) for port in self.ports]
+
     def start(self) -> Self:
         if self.running:
             return self
@@ -191,7 +195,7 @@ class _ProcessBroker:
             if self._proc.poll() is not None:
                 self._reap()
                 return False
-            if all(port_open(port) for port in self.ports):
+            if all(port_open(port, host) for host, port in self._addresses()):
                 return True
             time.sleep(0.02)
         self.kill()
@@ -245,14 +249,17 @@ class _ProcessBroker:
 
 @dataclass(frozen=True, kw_only=True)
 class Listener:
-    """One more mosquitto listener on 127.0.0.1, next to the plain one every broker has.
+    """One more mosquitto listener, next to the plain one on 127.0.0.1 every broker has.
 
-    ``port`` 0 picks a free port at the first start (kept across restarts). TLS when
+    ``host`` is the address it listens on: 127.0.0.1, or an address of the network namespace
+    the broker runs in (the multi-host tests give each host a namespace of its own). ``port``
+    0 picks a free port at the first start (kept across restarts). TLS when
     ``certfile`` and ``keyfile`` are given (PEM files, readable by whoever runs the broker);
     ``require_certificate`` makes clients present a certificate signed by ``cafile``.
     """
 
     port: int = 0
+    host: str = "127.0.0.1"
     cafile: Path | None = None
     certfile: Path | None = None
     keyfile: Path | None = None
@@ -268,7 +275,7 @@ class Listener:
 
     def config(self, port: int) -> str:
         """This listener's lines of mosquitto.conf, listening on ``port``."""
-        lines = [f"listener {port} 127.0.0.1"]
+        lines = [f"listener {port} {self.host}"]
         lines += [
             f"{key} {value}"
             for key, value in (
@@ -333,6 +340,10 @@ class MosquittoBroker(_ProcessBroker):
 
     def log_text(self) -> str:
         return _read(self.dir / "mosquitto.log") + super().log_text()
+
+    def _addresses(self) -> list[tuple[str, int]]:
+        hosts = ["127.0.0.1", *(listener.host for listener in self._listeners)]
+        return list(zip(hosts, self.ports, strict=True))
 
     def _pick_ports(self) -> None:
         super()._pick_ports()

@@ -1,4 +1,4 @@
-"""Loopback ports: a free one to listen on, and whether something listens on one."""
+"""Ports: a free one on loopback to listen on, and whether something listens on one."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ def free_port() -> int:
         return port
 
 
-def port_open(port: int) -> bool:
-    """Something accepts TCP connections on 127.0.0.1:``port``."""
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    """Something accepts TCP connections on ``host``:``port``."""
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+        with socket.create_connection((host, port), timeout=0.5):
             return True
     except OSError:
         return False

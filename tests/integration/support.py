@@ -12,7 +12,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -101,7 +101,8 @@ def fleet(template: str, devices: int, count: int, start: int = 0) -> list[tuple
 
 
 class Daemon:
-    """``python -m ingest run`` as a subprocess with its log in a file."""
+    """``python -m ingest run`` as a subprocess with its log in a file; ``prefix`` runs it
+    through another command (``["ip", "netns", "exec", "<namespace>"]``)."""
 
     def __init__(
         self,
@@ -112,6 +113,7 @@ class Daemon:
         client_id: str | None = None,
         extra_env: dict[str, str] | None = None,
         args: list[str] | None = None,
+        prefix: Sequence[str] = (),
     ) -> None:
         self.client_id = client_id or f"ingest-test-{uuid.uuid4().hex[:8]}"
         self.env = {
@@ -130,6 +132,7 @@ class Daemon:
             **(extra_env or {}),
         }
         self.args = args or []
+        self.prefix = list(prefix)
         self._dir = Path(tempfile.mkdtemp(prefix="ingest-daemon-"))
         self.log_path = self._dir / "daemon.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -141,7 +144,7 @@ class Daemon:
         log.write(f"--- run {self.runs}\n".encode())
         log.flush()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ingest", "run", *self.args],
+            [*self.prefix, sys.executable, "-m", "ingest", "run", *self.args],
             env=self.env,
             stdout=log,
             stderr=subprocess.STDOUT,

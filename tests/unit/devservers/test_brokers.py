@@ -54,6 +54,9 @@ def test_listener_config_lines() -> None:
         "require_certificate true\n"
     )
     assert brokers.Listener().config(1) == "listener 1 127.0.0.1\n"
+    assert brokers.Listener(port=1883, host="10.231.1.2").config(1883) == (
+        "listener 1883 10.231.1.2\n"
+    )
 
 
 @pytest.mark.parametrize(
