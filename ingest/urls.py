@@ -24,6 +24,7 @@ __all__ = [
     "MQTT_SHAPE",
     "MqttEndpoint",
     "UrlError",
+    "broker_name",
     "check_database_url",
     "parse_mqtt_url",
     "redact_url",
@@ -77,6 +78,13 @@ class MqttEndpoint:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{scheme}://{user}{host}:{self.port}"
 
+    def name(self) -> str:
+        """``mqtt[s]://host:port``, without user info: how a broker is named in the database
+        and in metrics (the same broker whatever login reaches it)."""
+        scheme = "mqtts" if self.tls else "mqtt"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{scheme}://{host}:{self.port}"
+
 
 @dataclass(frozen=True, slots=True)
 class _Parts:
@@ -105,6 +113,12 @@ def parse_mqtt_url(url: str) -> MqttEndpoint:
         username=username,
         password=password,
     )
+
+
+def broker_name(url: str) -> str:
+    """The name of the broker ``url`` reaches (:meth:`MqttEndpoint.name`); raises
+    :class:`UrlError`."""
+    return parse_mqtt_url(url).name()
 
 
 def check_database_url(url: str) -> None:
