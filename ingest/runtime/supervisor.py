@@ -13,6 +13,8 @@ The parent owns no data. It
   configuration error stops everything: exit 2);
 * forwards the first SIGTERM/SIGINT (each worker drains) and a second one (each worker forces);
   exit 0 when every worker drained cleanly, else 1;
+* retires, beside the new workers, the sessions an earlier and larger worker set left at the
+  broker (``ingest.runtime.surplus``; ``--no-retire-surplus`` turns it off);
 * serves ``/metrics`` (every worker's metrics, labelled ``worker``), ``/healthz`` (the parent
   and every worker alive) and ``/readyz`` (every worker ready) on the one metrics port.
 """
@@ -39,6 +41,7 @@ from ingest.observability.http import (
     serve_http,
 )
 from ingest.observability.merge import merge_expositions
+from ingest.runtime.surplus import retire_surplus
 from ingest.settings import Settings, worker_environ
 
 __all__ = ["Supervisor", "run_supervisor"]
@@ -76,6 +79,7 @@ class Supervisor:
         # A worker sees exactly what the parent resolved; a parent started with INGEST_X_FILE
         # must not hand a worker both INGEST_X and INGEST_X_FILE.
         base = worker_environ(settings, os.environ)
+        self._base_env = base
         group = settings.share_group or settings.client_id
         self.workers: list[_Worker] = []
         for i in range(settings.workers):
@@ -106,6 +110,13 @@ class Supervisor:
                 tg.start_soon(self._watch_signals, signals, name="ingest[signals]")
                 if listener is not None:
                     tg.start_soon(self._serve, listener, name="ingest[metrics]")
+                if self.settings.retire_surplus:
+                    # Beside the new workers: sessions of an earlier, larger worker set.
+                    keep = {w.env["INGEST_CLIENT_ID"] for w in self.workers}
+                    tg.start_soon(
+                        retire_surplus, self.settings, keep, self._base_env, self.log,
+                        name="ingest[retire-surplus]",
+                    )  # fmt: skip
                 async with anyio.create_task_group() as workers:
                     for w in self.workers:
                         workers.start_soon(self._supervise, w, name=f"ingest[worker-{w.index}]")
