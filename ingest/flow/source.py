@@ -166,7 +166,7 @@ class Source:
                     return
                 except aiomqtt.MqttError as exc:
                     if self._retiring:
-                        raise self._retire_failed(exc) from exc
+                        raise self._retire_failed(exc) from None  # the text names it
                     await self._retry_after(session, exc)
                 finally:
                     session.closed = True
