@@ -10,7 +10,9 @@ import sys
 import threading
 import uuid
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
+import asyncpg
 import paho.mqtt.client as paho
 
 from ingest.devservers import free_port
@@ -56,6 +58,14 @@ def session_present(mqtt_url: str, client_id: str) -> bool:
     return present
 
 
+def recorded(database_url: str) -> int:
+    """Rows of the sessions table (0 before the daemon migrated)."""
+    try:
+        return int(scalar(database_url, "SELECT count(*) FROM sessions"))
+    except asyncpg.UndefinedTableError:
+        return 0
+
+
 def sessions_cli(
     *args: str, database_url: str, mqtt_url: str | None = None, topic: str | None = None
 ) -> subprocess.CompletedProcess[str]:
@@ -84,7 +94,7 @@ def test_restart_with_fewer_workers_retires_the_surplus_sessions(
     try:
         eight.start()
         wait_until(lambda: eight.log_text().count("subscribed to $share/") >= 8, 180)
-        wait_until(lambda: scalar(database_url, "SELECT count(*) FROM sessions") == 8, 60)
+        wait_until(lambda: recorded(database_url) == 8, 60)
         assert eight.stop(timeout=90) == 0
     finally:
         eight.close()
@@ -138,7 +148,7 @@ def test_sessions_list_and_retire_from_the_command_line(
     try:
         d.start()
         d.wait_subscribed(timeout=60)
-        wait_until(lambda: scalar(database_url, "SELECT count(*) FROM sessions") == 1, 30)
+        wait_until(lambda: recorded(database_url) == 1, 30)
         listed = sessions_cli("list", "--json", database_url=database_url)
         assert listed.returncode == 0, listed.stderr
         (row,) = json.loads(listed.stdout)
@@ -209,3 +219,72 @@ def test_retire_errors_are_clear(database_url: str, mqtt_url: str) -> None:
 
     no_table = sessions_cli("list", database_url=database_url.rsplit("/", 1)[0] + "/postgres")
     assert no_table.returncode == 1 and "ingest migrate" in no_table.stderr
+
+
+def test_one_worker_after_several_retires_every_indexed_session(
+    database_url: str, mosquitto_factory: MosquittoFactory
+) -> None:
+    """``ingest run`` without --workers uses the bare client id: the sessions of an earlier
+    ``--workers 2`` (``<client_id>-0``, ``-1``) are all surplus."""
+    broker = mosquitto_factory()
+    topic = unique_topic()
+    client_id = f"ingest-test-{uuid.uuid4().hex[:8]}"
+    two = Daemon(
+        database_url=database_url, mqtt_url=broker.url, topic=topic, client_id=client_id,
+        args=["--workers", "2"],
+    )  # fmt: skip
+    try:
+        two.start()
+        wait_until(lambda: recorded(database_url) == 2, 120)
+        assert two.stop(timeout=60) == 0
+    finally:
+        two.close()
+    msgs = fleet(topic, devices=10, count=40)
+    with Publisher(broker.url) as pub:
+        pub.publish_many(msgs)
+
+    one = Daemon(database_url=database_url, mqtt_url=broker.url, topic=topic, client_id=client_id)
+    try:
+        one.start()
+        one.wait_for_log("surplus sessions retired: 2 of 2", timeout=180)
+        wait_rows(database_url, len(msgs) * 5, timeout=60)
+        assert one.stop(timeout=60) == 0
+    finally:
+        one.close()
+    assert scalar(database_url, "SELECT count(*) FROM readings") == len(msgs) * 5
+    retired = query(database_url, "SELECT client_id FROM sessions WHERE retired_at IS NOT NULL")
+    assert sorted(r[0] for r in retired) == [f"{client_id}-0", f"{client_id}-1"]
+    assert not session_present(broker.url, f"{client_id}-0")
+
+
+def test_a_session_that_cannot_be_recorded_never_stops_the_flow(
+    database_url: str, mqtt_url: str, postgres_server: str
+) -> None:
+    """A login without its privileges on ``sessions``: the daemon names the 42501 and goes on
+    storing readings; nothing becomes a dead letter."""
+    from ingest.devservers.throwaway import run_sql
+    from tests.integration.support import migrate
+
+    migrate(database_url)
+    role = f"writer_{uuid.uuid4().hex[:8]}"
+    run_sql(postgres_server, f"CREATE ROLE {role} LOGIN IN ROLE ingest_writer")
+    run_sql(database_url, "REVOKE ALL ON sessions FROM ingest_writer")
+    parts = urlsplit(database_url)
+    as_writer = urlunsplit(parts._replace(netloc=f"{role}@{parts.hostname}:{parts.port}"))
+    topic = unique_topic()
+    d = Daemon(database_url=as_writer, mqtt_url=mqtt_url, topic=topic)
+    msgs = fleet(topic, devices=5, count=20)
+    try:
+        d.start()
+        d.wait_subscribed(timeout=60)
+        with Publisher(mqtt_url) as pub:
+            pub.publish_many(msgs)
+        wait_rows(database_url, len(msgs) * 5, timeout=60)
+        d.wait_for_log("permission denied (SQLSTATE 42501)", timeout=30)
+        assert d.stop(timeout=60) == 0
+    finally:
+        d.close()
+        run_sql(postgres_server, f"DROP ROLE IF EXISTS {role}")
+    assert f"cannot record session {d.client_id}: permission denied" in d.log_text()
+    assert scalar(database_url, "SELECT count(*) FROM dead_letters") == 0
+    assert scalar(database_url, "SELECT count(*) FROM sessions") == 0
