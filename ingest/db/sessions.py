@@ -167,7 +167,14 @@ class Recorder:
 
     async def left(self) -> None:
         """After a clean drain (the session kept at the broker, nobody connected to it): a
-        later ``ingest sessions retire`` need not wait for the row to age. Best effort."""
+        later ``ingest sessions retire`` need not wait for the row to age. A connect not
+        recorded yet (stopped within a second of it) is recorded first. Best effort."""
+        connects, _ = self._status()
+        if connects > self._recorded_connects:
+            args = (self._client_id, self._broker, self._share_group)
+            if not await self._write(_UPSERT_SQL, *args, retry=False):
+                return
+            self._recorded_connects = connects
         if self._recorded_connects:
             await self._write(_LEFT_SQL, self._client_id, retry=False)
 

@@ -72,3 +72,32 @@ def test_recorder_upserts_refreshes_and_marks_a_clean_disconnect(database_url: s
     assert again["retired_at"] is None and again["disconnected_at"] is None
     assert again["first_seen"] > first["first_seen"]
     assert seen["failures"] == 0
+
+
+def test_a_daemon_stopped_within_a_second_of_connecting_is_recorded_at_its_drain(
+    database_url: str,
+) -> None:
+    """The recorder looks at the source once a second; a clean drain records a connect it
+    has not seen yet, so even that session can be found and retired."""
+    migrate(database_url)
+
+    async def go() -> dict[str, Any]:
+        recorder = Recorder(
+            database_url,
+            client_id="ingest-b-0",
+            broker="mqtt://127.0.0.1:1883",
+            share_group="ingest-b",
+            status=lambda: (1, False),
+            log=logging.getLogger("test"),
+        )
+        await recorder.left()
+        conn = await asyncpg.connect(database_url)
+        try:
+            row = await conn.fetchrow("SELECT * FROM sessions")
+            assert row is not None
+            return dict(row)
+        finally:
+            await conn.close()
+
+    row = anyio.run(go)
+    assert row["client_id"] == "ingest-b-0" and row["disconnected_at"] is not None
