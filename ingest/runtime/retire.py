@@ -65,7 +65,10 @@ class Outcome:
     rows: int = 0
     duplicates: int = 0
     dead_letters: int = 0
+    #: from the start to the session ended (the idle wait included)
     seconds: float = 0.0
+    #: from the start to the last message acknowledged: what the rate is measured over
+    drain_seconds: float = 0.0
     held_session: bool | None = None
     error: str | None = None
 
@@ -75,7 +78,7 @@ class Outcome:
 
     @property
     def rate(self) -> float:
-        return self.drained / self.seconds if self.seconds > 0 else 0.0
+        return self.drained / self.drain_seconds if self.drain_seconds > 0 else 0.0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -196,7 +199,7 @@ def _plan(
 async def _retire_one(plan: _Plan, idle: float, stop: anyio.Event, log: logging.Logger) -> Outcome:
     started = time.monotonic()
     try:
-        pipeline, held = await _drain(plan.settings, idle, stop, log)
+        pipeline, held, quiet_at = await _drain(plan.settings, idle, stop, log)
         st = pipeline.statistics()
         drained = Outcome(
             plan.client_id,
@@ -206,6 +209,7 @@ async def _retire_one(plan: _Plan, idle: float, stop: anyio.Event, log: logging.
             duplicates=st.duplicates,
             dead_letters=st.dead_letters,
             seconds=time.monotonic() - started,
+            drain_seconds=max(quiet_at - started, 0.0),
             held_session=held,
         )
         if stop.is_set():
@@ -230,15 +234,16 @@ async def _retire_one(plan: _Plan, idle: float, stop: anyio.Event, log: logging.
         )
     log.info(
         "retired %s at %s: %d messages drained in %.1fs (%.0f msg/s), %d rows written, "
-        "%d duplicates, %d dead letters%s",
+        "%d duplicates, %d dead letters; ended %.1fs after the start%s",
         plan.client_id,
         plan.broker,
         drained.drained,
-        drained.seconds,
+        drained.drain_seconds,
         drained.rate,
         drained.rows,
         drained.duplicates,
         drained.dead_letters,
+        drained.seconds,
         "" if held else "; the broker held no session for it",
     )
     return drained
@@ -246,9 +251,11 @@ async def _retire_one(plan: _Plan, idle: float, stop: anyio.Event, log: logging.
 
 async def _drain(
     settings: Settings, idle: float, stop: anyio.Event, log: logging.Logger
-) -> tuple[Pipeline, bool | None]:
-    """The session's backlog through the normal pipeline, until it is idle (or ``stop``)."""
+) -> tuple[Pipeline, bool | None, float]:
+    """The session's backlog through the normal pipeline, until it is idle (or ``stop``); also
+    when it went quiet (``time.monotonic()``: the last message received and acknowledged)."""
     sources: list[Source] = []
+    quiet_at = [time.monotonic()]
 
     def source(acker: Acker, drained: anyio.Event) -> Source:
         sources.append(Source(settings, acker=acker, drained=drained, log=log, retiring=True))
@@ -266,17 +273,23 @@ async def _drain(
     ) as writer:
         pipeline = Pipeline(s, writer, source=source, log=log)
         async with anyio.create_task_group() as tg:
-            tg.start_soon(_until_idle, pipeline, s.client_id, idle, stop, log)
+            tg.start_soon(_until_idle, pipeline, s.client_id, idle, stop, log, quiet_at)
             await pipeline.run()
             tg.cancel_scope.cancel()
-    return pipeline, sources[0].session_present
+    return pipeline, sources[0].session_present, quiet_at[0]
 
 
 async def _until_idle(
-    pipeline: Pipeline, client_id: str, idle: float, stop: anyio.Event, log: logging.Logger
+    pipeline: Pipeline,
+    client_id: str,
+    idle: float,
+    stop: anyio.Event,
+    log: logging.Logger,
+    quiet_at: list[float],
 ) -> None:
     """Stop the pipeline reading once the session is drained: connected and unsubscribed,
-    nothing received for ``idle`` seconds, nothing outstanding. A progress line meanwhile."""
+    nothing received for ``idle`` seconds, nothing outstanding. A progress line meanwhile;
+    ``quiet_at[0]``: when it last received or acknowledged (``time.monotonic()``)."""
     last_received = -1
     quiet_since = anyio.current_time()
     next_line = quiet_since + _PROGRESS_EVERY
@@ -288,6 +301,7 @@ async def _until_idle(
         if not st.subscribed or st.received != last_received or st.outstanding:
             last_received = st.received
             quiet_since = now
+            quiet_at[0] = time.monotonic()
         elif now - quiet_since >= idle:
             break
         if now >= next_line and st.received:

@@ -229,6 +229,6 @@ def _summary(o: Outcome) -> str:
     held = "" if o.held_session else " (the broker held no session for it)"
     return (
         f"{o.client_id}: retired at {o.broker}{held}: {o.drained} messages drained in "
-        f"{o.seconds:.1f}s ({o.rate:.0f} msg/s), {o.rows} rows written, {o.duplicates} "
-        f"duplicates, {o.dead_letters} dead letters"
+        f"{o.drain_seconds:.1f}s ({o.rate:.0f} msg/s), {o.rows} rows written, {o.duplicates} "
+        f"duplicates, {o.dead_letters} dead letters; ended after {o.seconds:.1f}s"
     )
