@@ -14,6 +14,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import paho.mqtt.client as paho
+import pytest
 
 from ingest.devservers import free_port
 from ingest.devservers.throwaway import MosquittoFactory
@@ -67,9 +68,15 @@ def recorded(database_url: str) -> int:
 
 
 def sessions_cli(
-    *args: str, database_url: str, mqtt_url: str | None = None, topic: str | None = None
+    *args: str,
+    database_url: str,
+    mqtt_url: str | None = None,
+    topic: str | None = None,
+    protocol: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
     command = [sys.executable, "-m", "ingest", "sessions", *args, "--database-url", database_url]
+    if protocol is not None:
+        command += ["--mqtt-protocol", protocol]
     if mqtt_url is not None:
         command += ["--mqtt-url", mqtt_url]
     if topic is not None:
@@ -138,12 +145,16 @@ def test_restart_with_fewer_workers_retires_the_surplus_sessions(
     assert session_present(broker.url, f"{client_id}-0")
 
 
+@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
 def test_sessions_list_and_retire_from_the_command_line(
-    database_url: str, mosquitto_factory: MosquittoFactory
+    database_url: str, mosquitto_factory: MosquittoFactory, protocol: str
 ) -> None:
     broker = mosquitto_factory()
     topic = unique_topic()
-    d = Daemon(database_url=database_url, mqtt_url=broker.url, topic=topic)
+    d = Daemon(
+        database_url=database_url, mqtt_url=broker.url, topic=topic,
+        extra_env={"INGEST_MQTT_PROTOCOL": protocol},
+    )  # fmt: skip
     cid = d.client_id
     try:
         d.start()
@@ -155,7 +166,9 @@ def test_sessions_list_and_retire_from_the_command_line(
         assert row["client_id"] == cid and row["state"] == "live"
         assert row["broker"] == broker.url and row["share_group"] is None
         # A live session is not taken over.
-        live = sessions_cli("retire", cid, database_url=database_url, topic=topic)
+        live = sessions_cli(
+            "retire", cid, database_url=database_url, topic=topic, protocol=protocol
+        )
         assert live.returncode == 1
         assert f"client id {cid} may be live" in live.stderr and "--force" in live.stderr
         assert d.proc is not None and d.proc.poll() is None
@@ -173,8 +186,9 @@ def test_sessions_list_and_retire_from_the_command_line(
     ]  # fmt: skip
     assert table.stdout.splitlines()[1].split()[-1] == "away"
     done = sessions_cli(
-        "retire", cid, "--idle", "2", "--json", database_url=database_url, topic=topic
-    )
+        "retire", cid, "--idle", "2", "--json",
+        database_url=database_url, topic=topic, protocol=protocol,
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr
     (outcome,) = json.loads(done.stdout)
     assert outcome["retired"] and outcome["drained"] == len(msgs) and outcome["held_session"]
