@@ -136,7 +136,6 @@ class Recorder:
         share_group: str | None,
         status: Callable[[], tuple[int, bool]],
         log: logging.Logger,
-        retry_max_delay: float = 10.0,
         refresh_interval: float = REFRESH_INTERVAL,
     ) -> None:
         self._dsn = dsn
@@ -145,7 +144,9 @@ class Recorder:
         self._share_group = share_group
         self._status = status
         self._log = log
-        self._backoff = Backoff(initial=1.0, maximum=max(retry_max_delay, 1.0))
+        # Nothing waits on this row: retries slow down to one a refresh interval (and so do the
+        # log lines of a failure that lasts, a missing privilege say).
+        self._backoff = Backoff(initial=1.0, maximum=refresh_interval)
         self._refresh = refresh_interval
         self._recorded_connects = 0
         self._touched_at: float | None = None  # monotonic time of the last write that worked

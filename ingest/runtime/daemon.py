@@ -5,6 +5,9 @@
 * The first SIGTERM/SIGINT drains: stop reading, flush, commit, acknowledge, disconnect keeping
   the session, bounded by ``shutdown_timeout`` (exit 0; 1 if the timeout ran out: whatever was
   not acknowledged is redelivered next time). A second signal forces (exit 1), like uvicorn.
+* Beside the pipeline: the session's row of the ``sessions`` table kept current
+  (``ingest.db.sessions``), and, for a daemon that is not a supervisor's worker, the sessions
+  an earlier run of its client id left behind retired once (``ingest.runtime.surplus``).
 * A fatal error stops the daemon with one line naming its root cause, unwrapped from task
   groups, with the SQLSTATE of a database error (exit 1): ``fatal: permission denied for
   table dashboard_pending (SQLSTATE 42501)``. Anything that escapes the flow is fatal: the
@@ -235,7 +238,6 @@ class Daemon:
             share_group=s.share_group,
             status=status,
             log=logging.getLogger("ingest.sessions"),
-            retry_max_delay=s.retry_max_delay,
         )
 
     def _log_drained(self, pipeline: Pipeline) -> None:
