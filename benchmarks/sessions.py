@@ -65,6 +65,27 @@ def wait(predicate: Any, timeout: float, what: str) -> None:
         time.sleep(0.2)
 
 
+def retire_figures(
+    p: IngestProcess, done: tuple[re.Match[str], float], started: float
+) -> dict[str, Any]:
+    """What the retire of the surplus sessions logged: each removed session's drain (they run
+    at once: messages and seconds to the last one acknowledged), and when it was all over."""
+    m, at = done
+    each = [
+        (int(d[1]), float(d[2]))
+        for r in list(p.records)
+        if (d := _DRAINED.search(str(r.get("msg", ""))))
+    ]
+    seconds = max((t for _, t in each), default=0.0)
+    return {
+        "sessions_retired": int(m[1]),
+        "retire_drained": int(m[3]),
+        "retire_drain_seconds": seconds,
+        "retire_msgs_per_s": round(sum(n for n, _ in each) / seconds) if seconds else 0,
+        "seconds_until_broker_holds_nothing": round(at - started, 1),
+    }
+
+
 def one(mode: str, messages: int, before: int, after: int, settle: float) -> dict[str, Any]:
     with open_environment(inflight=10000, database_url=None) as env:
         dsn = env.fresh_database(mode)
@@ -114,22 +135,7 @@ def one(mode: str, messages: int, before: int, after: int, settle: float) -> dic
             "left_in_removed_sessions": left,
         }
         if done is not None:
-            m, at = done
-            # Each removed session's drain (they run at once): messages and seconds to the
-            # last one acknowledged.
-            each = [
-                (int(d[1]), float(d[2]))
-                for r in list(second.records)
-                if (d := _DRAINED.search(str(r.get("msg", ""))))
-            ]
-            seconds = max((t for _, t in each), default=0.0)
-            out |= {
-                "sessions_retired": int(m[1]),
-                "retire_drained": int(m[3]),
-                "retire_drain_seconds": seconds,
-                "retire_msgs_per_s": round(sum(n for n, _ in each) / seconds) if seconds else 0,
-                "seconds_until_broker_holds_nothing": round(at - started, 1),
-            }
+            out |= retire_figures(second, done, started)
         env.drop_databases()
         return out
 
