@@ -119,7 +119,9 @@ async def retire_sessions(
     stop = anyio.Event()
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(_watch_signals, signals, stop, log, name="ingest[signals]")
+            tg.start_soon(
+                _watch_signals, signals, stop, tg.cancel_scope, log, name="ingest[signals]"
+            )
             async with anyio.create_task_group() as work:
                 for plan in plans:
 
@@ -128,15 +130,31 @@ async def retire_sessions(
 
                     work.start_soon(one, name=f"ingest[retire {plan.client_id}]")
             tg.cancel_scope.cancel()
+    for plan in plans:
+        if plan.client_id not in outcomes:  # a second signal forced the stop
+            outcomes[plan.client_id] = Outcome(
+                plan.client_id, plan.broker, error=f"{_FORCED}: the session is kept at the broker"
+            )
     return [outcomes[cid] for cid in dict.fromkeys(client_ids)]
 
 
-async def _watch_signals(signals: Any, stop: anyio.Event, log: logging.Logger) -> None:
+_FORCED: Final = (
+    "forced to stop before its drain ended (unacknowledged messages are delivered again)"
+)
+
+
+async def _watch_signals(
+    signals: Any, stop: anyio.Event, scope: anyio.CancelScope, log: logging.Logger
+) -> None:
+    """The first signal stops reading (what is in hand is written and acknowledged, the
+    sessions are kept); a second one forces, like the daemon's."""
     async for signum in signals:
-        log.info(
-            "%s: stop draining; the sessions not drained yet are kept at the broker",
-            signal.Signals(signum).name,
-        )
+        name = signal.Signals(signum).name
+        if stop.is_set():
+            log.warning("%s again: forcing the stop", name)
+            scope.cancel()
+            return
+        log.info("%s: stop draining; the sessions not drained yet are kept at the broker", name)
         stop.set()
 
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
 import sys
 import threading
 import uuid
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -302,3 +304,48 @@ def test_a_session_that_cannot_be_recorded_never_stops_the_flow(
     assert f"cannot record session {d.client_id}: permission denied" in d.log_text()
     assert scalar(database_url, "SELECT count(*) FROM dead_letters") == 0
     assert scalar(database_url, "SELECT count(*) FROM sessions") == 0
+
+
+def test_an_interrupted_retire_keeps_the_session_and_runs_again(
+    database_url: str, mosquitto_factory: MosquittoFactory, tmp_path: Path
+) -> None:
+    """SIGTERM while draining: what is in hand is written and acknowledged, the session stays
+    at the broker with the rest (exit 1), and a second retire stores the rest."""
+    broker = mosquitto_factory()
+    topic = unique_topic()
+    d = Daemon(database_url=database_url, mqtt_url=broker.url, topic=topic)
+    try:
+        d.start()
+        wait_until(lambda: recorded(database_url) == 1, 60)
+        assert d.stop(timeout=60) == 0
+    finally:
+        d.close()
+    msgs = fleet(topic, devices=30, count=100)
+    with Publisher(broker.url) as pub:
+        pub.publish_many(msgs)
+
+    # One message a transaction, one transaction at a time: slow enough to be interrupted.
+    slow = ["--batch-max-rows", "5", "--db-pool-size", "1", "--topic", topic]
+    command = [sys.executable, "-m", "ingest", "sessions", "retire", d.client_id, "--json"]
+    command += [*slow, "--idle", "2", "--database-url", database_url]
+    errors = tmp_path / "stderr"
+    with errors.open("w") as sink:
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=sink, text=True)
+        try:
+            wait_until(lambda: f"draining {d.client_id}: " in errors.read_text(), 120)
+            proc.send_signal(signal.SIGTERM)
+            out, _ = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert proc.returncode == 1
+    (outcome,) = json.loads(out)
+    assert outcome["error"].startswith("interrupted: the session is kept")
+    assert 0 < outcome["drained"] < len(msgs)
+    assert scalar(database_url, "SELECT count(*) FROM readings") == outcome["drained"] * 5
+
+    again = sessions_cli(
+        "retire", d.client_id, "--idle", "2", database_url=database_url, topic=topic
+    )
+    assert again.returncode == 0, again.stderr
+    assert scalar(database_url, "SELECT count(*) FROM readings") == len(msgs) * 5
