@@ -17,7 +17,7 @@ that are gone hold messages nobody reads. Retiring one, for each client id:
    end_session``) and set ``retired_at``.
 
 A failure at any step leaves the session at the broker (what was not acknowledged is delivered
-again next time): retiring again later is always safe. Several client ids are retired at once.
+again next time): retiring again later is always safe. Up to four client ids are retired at once.
 """
 
 from __future__ import annotations
@@ -51,6 +51,9 @@ __all__ = ["DEFAULT_IDLE", "Outcome", "retire_sessions"]
 
 #: Seconds without a message (and nothing outstanding) after which a session counts as drained.
 DEFAULT_IDLE: Final = 5.0
+#: Sessions drained at once, each with its own pool of INGEST_DB_POOL_SIZE connections: a
+#: long list must not exhaust the server's max_connections (the writer would wait forever).
+_AT_ONCE: Final = 4
 _PROGRESS_EVERY: Final = 2.0
 _TICK: Final = 0.1
 
@@ -122,11 +125,13 @@ async def retire_sessions(
             tg.start_soon(
                 _watch_signals, signals, stop, tg.cancel_scope, log, name="ingest[signals]"
             )
+            at_once = anyio.CapacityLimiter(_AT_ONCE)
             async with anyio.create_task_group() as work:
                 for plan in plans:
 
                     async def one(p: _Plan = plan) -> None:
-                        outcomes[p.client_id] = await _retire_one(p, idle, stop, log)
+                        async with at_once:
+                            outcomes[p.client_id] = await _retire_one(p, idle, stop, log)
 
                     work.start_soon(one, name=f"ingest[retire {plan.client_id}]")
             tg.cancel_scope.cancel()
