@@ -206,9 +206,8 @@ def _plan(
         name = broker_name(url)
     except UrlError as exc:
         return Outcome(cid, None, error=f"--broker: {exc}")
-    own = settings.mqtt_endpoint()
     # The configured URL when it names the same broker: it carries the login.
-    connect_url = settings.mqtt_url if own.name() == name and broker is None else url
+    connect_url = settings.mqtt_url if _own_broker(settings) == name and broker is None else url
     group = row.share_group if row is not None else settings.share_group
     try:
         mine = dataclasses.replace(
@@ -217,6 +216,14 @@ def _plan(
     except ConfigError as exc:
         return Outcome(cid, name, error=str(exc))
     return _Plan(cid, name, mine)
+
+
+def _own_broker(settings: Settings) -> str | None:
+    """The name of the one broker the settings give, or None when they give no single one."""
+    try:
+        return settings.mqtt_endpoint().name()
+    except ConfigError:
+        return None
 
 
 async def _retire_one(plan: _Plan, idle: float, stop: anyio.Event, log: logging.Logger) -> Outcome:
