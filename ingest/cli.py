@@ -91,6 +91,10 @@ def _parser() -> argparse.ArgumentParser:
     audit.register(sub, _add_settings_flags)
     replay.register(sub, _add_settings_flags)
 
+    from ingest.tools import sessions  # the MQTT sessions the daemons opened; retiring them
+
+    sessions.register(sub, _add_settings_flags)
+
     from ingest.tools import demo  # a first try with nothing installed: embedded servers, fleet
 
     demo.register(sub)

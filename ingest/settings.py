@@ -240,6 +240,13 @@ class Settings:
         "`<client_id>-<i>`, with several brokers `<client_id>-b<k>-<i>`; shared group "
         "`INGEST_SHARE_GROUP` or the client id); the parent supervises them",
     )  # fmt: skip
+    retire_surplus: bool = _setting(
+        "INGEST_RETIRE_SURPLUS", True, group=FLOW,
+        help="at start, drain and end the recorded sessions an earlier run of this client id "
+        "left on this broker and this run does not use: `<client_id>-<i>` with i >= N after "
+        "a larger `--workers`, the bare client id after a single worker, every "
+        "`<client_id>-<i>` when running as one (README, Sessions)",
+    )  # fmt: skip
     # -- limits on what one device message may cost (docs/design.md, Limits) ----------------
     max_payload_bytes: int = _setting(
         "INGEST_MAX_PAYLOAD_BYTES", 1048576, group=LIMITS, shown="1048576 (1 MiB)",

@@ -3,7 +3,8 @@
 
 - ``ingest_writer``: what ``ingest run`` needs once the schema is migrated. It reads, inserts,
   updates and deletes rows of the data and dashboard tables, reads, inserts and updates (units)
-  ``series`` (never deletes: points refer to it), uses their sequences, reads
+  ``series`` (never deletes: points refer to it) and ``sessions`` (the MQTT sessions the
+  daemons opened, migrations/0007_sessions.sql), uses their sequences, reads
   ``schema_migrations`` (the daemon checks that nothing is pending) and executes the two
   partition functions of migrations/0005_roles.sql, which do the only DDL the daemon needs as
   their owner. It may create temporary tables (the writer stages each batch in one) and
@@ -46,8 +47,9 @@ _WRITER_TABLES: Final = (
     "dashboard_failed",
 )
 _WRITER_READS: Final = ("schema_migrations",)
-# Series are created and given units, never deleted by the daemon.
-_WRITER_GROWS: Final = ("series",)
+# Series are created and given units, never deleted by the daemon; sessions are recorded,
+# refreshed and marked retired, never deleted (the history of which client ids were used).
+_WRITER_GROWS: Final = ("series", "sessions")
 _WRITER_SEQUENCES: Final = ("dashboard_batch_seq",)  # and those of the tables' serial columns
 _WRITER_FUNCTIONS: Final = (
     "ingest_create_partition(regclass, timestamptz)",

@@ -18,6 +18,13 @@ of the largest and costliest shapes stalls the loop for long.
 Stopping (``stop_reading``) closes the channel's send side; the batcher sees ``EndOfStream``,
 the writer flushes and acknowledges, the pipeline sets ``drained``, and only then does the
 source disconnect (keeping the session), so the last acknowledgements still go out.
+
+A source made with ``retiring=True`` drains the session of a worker that is gone (``ingest
+sessions retire``): it connects with that worker's client id and, instead of subscribing,
+unsubscribes from the route filters, so the broker adds nothing new to the session while the
+messages it had queued are delivered, written and acknowledged as usual. It does not
+reconnect: a failed or lost connection is an error naming the cause (the session is kept,
+nothing is lost).
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ import anyio.to_thread
 from anyio.streams.memory import MemoryObjectSendStream
 
 from ingest.backoff import Backoff
-from ingest.errors import ConfigError, DecodeError
+from ingest.errors import ConfigError, DecodeError, FatalError
 from ingest.flow.acker import Acker, Delivery
 from ingest.formats.decode import Limits, decode, load_routes
 from ingest.model import Decoded, Envelope, SessionStatistics, SourceStatistics, build
@@ -69,8 +76,12 @@ class Source:
         acker: Acker,
         drained: anyio.Event,
         log: logging.Logger | None = None,
+        retiring: bool = False,
     ) -> None:
         self._settings = settings
+        self._retiring = retiring
+        #: the broker held a session for our client id when we (last) connected
+        self.session_present: bool | None = None
         self._routes = load_routes(settings)
         # Every route's filter, in one SUBSCRIBE of one session. Overlapping filters make the
         # broker deliver a message once per matching subscription: the key absorbs the copy
@@ -154,6 +165,8 @@ class Source:
                     await self._connection(session, send)
                     return
                 except aiomqtt.MqttError as exc:
+                    if self._retiring:
+                        raise self._retire_failed(exc) from None  # the text names it
                     await self._retry_after(session, exc)
                 finally:
                     session.closed = True
@@ -184,7 +197,11 @@ class Source:
         """One connection, from CONNACK to the drain on stopping (the session is kept)."""
         async with session.client:
             self._connected_at = time.monotonic()
-            suback = session.subscribe(self._subscriptions)
+            self.session_present = session.session_present
+            if self._retiring:
+                suback = session.unsubscribe([f for f, _ in self._subscriptions])
+            else:
+                suback = session.subscribe(self._subscriptions)
             with anyio.CancelScope() as self._scope:
                 if not self._stopping:
                     await self._pump(session, send, suback)
@@ -197,6 +214,15 @@ class Source:
     def _on_subscribed(self) -> None:
         self.subscribed = True
         self.connects += 1
+        if self._retiring:
+            self._log.info(
+                "draining the session of %s at %s (%s; unsubscribed from %s)",
+                self._settings.client_id,
+                self._where,
+                "the broker held it" if self.session_present else "the broker held none",
+                self._filter,
+            )
+            return
         self._log.info(
             "subscribed to %s at %s as %s (MQTT %s)%s",
             self._filter,
@@ -205,6 +231,15 @@ class Source:
             self._settings.mqtt_protocol,
             f" after {self._failures} failed attempts" if self._failures else "",
         )
+
+    def _retire_failed(self, exc: aiomqtt.MqttError) -> FatalError:
+        lasted = None if self._connected_at is None else time.monotonic() - self._connected_at
+        answer = explain(
+            exc,
+            client_id=self._settings.client_id,
+            lost_soon=lasted is not None and lasted < STABLE_AFTER,
+        )
+        return FatalError(f"MQTT broker {self._where}: {answer.text}")
 
     async def _retry_after(self, session: MqttSession, exc: aiomqtt.MqttError) -> None:
         """Name what went wrong, count it, and wait (capped, jittered backoff). The backoff

@@ -69,7 +69,7 @@ from ingest.mqtt.wire import (
 )
 from ingest.settings import MqttEndpoint
 
-__all__ = ["Inbound", "MqttSession"]
+__all__ = ["Inbound", "MqttSession", "end_session"]
 
 _READ_SIZE = 65536
 # Buffer refills (of up to _READ_SIZE bytes) handled per event-loop callback before yielding.
@@ -122,6 +122,9 @@ class MqttSession:
         check_internals(self.client)
         self._paho: paho.Client = self.client._client
         self._subacks: dict[int, asyncio.Future[None]] = {}
+        self._unsubacks: dict[int, asyncio.Future[None]] = {}
+        #: the CONNACK's session-present flag: did the broker hold a session for our id?
+        self.session_present: bool | None = None
         self._rbuf = bytearray()
         self._take_over_paho()
         self._v5 = v5
@@ -152,6 +155,9 @@ class MqttSession:
         self._paho.manual_ack_set(True)
         self._paho.on_message = self._on_message
         self._paho.on_subscribe = self._on_subscribe
+        self._paho.on_unsubscribe = self._on_unsubscribe
+        self._aiomqtt_on_connect: Any = self._paho.on_connect
+        self._paho.on_connect = self._on_connect
         self._paho._sock_recv = self._buffered_recv  # type: ignore[method-assign]
         self._aiomqtt_socket_open = self._paho.on_socket_open
         self._paho.on_socket_open = self._on_socket_open
@@ -299,6 +305,12 @@ class MqttSession:
         del buf[:bufsize]
         return out
 
+    def _on_connect(
+        self, client: paho.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any
+    ) -> None:
+        self.session_present = bool(getattr(flags, "session_present", False))
+        self._aiomqtt_on_connect(client, userdata, flags, reason_code, properties)
+
     def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
         # aiomqtt's handler registers its reader and starts its housekeeping task; then ours
         # replaces the reader (call_soon_threadsafe keeps the order: this may run in the
@@ -421,6 +433,24 @@ class MqttSession:
         else:
             future.set_result(None)
 
+    def unsubscribe(self, filters: list[str]) -> asyncio.Future[None]:
+        """Send UNSUBSCRIBE for ``filters`` and return a future resolved by the UNSUBACK. The
+        broker stops adding messages for them to our session; those it had queued before are
+        still delivered (MQTT 3.1.1 3.10.4, Mosquitto does), which is what retiring needs."""
+        future: asyncio.Future[None] = self.client._loop.create_future()
+        rc, mid = self._paho.unsubscribe(filters)
+        if rc != paho.MQTT_ERR_SUCCESS or mid is None:
+            raise aiomqtt.MqttError(f"could not send UNSUBSCRIBE: {paho.error_string(rc)}")
+        self._unsubacks[mid] = future
+        return future
+
+    def _on_unsubscribe(
+        self, _client: Any, _userdata: Any, mid: int, _reason_codes: Any, _properties: Any
+    ) -> None:
+        future = self._unsubacks.pop(mid, None)
+        if future is not None and not future.done():
+            future.set_result(None)
+
     # -- waiting --------------------------------------------------------------------------------
 
     async def wait_inbox(self, also: asyncio.Future[None] | None = None) -> None:
@@ -518,3 +548,40 @@ def _new_client(
         tls_context=tls_context if endpoint.tls else None,
         timeout=10,
     )
+
+
+async def end_session(
+    endpoint: MqttEndpoint,
+    *,
+    client_id: str,
+    protocol: str,
+    username: str | None = None,
+    password: str | None = None,
+    tls_context: ssl.SSLContext | None = None,
+) -> None:
+    """End the persistent session of ``client_id`` at the broker: connect with a clean session
+    (3.1.1 ``clean_session=True``; v5 ``clean_start=True`` and a session expiry of 0) and
+    disconnect. The broker discards the old session, its subscriptions and whatever it still
+    queued; the new one ends with the connection. Raises ``aiomqtt.MqttError``."""
+    v5 = protocol == "5"
+    properties: Properties | None = None
+    if v5:
+        properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        properties.SessionExpiryInterval = 0
+    if endpoint.tls and tls_context is None:
+        tls_context = ssl.create_default_context()
+    client = aiomqtt.Client(
+        endpoint.host,
+        endpoint.port,
+        username=username if username is not None else endpoint.username,
+        password=password if password is not None else endpoint.password,
+        identifier=client_id,
+        protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
+        clean_session=None if v5 else True,
+        clean_start=True if v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
+        properties=properties,
+        tls_context=tls_context if endpoint.tls else None,
+        timeout=10,
+    )
+    async with client:
+        pass

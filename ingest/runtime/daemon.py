@@ -5,6 +5,9 @@
 * The first SIGTERM/SIGINT drains: stop reading, flush, commit, acknowledge, disconnect keeping
   the session, bounded by ``shutdown_timeout`` (exit 0; 1 if the timeout ran out: whatever was
   not acknowledged is redelivered next time). A second signal forces (exit 1), like uvicorn.
+* Beside the pipeline: the session's row of the ``sessions`` table kept current
+  (``ingest.db.sessions``), and, for a daemon that is not a supervisor's worker, the sessions
+  an earlier run of its client id left behind retired once (``ingest.runtime.surplus``).
 * A fatal error stops the daemon with one line naming its root cause, unwrapped from task
   groups, with the SQLSTATE of a database error (exit 1): ``fatal: permission denied for
   table dashboard_pending (SQLSTATE 42501)``. Anything that escapes the flow is fatal: the
@@ -25,12 +28,14 @@ from anyio import CancelScope
 
 from ingest.db import dashboard, partitions
 from ingest.db.migrate import migrate_dsn
+from ingest.db.sessions import Recorder
 from ingest.errors import ConfigError, FatalError, IngestError, describe_root, root_cause
 from ingest.flow.pipeline import Pipeline
 from ingest.flow.writer import Writer
 from ingest.formats.decode import load_routes
 from ingest.observability.service import Observability
-from ingest.settings import Settings, redact_url
+from ingest.runtime.surplus import retire_surplus
+from ingest.settings import Settings, redact_url, worker_environ
 
 __all__ = ["Daemon", "run_daemon"]
 
@@ -206,8 +211,34 @@ class Daemon:
                 name="ingest[partitions]",
             )
             tg.start_soon(folder.run, name="ingest[dashboard]")
+            recorder = self._recorder(pipeline)
+            tg.start_soon(recorder.run, name="ingest[sessions]")
+            if s.retire_surplus and s.worker_id is None:  # a supervisor retires for its workers
+                tg.start_soon(
+                    retire_surplus, s, {s.client_id}, worker_environ(s, os.environ),
+                    logging.getLogger("ingest.sessions"), name="ingest[retire-surplus]",
+                )  # fmt: skip
             await pipeline.run()
+            with anyio.move_on_after(5):  # drained and disconnected, the session kept
+                await recorder.left()
             tg.cancel_scope.cancel()
+
+    def _recorder(self, pipeline: Pipeline) -> Recorder:
+        """Keeps this session's row of the sessions table current (ingest/db/sessions.py)."""
+        s = self.settings
+
+        def status() -> tuple[int, bool]:
+            st = pipeline.source.statistics()
+            return st.connects, st.subscribed
+
+        return Recorder(
+            s.database_url,
+            client_id=s.client_id,
+            broker=s.mqtt_endpoint().name(),
+            share_group=s.share_group,
+            status=status,
+            log=logging.getLogger("ingest.sessions"),
+        )
 
     def _log_drained(self, pipeline: Pipeline) -> None:
         st = pipeline.statistics()

@@ -13,6 +13,8 @@ The parent owns no data. It
   configuration error stops everything: exit 2);
 * forwards the first SIGTERM/SIGINT (each worker drains) and a second one (each worker forces);
   exit 0 when every worker drained cleanly, else 1;
+* retires, beside the new workers, the sessions an earlier and larger worker set left at the
+  broker (``ingest.runtime.surplus``; ``--no-retire-surplus`` turns it off);
 * serves ``/metrics`` (every worker's metrics, labelled ``worker``), ``/healthz`` (the parent
   and every worker alive) and ``/readyz`` (every worker ready) on the one metrics port.
 
@@ -50,6 +52,7 @@ from ingest.observability.http import (
     serve_http,
 )
 from ingest.observability.merge import merge_expositions
+from ingest.runtime.surplus import retire_surplus
 from ingest.settings import Settings, worker_environ
 
 __all__ = ["Supervisor", "run_supervisor", "worker_client_id"]
@@ -102,12 +105,18 @@ class Supervisor:
         brokers = settings.broker_settings()
         self.brokers = [b.mqtt_endpoint().name() for b in brokers] if len(brokers) > 1 else []
         self.workers: list[_Worker] = []
+        # Per broker: its settings, the environment its workers start from, their client ids.
+        self._broker_sets: list[tuple[Settings, dict[str, str], set[str]]] = []
         for k, one in enumerate(brokers):
             # A worker sees exactly what the parent resolved for its broker; a parent started
             # with INGEST_X_FILE must not hand a worker both INGEST_X and INGEST_X_FILE.
             base = worker_environ(one, os.environ)
-            for i in range(settings.workers):
-                self.workers.append(self._worker(base, i, k if self.brokers else None))
+            made = [
+                self._worker(base, i, k if self.brokers else None) for i in range(settings.workers)
+            ]
+            self.workers.extend(made)
+            keep = {w.env["INGEST_CLIENT_ID"] for w in made}
+            self._broker_sets.append((one, base, keep))
 
     def _worker(self, base: dict[str, str], i: int, broker: int | None) -> _Worker:
         s = self.settings
@@ -133,6 +142,13 @@ class Supervisor:
                 tg.start_soon(self._watch_signals, signals, name="ingest[signals]")
                 if listener is not None:
                     tg.start_soon(self._serve, listener, name="ingest[metrics]")
+                if self.settings.retire_surplus:
+                    # Beside the new workers: sessions of an earlier, larger worker set.
+                    for one, base, keep in self._broker_sets:
+                        tg.start_soon(
+                            retire_surplus, one, keep, base, self.log,
+                            name="ingest[retire-surplus]",
+                        )  # fmt: skip
                 async with anyio.create_task_group() as workers:
                     for w in self.workers:
                         workers.start_soon(self._supervise, w, name=f"ingest[worker-{w.label}]")

@@ -219,3 +219,18 @@ def test_endpoint_repr_and_redacted_form_hide_the_password() -> None:
     assert parse_mqtt_url(endpoint.redacted()).username == "us@er"  # it reads back
     assert parse_mqtt_url("mqtt://h").redacted() == "mqtt://h:1883"
     assert parse_mqtt_url("mqtt://u@h").redacted() == "mqtt://u@h:1883"
+
+
+@pytest.mark.parametrize(
+    ("url", "name"),
+    [
+        ("mqtt://127.0.0.1:1883", "mqtt://127.0.0.1:1883"),
+        (f"mqtt://ingest:{SECRET}@Broker.example", "mqtt://broker.example:1883"),
+        ("mqtts://user@[::1]", "mqtts://[::1]:8883"),
+    ],
+)
+def test_broker_name_has_no_user_info(url: str, name: str) -> None:
+    from ingest.urls import broker_name
+
+    assert broker_name(url) == name
+    assert parse_mqtt_url(url).name() == name

@@ -39,7 +39,7 @@ READER_RELATIONS = [
 ]  # fmt: skip
 TABLES = [
     "readings", "points", "text_points", "dead_letters", "devices", "latest_readings", "readings_1m", "readings_fleet_1m",
-    "dashboard_pending", "dashboard_failed", "schema_migrations",
+    "dashboard_pending", "dashboard_failed", "schema_migrations", "sessions",
 ]  # fmt: skip
 
 
@@ -132,6 +132,7 @@ def test_migrate_makes_both_roles_once_and_grants_in_every_database(
             **{t: rw for t in TABLES if t != "schema_migrations"},
             "schema_migrations": {"SELECT"},
             "series": {"SELECT", "INSERT", "UPDATE"},
+            "sessions": {"SELECT", "INSERT", "UPDATE"},
             "latest_text": rw,
         }
     )
@@ -161,6 +162,7 @@ def test_reader_reads_every_dashboard_relation_and_nothing_else(
         "CREATE TABLE mine (x int)",
         "SELECT ingest_create_partition('points', now())",
         "SELECT ingest_drop_expired('points', now())",
+        "SELECT * FROM sessions",
     ]
 
     async def check() -> tuple[dict[str, int], asyncpg.Record | None, list[str]]:
