@@ -611,9 +611,9 @@ def _decimal_fraction(value: Any, immutable: bool) -> Any:
     if not mantissa:
         return 0.0
     if mantissa.bit_length() > _MANTISSA_BITS or exponent > _MAX_EXPONENT:
-        return math.copysign(math.inf, mantissa)
+        return math.inf if mantissa > 0 else -math.inf
     if exponent < _MIN_EXPONENT:
-        return math.copysign(0.0, mantissa)
+        return 0.0 if mantissa > 0 else -0.0
     return float(Decimal(f"{mantissa}E{exponent}"))
 
 
