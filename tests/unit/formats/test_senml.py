@@ -6,8 +6,11 @@ integer labels, never by the simulator's pack builder.
 
 from __future__ import annotations
 
+import re
 import time
+import tomllib
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import cbor2
@@ -596,3 +599,23 @@ def test_hostile_cbor_numbers_decode_fast() -> None:
 
 def test_reasons_list_bad_senml() -> None:
     assert "bad_senml" in REASONS
+
+
+def test_the_readme_example_reads_as_the_readme_says() -> None:
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### SenML\n", 1)[1].split("\n## ", 1)[0]
+    toml_block, json_block = re.findall(r"```(?:toml|json)\n(.*?)```", section, re.S)[:2]
+    routes = parse_routes(tomllib.loads(toml_block)["routes"], FORMATS)
+    received = datetime(2023, 11, 14, 22, 13, 30, tzinfo=UTC)
+    by_pack = decode("senml/gw/1", json_block.encode(), received, routes)
+    by_topic = decode("lwm2m/north/boiler-1", json_block.encode(), received, routes)
+    assert isinstance(by_pack, Decoded) and isinstance(by_topic, Decoded)
+    ts = datetime(2023, 11, 14, 22, 13, 20, 123000, tzinfo=UTC)
+    assert {(r.device_id, r.metric, r.ts) for r in by_pack.readings} == {
+        ("dev-00001", m, ts) for m in ("seq", "temperature", "humidity", "battery", "rssi")
+    }
+    assert by_pack.texts == (TextReading("dev-00001", "fw", ts, "1.2.3"),)
+    units = {"temperature": "Cel", "humidity": "%RH", "battery": "V"}
+    assert by_pack.updates == (DeviceUpdate("dev-00001", units=units),)
+    tags = {"source": "lwm2m", "site": "north"}
+    assert by_topic.updates == (DeviceUpdate("boiler-1", tags, units=units),)
