@@ -386,19 +386,10 @@ class _Pack:
         if device is None:
             return _no_device(i)
         t = record.get(labels.t)
-        if t is None:
-            raw = self.base_time
-        elif type(t) is float and t - t == 0.0:
-            raw = self.base_time + t
+        if t is None and self.base_time == self._at_raw:
+            ts = self._at  # the time of the record before
         else:
-            number = _finite(t)
-            if number is None:
-                return _not_number(i, "t", t)
-            raw = self.base_time + number
-        if raw == self._at_raw:  # the records of one sample share their time
-            ts = self._at
-        else:
-            at = self._time(i, raw)
+            at = self._time(i, t)
             if isinstance(at, DecodeError):
                 return at
             ts = at
@@ -416,10 +407,7 @@ class _Pack:
             return None
         key = (device, name, ts)
         if key in self.seen:
-            return DecodeError(
-                "duplicate_metric", f"record {i}: {show(name)} of {show(device)} twice at"
-                f" {ts.isoformat()}",
-            )  # fmt: skip
+            return _duplicate(i, key)
         self.seen.add(key)
         if kind == "vs":
             self.texts.append(build(TextReading, (device, name, ts, value)))
@@ -457,8 +445,19 @@ class _Pack:
             names.add(name)
         return name  # type: ignore[no-any-return]
 
-    def _time(self, i: int, raw: float) -> datetime | DecodeError:
-        """The time ``bt`` + ``t`` (``raw``, seconds) of a record, checked against the window."""
+    def _time(self, i: int, t: Any) -> datetime | DecodeError:
+        """The time ``bt`` + ``t`` of a record, read and checked against the window."""
+        if t is None:
+            raw = self.base_time
+        elif type(t) is float and t - t == 0.0:
+            raw = self.base_time + t
+        else:
+            number = _finite(t)
+            if number is None:
+                return _not_number(i, "t", t)
+            raw = self.base_time + number
+        if raw == self._at_raw:  # the records of one sample share their time
+            return self._at
         try:
             if raw < RELATIVE_BELOW:
                 ts = self.received_at + timedelta(seconds=raw)
@@ -522,6 +521,13 @@ def _unit(i: int, role: str, unit: Any) -> str | DecodeError:
         if fault is not None:
             return _bad(i, f"{role} {show(unit)}: {fault}")
     return unit
+
+
+def _duplicate(i: int, key: tuple[str, str, datetime]) -> DecodeError:
+    device, name, ts = key
+    return DecodeError(
+        "duplicate_metric", f"record {i}: {show(name)} of {show(device)} twice at {ts.isoformat()}"
+    )
 
 
 def _no_device(i: int) -> DecodeError:
