@@ -29,6 +29,12 @@ from simulators._report import Progress, progress_line
 from simulators._runner import run
 
 PROG = "simulate"
+#: The topic template of each --format when neither --topic nor $INGEST_TOPIC gives one.
+_DEFAULT_TOPICS = {
+    "json": DEFAULT_TOPIC,
+    "value": DEFAULT_VALUE_TOPIC,
+    "senml": DEFAULT_SENML_TOPIC,
+}
 
 DESCRIPTION = """\
 Simulate a fleet of MQTT sensor devices for iot-ingest.
@@ -330,13 +336,6 @@ def _config(args: argparse.Namespace, password: str | None) -> SimulatorConfig:
         connections=args.connections,
         processes=args.processes,
     )
-
-
-_DEFAULT_TOPICS = {
-    "json": DEFAULT_TOPIC,
-    "value": DEFAULT_VALUE_TOPIC,
-    "senml": DEFAULT_SENML_TOPIC,
-}
 
 
 class _ProgressLine:
