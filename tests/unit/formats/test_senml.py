@@ -6,6 +6,7 @@ integer labels, never by the simulator's pack builder.
 
 from __future__ import annotations
 
+import random
 import re
 import time
 import tomllib
@@ -619,3 +620,54 @@ def test_the_readme_example_reads_as_the_readme_says() -> None:
     assert by_pack.updates == (DeviceUpdate("dev-00001", units=units),)
     tags = {"source": "lwm2m", "site": "north"}
     assert by_topic.updates == (DeviceUpdate("boiler-1", tags, units=units),)
+
+
+# --- whatever arrives -----------------------------------------------------------------------
+
+_ODD_VALUES: list[Any] = [
+    None, True, False, 0, -1, 2**28, 2**64, -(2**70), 10**400, 1.5, -0.0, float("nan"),
+    float("inf"), 1e300, -1e300, "", "x", "a\x00", "é" * 600, b"", b"\xff", [], [1], {}, {1: 2},
+    cbor2.CBORTag(4, [-2, 5]), cbor2.CBORTag(4, [10**9, 1]), cbor2.CBORTag(4, ["a", 1]),
+    cbor2.CBORTag(1, 0), cbor2.CBORTag(30, [1, 3]), cbor2.CBORTag(77, 1), cbor2.undefined,
+    cbor2.CBORSimpleValue(99),
+]  # fmt: skip
+
+
+def _checked(result: Decoded | DecodeError) -> None:
+    if isinstance(result, DecodeError):
+        assert result.reason in REASONS and result.reason != "internal", result
+        return
+    assert result.readings or result.texts
+    assert all(type(r.value) is float and r.value - r.value == 0.0 for r in result.readings)
+    assert all(r.ts.tzinfo is UTC for r in result.readings)
+    assert all(t.ts.tzinfo is UTC for t in result.texts)
+
+
+def test_random_cbor_records_never_raise() -> None:
+    rng = random.Random(8428)
+    labels = [*range(-7, 10), "x", "y_", 3.0]
+    for _ in range(3000):
+        records = [
+            {rng.choice(labels): rng.choice(_ODD_VALUES) for _ in range(rng.randint(0, 4))}
+            for _ in range(rng.randint(1, 4))
+        ]
+        payload = cbor2.dumps(records)
+        for topic in (BY_TOPIC, BY_PACK):
+            _checked(run(payload, topic, limits=Limits()))
+
+
+def test_random_garbage_never_raises() -> None:
+    rng = random.Random(28)
+    seeds = [
+        b'[{"bn":"d:","bt":1700000000,"n":"a","v":1,"u":"Cel"},{"n":"b","vs":"x","t":-1}]',
+        cbor2.dumps([{BN: "d:", BT: 1.7e9, N: "a", V: 1.5}, {N: "b", VB: True, T: 2}]),
+    ]
+    for _ in range(5000):
+        data = bytearray(rng.choice(seeds))
+        for _ in range(rng.randint(1, 4)):
+            i = rng.randrange(len(data) + 1)
+            data[i:i] = bytes([rng.randrange(256)])
+            if data and rng.random() < 0.5:
+                del data[rng.randrange(len(data))]
+        for topic in (BY_TOPIC, BY_PACK):
+            _checked(run(bytes(data), topic, limits=Limits()))
