@@ -17,7 +17,9 @@ devices (``bn`` changing mid-pack). Each record gives at most one reading:
 - device: the topic's ``{device_id}`` when the route's template has one; otherwise the base
   name ``bn`` without one trailing ``:`` or ``/`` (``urn:dev:ow:10e2073a01080063:`` ->
   ``urn:dev:ow:10e2073a01080063``). A record before any ``bn`` (or after an empty one), on a
-  route whose topic names no device, names no device: ``bad_device_id``.
+  route whose topic names no device, names no device: ``bad_device_id``. On a route whose
+  topic names the device, every record is that device's, whatever its ``bn``: a pack of
+  several base names with one ``n`` at one time is then ``duplicate_metric``.
 - metric: the record's name ``n``. A record without one is named by the base name alone
   (RFC 8428 section 4.5.1: the sensor's name is ``bn`` + ``n``), and that base name is its
   metric. Neither a name nor a base name: ``bad_metric``.
@@ -235,6 +237,7 @@ class _Pack:
         self._at = received_at
 
     def read(self, records: list[Any], labels: _Labels) -> DecodeError | None:
+        """Every record in order; the first that is wrong ends the pack's reading."""
         common = labels.common
         v_label = labels.v
         kind: str | None
