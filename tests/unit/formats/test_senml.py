@@ -234,6 +234,13 @@ def test_base_name_changing_mid_pack_names_the_next_devices() -> None:
     )
 
 
+def test_on_a_route_naming_the_device_every_base_name_is_that_device() -> None:
+    payload = '[{"bn":"a/","n":"t","v":1},{"bn":"b/","n":"t","v":2}]'
+    assert len(ok(payload, BY_PACK).readings) == 2
+    result = error(payload)
+    assert result.reason == "duplicate_metric" and "'t' of 'd1'" in result.message
+
+
 def test_route_tags_without_units_still_reach_the_device() -> None:
     result = ok('[{"bn":"gw:","n":"t","v":1}]', "site/south/senml/x")
     assert result.updates == (DeviceUpdate("gw", {"source": "gw", "site": "south"}),)
