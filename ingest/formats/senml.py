@@ -146,6 +146,8 @@ _JSON: Final = _labels({name: name for name in CBOR_LABELS}, str, "an object")
 _CBOR: Final = _labels({key: name for name, key in CBOR_LABELS.items()}, bytes, "a map")
 
 _BASE_FIELDS: Final = frozenset({"bn", "bt", "bu", "bv", "bs", "bver"})
+# The types of a t equal to the one before that may take that one's time (not True for 1).
+_PLAIN_TIMES: Final = frozenset({type(None), float, int})
 _VALUE_FIELDS: Final = frozenset({"v", "vs", "vb", "vd"})
 
 
@@ -195,7 +197,9 @@ class _Pack:
 
     __slots__ = (
         "_at",
+        "_at_bt",
         "_at_raw",
+        "_at_t",
         "base_name",
         "base_time",
         "base_unit",
@@ -232,8 +236,11 @@ class _Pack:
         self.limits = limits
         self.latest = limits.latest(received_at)
         self.names = names
-        # The last time resolved: the records of one sample share it.
+        # The last time resolved (``_at``), from ``bt`` + ``t`` (``_at_bt``, ``_at_t``) =
+        # ``_at_raw``: the records of one sample share it.
         self._at_raw = 0.0
+        self._at_bt = 0.0
+        self._at_t: Any = None
         self._at = received_at
 
     def read(self, records: list[Any], labels: _Labels) -> DecodeError | None:
@@ -389,7 +396,7 @@ class _Pack:
         if device is None:
             return _no_device(i)
         t = record.get(labels.t)
-        if t is None and self.base_time == self._at_raw:
+        if t == self._at_t and self.base_time == self._at_bt and type(t) in _PLAIN_TIMES:
             ts = self._at  # the time of the record before
         else:
             at = self._time(i, t)
@@ -459,7 +466,8 @@ class _Pack:
             if number is None:
                 return _not_number(i, "t", t)
             raw = self.base_time + number
-        if raw == self._at_raw:  # the records of one sample share their time
+        self._at_t, self._at_bt = t, self.base_time
+        if raw == self._at_raw:
             return self._at
         try:
             if raw < RELATIVE_BELOW:
