@@ -22,10 +22,12 @@ DEFAULT_TOPIC = "devices/{device_id}/telemetry"
 #: The topic of the ``value`` format: one topic per metric (the seq too, so that an audit can
 #: reconcile the fleet).
 DEFAULT_VALUE_TOPIC = "devices/{device_id}/{metric}"
+#: The topic of the ``senml`` format: a pack per message (the pack names the device too).
+DEFAULT_SENML_TOPIC = "devices/{device_id}/senml"
 DEVICE_PLACEHOLDER = "{device_id}"
 METRIC_PLACEHOLDER = "{metric}"
 #: Payload formats the simulator speaks (the daemon's route formats).
-FORMATS = ("json", "value")
+FORMATS = ("json", "value", "senml")
 _TAG_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 #: Tags of topic levels: (name, values), devices spread over the combinations.
@@ -141,8 +143,11 @@ class SimulatorConfig:
     duration: float | None = None
     qos: int = 1
     topic: str = DEFAULT_TOPIC
-    #: ``json`` (a message per sample) or ``value`` (a topic per metric, seq included).
+    #: ``json`` (a message per sample), ``value`` (a topic per metric, seq included) or
+    #: ``senml`` (a SenML pack per message).
     format: str = "json"
+    #: ``--format senml``: the packs in CBOR (RFC 8428 section 6) instead of JSON.
+    senml_cbor: bool = False
     #: Topic levels named in ``topic`` (``{site}``), filled per device from these values.
     tags: Tags = ()
     #: The number of the first device (``dev-<first_device>``): fleets started side by side
@@ -200,6 +205,12 @@ class SimulatorConfig:
                 "--format", "value sends one sample per topic: no --samples-per-message above"
                 " 1, --bad-ratio or --hostile-ratio",
             )  # fmt: skip
+        if self.format == "senml" and (self.bad_ratio or self.hostile_ratio):
+            raise ConfigError(
+                "--format", "senml sends valid packs only: no --bad-ratio or --hostile-ratio"
+            )
+        if self.senml_cbor and self.format != "senml":
+            raise ConfigError("--senml-cbor", "only with --format senml")
         if self.seed is None:
             object.__setattr__(self, "seed", secrets.randbits(32))
         elif isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:

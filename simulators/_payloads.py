@@ -27,6 +27,7 @@ import orjson
 
 from simulators._config import device_id
 from simulators._faults import BAD_KINDS, EXTREME, EXTREME_VALUES, HOSTILE_KINDS, bad_payload
+from simulators._senml import Encoder
 from simulators._signals import STREAM_FAULTS, Noise, Signals, noise_tables
 
 #: How far in the past a late sample is (uniform in this range, milliseconds).
@@ -56,6 +57,7 @@ class Device:
     """State and counters of one simulated device (0-based ``index`` within the fleet)."""
 
     __slots__ = (
+        "_encode",
         "_faults",
         "_k",
         "_last_ts",
@@ -90,6 +92,7 @@ class Device:
         samples_per_message: int = 1,
         faults: FaultRatios = NO_FAULTS,
         name: str | None = None,
+        encode: Encoder | None = None,
     ) -> None:
         self.index = index
         self.device_id = device_id(index) if name is None else name
@@ -101,8 +104,12 @@ class Device:
         self.signals = Signals(seed, index)
         self._faults = Noise(noise_tables(seed)[1], seed, index, STREAM_FAULTS)
         self._ratios = faults
-        self._plain = samples_per_message == 1 and not (
-            faults.bad or faults.duplicate or faults.late or faults.hostile
+        #: How samples become a payload (``--format senml``); None: JSON, as they are.
+        self._encode = encode
+        self._plain = (
+            encode is None
+            and samples_per_message == 1
+            and not (faults.bad or faults.duplicate or faults.late or faults.hostile)
         )
         self._k = samples_per_message
         # Samples of one message are spread over the interval between messages.
@@ -205,7 +212,10 @@ class Device:
                 }
             )
         self.late += late
-        payload = orjson.dumps(samples[0] if k == 1 else samples)
+        if self._encode is not None:
+            payload = self._encode(self.device_id, samples)
+        else:
+            payload = orjson.dumps(samples[0] if k == 1 else samples)
         duplicate = bool(ratios.duplicate) and draw() < ratios.duplicate
         if duplicate:
             self.duplicates += 1

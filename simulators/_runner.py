@@ -37,6 +37,7 @@ from simulators._report import (
     build_report,
 )
 from simulators._schedule import Schedule, deal, process_connections, process_devices
+from simulators._senml import encoder
 
 ProgressCallback = Callable[[Progress], None]
 
@@ -105,6 +106,7 @@ def _fleet(
             rate=config.rate,
             samples_per_message=config.samples_per_message,
             faults=faults,
+            encode=encoder(config.format, config.senml_cbor),
         )
         for i in process_devices(config.devices, config.processes, part)
     ]

@@ -17,6 +17,7 @@ import orjson
 from ingest.urls import redact_urls_in
 from simulators._config import (
     DEFAULT_MQTT_URL,
+    DEFAULT_SENML_TOPIC,
     DEFAULT_TOPIC,
     DEFAULT_VALUE_TOPIC,
     FORMATS,
@@ -28,6 +29,12 @@ from simulators._report import Progress, progress_line
 from simulators._runner import run
 
 PROG = "simulate"
+#: The topic template of each --format when neither --topic nor $INGEST_TOPIC gives one.
+_DEFAULT_TOPICS = {
+    "json": DEFAULT_TOPIC,
+    "value": DEFAULT_VALUE_TOPIC,
+    "senml": DEFAULT_SENML_TOPIC,
+}
 
 DESCRIPTION = """\
 Simulate a fleet of MQTT sensor devices for iot-ingest.
@@ -124,7 +131,7 @@ def _add_fleet_flags(p: argparse.ArgumentParser) -> None:
         help="topic template, {device_id} is one level; {metric} one too with --format value; "
         "other {name} levels are filled from --tags "
         f"(default: $INGEST_TOPIC, else {DEFAULT_TOPIC}; with --format value "
-        f"{DEFAULT_VALUE_TOPIC})",
+        f"{DEFAULT_VALUE_TOPIC}, with --format senml {DEFAULT_SENML_TOPIC})",
     )
     p.add_argument(
         "--seed", type=int, metavar="S", help="seed of the values and faults (default: random)"
@@ -145,7 +152,12 @@ def _add_route_flags(p: argparse.ArgumentParser) -> None:
         choices=FORMATS,
         default="json",
         help="json: a JSON message per sample; value: one topic per metric, seq included, each "
-        '{"ts": ..., "value": ...} (default json)',
+        '{"ts": ..., "value": ...}; senml: one RFC 8428 SenML pack per message (default json)',
+    )
+    p.add_argument(
+        "--senml-cbor",
+        action="store_true",
+        help="with --format senml: the packs in CBOR (RFC 8428 section 6) instead of JSON",
     )
     p.add_argument(
         "--first-device",
@@ -290,7 +302,7 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> Simula
     """The configuration of a command line; raises :class:`ConfigError` naming the flag, or
     the environment variable that gave the value."""
     origin = _with_env_defaults(args, env)
-    if args.format == "value" and origin.pop("--topic", None):
+    if args.format != "json" and origin.pop("--topic", None):
         args.topic = None  # the daemon's INGEST_TOPIC is a json route's template
     try:
         return _config(args, _password(args, env, origin))
@@ -313,8 +325,9 @@ def _config(args: argparse.Namespace, password: str | None) -> SimulatorConfig:
         count=args.count,
         duration=args.duration,
         qos=args.qos,
-        topic=args.topic or (DEFAULT_VALUE_TOPIC if args.format == "value" else DEFAULT_TOPIC),
+        topic=args.topic or _DEFAULT_TOPICS[args.format],
         format=args.format,
+        senml_cbor=args.senml_cbor,
         tags=parse_tags(args.tags),
         first_device=args.first_device,
         seed=args.seed,

@@ -5,8 +5,9 @@ synchronous: no I/O, no logging, and it never raises (a bug comes back as
 ``DecodeError("internal", ...)``). It finds the first route whose template matches the topic
 (none: ``bad_topic``), checks the device id the topic gives, and hands the payload to the
 route's format, looked up once per route at start-up in ``FORMATS``, the dispatch table.
-Formats: ``json`` (``ingest.formats.json``), ``value`` (``ingest.formats.value``); a new one
-is a module with a decoder and an options reader, and a line in ``FORMATS``.
+Formats: ``json`` (``ingest.formats.json``), ``value`` (``ingest.formats.value``), ``senml``
+(``ingest.formats.senml``); a new one is a module with a decoder and an options reader, and a
+line in ``FORMATS``.
 
 The name rules (device ids and metrics non-empty, at most 128 characters, no control
 character; tag values the same but may be empty) and the limits (readings per message, the time window, text size) hold for every
@@ -27,6 +28,7 @@ from ingest.formats.json import REASONS, bad_tag_value, decode_json, json_option
 from ingest.formats.json import bad_name as _bad_name
 from ingest.formats.limits import DEFAULT_LIMITS, Limits
 from ingest.formats.routes import FormatSpec, RouteTable, parse_routes
+from ingest.formats.senml import decode_senml, senml_options
 from ingest.formats.value import decode_value, value_options
 from ingest.model import Decoded
 
@@ -40,6 +42,7 @@ __all__ = ["FORMATS", "REASONS", "Limits", "RouteTable", "decode", "load_routes"
 FORMATS: Final[Mapping[str, FormatSpec]] = {
     "json": FormatSpec(decode_json, json_options),
     "value": FormatSpec(decode_value, value_options),
+    "senml": FormatSpec(decode_senml, senml_options, names_devices=True),
 }
 
 

@@ -114,6 +114,7 @@ REASONS: Final = (
     "bad_topic",
     "too_large",
     "too_many_readings",
+    "bad_senml",
     "internal",
 )
 
