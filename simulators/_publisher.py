@@ -95,8 +95,9 @@ class Backoff:
         self.attempts = 0
 
 
-#: What a QoS 1 packet id stands for until its PUBACK: (device, is a duplicate, samples).
-Token = tuple[Device, bool, int]
+#: What a QoS 1 packet id stands for until its PUBACK: (device, is a duplicate, samples); the
+#: device is None for a message that is not one of the schedule's (a Sparkplug birth or death).
+Token = tuple[Device | None, bool, int]
 
 
 class Publisher:
@@ -197,6 +198,9 @@ class Publisher:
 
     def _on_ack(self, token: Token) -> None:
         device, duplicate, samples = token
+        if device is None:
+            self._control_settled(published=True)
+            return
         device.published += 1
         stats = self._stats
         stats.published += 1
@@ -221,11 +225,20 @@ class Publisher:
 
     def _fail_inflight(self, conn: Connection) -> None:
         stats = self._stats
+        failed = 0
         for device, _duplicate, _samples in conn.inflight.values():
+            if device is None:
+                self._control_settled(published=False)
+                continue
             device.failed += 1
-        stats.failed += len(conn.inflight)
-        stats.failures["unacknowledged"] += len(conn.inflight)
+            failed += 1
+        stats.failed += failed
+        stats.failures["unacknowledged"] += failed
         conn.inflight.clear()
+
+    def _control_settled(self, *, published: bool) -> None:
+        """A message outside the schedule (none here: see ``simulators._sparkplug``) was
+        acknowledged, or failed."""
 
     # -- waiting ------------------------------------------------------------------------------
 
@@ -354,12 +367,14 @@ class Publisher:
             if start + slot * per_slot > now:
                 break
             device = devices[position]
-            message = device.next_message(start_wall_ms + slot * per_slot_ms)
+            message = self._message(device, start_wall_ms + slot * per_slot_ms)
             copies = self._count(message)
             if conn is None:
                 self._fail(device, copies, "disconnected")
             elif self._qos == 1:
-                self._queue_qos1(conn, device, message, copies, packets)
+                self._queue_qos1(
+                    conn, device, self._parts(device, message[0]), message, copies, packets
+                )
             else:
                 self._queue_qos0(device, message, copies, packets)
             room -= copies
@@ -367,6 +382,14 @@ class Publisher:
         if packets and conn is not None:
             conn.write(b"".join(packets))
         return pending
+
+    def _message(self, device: Device, wall_ms: float) -> Message:
+        """``device``'s message scheduled at ``wall_ms`` (a hook: Sparkplug nodes wrap it)."""
+        return device.next_message(wall_ms)
+
+    def _parts(self, device: Device, payload: bytes) -> list[tuple[bytes, bytes, bool]]:
+        """What one message is on the wire (a hook: Sparkplug nodes send it their way)."""
+        return _parts(device, payload)
 
     def _count(self, message: Message) -> int:
         """Count a generated message; returns how many copies of it go out."""
@@ -388,13 +411,18 @@ class Publisher:
 
     @staticmethod
     def _queue_qos1(
-        conn: Connection, device: Device, message: Message, copies: int, packets: list[bytes]
+        conn: Connection,
+        device: Device,
+        parts: list[tuple[bytes, bytes, bool]],
+        message: Message,
+        copies: int,
+        packets: list[bytes],
     ) -> None:
         # Published when the PUBACK arrives (_on_ack); the token says what to count then.
-        payload, samples = message[0], message[1]
+        samples = message[1]
         inflight = conn.inflight
         for copy in range(copies):
-            for topic, part, carries in _parts(device, payload):
+            for topic, part, carries in parts:
                 mid = conn.next_mid()
                 inflight[mid] = (device, copy == 1, samples if carries else 0)
                 packets.append(publish_packet(topic, part, mid))
@@ -405,7 +433,7 @@ class Publisher:
         # Published when handed to the transport: counted now.
         payload, samples = message[0], message[1]
         stats = self._stats
-        parts = _parts(device, payload)
+        parts = self._parts(device, payload)
         for topic, part, _carries in parts:
             packet = publish_packet(topic, part)
             packets.append(packet)
