@@ -31,7 +31,7 @@ import orjson
 
 from simulators._config import METRIC_PLACEHOLDER, MqttUrl
 from simulators._errors import ConnectError
-from simulators._faults import BAD_KINDS, HOSTILE_BAD_KINDS
+from simulators._faults import BAD_KINDS, HOSTILE_BAD_KINDS, SPARKPLUG_BAD_KINDS
 from simulators._mqtt import Connection, ProtocolError, RefusedError, publish_packet, topic_field
 from simulators._payloads import Device, Message
 from simulators._schedule import Schedule, Slot
@@ -59,6 +59,7 @@ class Stats:
         "published_duplicates",
         "reconnects",
         "samples",
+        "sparkplug",
     )
 
     def __init__(self) -> None:
@@ -69,7 +70,9 @@ class Stats:
         self.failed = 0
         self.samples = 0  # valid samples in published messages (duplicates excluded)
         self.late = 0
-        self.bad = dict.fromkeys((*BAD_KINDS, *HOSTILE_BAD_KINDS), 0)
+        self.bad = dict.fromkeys((*BAD_KINDS, *HOSTILE_BAD_KINDS, *SPARKPLUG_BAD_KINDS), 0)
+        #: Sparkplug edge nodes' messages outside the schedule (``simulators._sparkplug``).
+        self.sparkplug: dict[str, int] = {}
         self.failures = {"disconnected": 0, "unacknowledged": 0}
         self.reconnects = 0
         self.connect_failures = 0
@@ -200,14 +203,14 @@ class Publisher:
         device, duplicate, samples = token
         if device is None:
             self._control_settled(published=True)
-            return
-        device.published += 1
-        stats = self._stats
-        stats.published += 1
-        if duplicate:
-            stats.published_duplicates += 1
         else:
-            stats.samples += samples
+            device.published += 1
+            stats = self._stats
+            stats.published += 1
+            if duplicate:
+                stats.published_duplicates += 1
+            else:
+                stats.samples += samples
         conn = self._conn
         if (
             self._waiter is not None

@@ -36,6 +36,7 @@ from simulators._report import (
     build_report,
 )
 from simulators._schedule import Schedule, deal, process_connections, process_devices
+from simulators._sparkplug import fleet as sparkplug_fleet
 
 ProgressCallback = Callable[[Progress], None]
 
@@ -91,6 +92,8 @@ def _fleet(
 ) -> tuple[list[Device], list[Publisher]]:
     """Process ``part``'s devices, and its publishers (one per connection) sharing them."""
     schedule = schedule_of(config)
+    if config.format == "sparkplug":
+        return sparkplug_fleet(config, part, stats, schedule)
     faults = FaultRatios(
         config.bad_ratio, config.duplicate_ratio, config.late_ratio, config.hostile_ratio
     )

@@ -16,6 +16,8 @@ import orjson
 
 from ingest.urls import redact_urls_in
 from simulators._config import (
+    DEFAULT_DEVICES_PER_NODE,
+    DEFAULT_GROUP_ID,
     DEFAULT_MQTT_URL,
     DEFAULT_TOPIC,
     DEFAULT_VALUE_TOPIC,
@@ -143,7 +145,25 @@ def _add_route_flags(p: argparse.ArgumentParser) -> None:
         choices=FORMATS,
         default="json",
         help="json: a JSON message per sample; value: one topic per metric, seq included, each "
-        '{"ts": ..., "value": ...} (default json)',
+        '{"ts": ..., "value": ...}; sparkplug: Sparkplug B edge nodes of --devices-per-node '
+        "devices each (one connection per node, its NDEATH the will): NBIRTH and DBIRTHs on "
+        "connect, a DDATA by alias per message, DDEATHs and NDEATH on exit, births again on an "
+        "NCMD Node Control/Rebirth (default json)",
+    )
+    p.add_argument(
+        "--group-id",
+        default=DEFAULT_GROUP_ID,
+        metavar="ID",
+        help="--format sparkplug: the Sparkplug group id; devices are named "
+        f"<group>/<node>/<device> as the daemon stores them (default {DEFAULT_GROUP_ID})",
+    )
+    p.add_argument(
+        "--devices-per-node",
+        type=int,
+        default=DEFAULT_DEVICES_PER_NODE,
+        metavar="K",
+        help="--format sparkplug: devices per edge node, node-0001 holding the first K "
+        f"(default {DEFAULT_DEVICES_PER_NODE})",
     )
     p.add_argument(
         "--first-device",
@@ -170,7 +190,9 @@ def _add_fault_flags(p: argparse.ArgumentParser) -> None:
         default=0.0,
         metavar="F",
         help="share of messages that are malformed: not JSON, truncated JSON, invalid UTF-8, "
-        "no numeric field, unreadable ts (default 0)",
+        "no numeric field, unreadable ts; with --format sparkplug, a draw that makes the edge "
+        "node send data by aliases before their births, until it is asked to rebirth "
+        "(default 0)",
     )
     p.add_argument(
         "--hostile-ratio",
@@ -287,7 +309,7 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> Simula
     """The configuration of a command line; raises :class:`ConfigError` naming the flag, or
     the environment variable that gave the value."""
     origin = _with_env_defaults(args, env)
-    if args.format == "value" and origin.pop("--topic", None):
+    if args.format in ("value", "sparkplug") and origin.pop("--topic", None):
         args.topic = None  # the daemon's INGEST_TOPIC is a json route's template
     try:
         return _config(args, _password(args, env, origin))
@@ -322,6 +344,8 @@ def _config(args: argparse.Namespace, password: str | None) -> SimulatorConfig:
         late_ratio=args.late_ratio,
         connections=args.connections,
         processes=args.processes,
+        group_id=args.group_id,
+        devices_per_node=args.devices_per_node,
     )
 
 
