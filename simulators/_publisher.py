@@ -55,6 +55,7 @@ class Stats:
         "late",
         "max_lag",
         "messages",
+        "nodes",
         "published",
         "published_duplicates",
         "reconnects",
@@ -73,6 +74,8 @@ class Stats:
         self.bad = dict.fromkeys((*BAD_KINDS, *HOSTILE_BAD_KINDS, *SPARKPLUG_BAD_KINDS), 0)
         #: Sparkplug edge nodes' messages outside the schedule (``simulators._sparkplug``).
         self.sparkplug: dict[str, int] = {}
+        #: Sparkplug edge node -> [NBIRTHs sent, acknowledged, failed]: each is a sample.
+        self.nodes: dict[str, list[int]] = {}
         self.failures = {"disconnected": 0, "unacknowledged": 0}
         self.reconnects = 0
         self.connect_failures = 0
@@ -99,7 +102,8 @@ class Backoff:
 
 
 #: What a QoS 1 packet id stands for until its PUBACK: (device, is a duplicate, samples); the
-#: device is None for a message that is not one of the schedule's (a Sparkplug birth or death).
+#: device is None for a message that is not one of the schedule's (a Sparkplug birth or death,
+#: the flag then saying whether it is an NBIRTH).
 Token = tuple[Device | None, bool, int]
 
 
@@ -202,7 +206,7 @@ class Publisher:
     def _on_ack(self, token: Token) -> None:
         device, duplicate, samples = token
         if device is None:
-            self._control_settled(published=True)
+            self._control_settled(duplicate, published=True)
         else:
             device.published += 1
             stats = self._stats
@@ -229,9 +233,9 @@ class Publisher:
     def _fail_inflight(self, conn: Connection) -> None:
         stats = self._stats
         failed = 0
-        for device, _duplicate, _samples in conn.inflight.values():
+        for device, flag, _samples in conn.inflight.values():
             if device is None:
-                self._control_settled(published=False)
+                self._control_settled(flag, published=False)
                 continue
             device.failed += 1
             failed += 1
@@ -239,9 +243,9 @@ class Publisher:
         stats.failures["unacknowledged"] += failed
         conn.inflight.clear()
 
-    def _control_settled(self, *, published: bool) -> None:
+    def _control_settled(self, flag: bool, *, published: bool) -> None:
         """A message outside the schedule (none here: see ``simulators._sparkplug``) was
-        acknowledged, or failed."""
+        acknowledged, or failed; ``flag`` is its token's second field."""
 
     # -- waiting ------------------------------------------------------------------------------
 

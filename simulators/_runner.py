@@ -216,6 +216,8 @@ def _fill(
     result.reconnects = stats.reconnects
     result.connect_failures = stats.connect_failures
     result.max_lag = stats.max_lag
+    result.sparkplug = dict(stats.sparkplug)
+    result.nodes = {node: list(counts) for node, counts in stats.nodes.items()}
     if keep_devices:
         result.devices = {
             d.device_id: (d.messages, d.published, d.failed, d.seq, d.bad, d.duplicates, d.late)

@@ -179,6 +179,7 @@ class SparkplugNode(Publisher):
         self._last_ts = 0
         self.counts = dict.fromkeys(COUNTERS, 0)
         stats.sparkplug = stats.sparkplug or dict.fromkeys(COUNTERS, 0)
+        self._births_sent = stats.nodes.setdefault(self.node_device, [0, 0, 0])
 
     # -- the connection: will, NCMD, births ---------------------------------------------------
 
@@ -232,7 +233,7 @@ class SparkplugNode(Publisher):
             datatype=DataType.Boolean,
             boolean_value=False,
         )
-        packets = [self._control(conn, topic_field(self._topics["NBIRTH"]), nbirth)]
+        packets = [self._control(conn, topic_field(self._topics["NBIRTH"]), nbirth, nbirth=True)]
         now = nbirth.timestamp
         for position, topics in enumerate(self._device_topics):
             dbirth = Payload(timestamp=now, seq=self._next_seq())
@@ -252,17 +253,24 @@ class SparkplugNode(Publisher):
         self._tally("births")
         self._tally("device_births", len(self._device_topics))
 
-    def _control(self, conn: Connection, topic: bytes, payload: Any) -> bytes:
+    def _control(
+        self, conn: Connection, topic: bytes, payload: Any, *, nbirth: bool = False
+    ) -> bytes:
         """A message outside the schedule, at the fleet's QoS (1: so that the broker keeps it
         for a daemon that is away, like the data)."""
+        if nbirth:
+            self._births_sent[0] += 1
         if self._qos == 1:
             mid = conn.next_mid()
-            conn.inflight[mid] = (None, False, 0)
+            conn.inflight[mid] = (None, nbirth, 0)
             return publish_packet(topic, payload.SerializeToString(), mid)
+        self._control_settled(nbirth, published=True)
         return publish_packet(topic, payload.SerializeToString())
 
-    def _control_settled(self, *, published: bool) -> None:
+    def _control_settled(self, flag: bool, *, published: bool) -> None:
         self._tally("control_published" if published else "control_failed")
+        if flag:  # an NBIRTH: one sample of the node
+            self._births_sent[1 if published else 2] += 1
 
     def _tally(self, what: str, n: int = 1) -> None:
         self.counts[what] += n

@@ -309,7 +309,7 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> Simula
     """The configuration of a command line; raises :class:`ConfigError` naming the flag, or
     the environment variable that gave the value."""
     origin = _with_env_defaults(args, env)
-    if args.format in ("value", "sparkplug") and origin.pop("--topic", None):
+    if args.format in ("value", "sparkplug") and origin.pop("--topic", ""):
         args.topic = None  # the daemon's INGEST_TOPIC is a json route's template
     try:
         return _config(args, _password(args, env, origin))
