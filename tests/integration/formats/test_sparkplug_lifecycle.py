@@ -211,7 +211,7 @@ class CommandWatcher:
             paho.CallbackAPIVersion.VERSION2,  # type: ignore[attr-defined]
             client_id=f"watch-{uuid.uuid4().hex[:8]}",
         )
-        self._client.on_message = lambda _c, _u, m: self.seen.append((m.topic, m.payload))
+        self._client.on_message = lambda _c, _u, m: self.seen.append((m.topic, bytes(m.payload)))
         self._client.connect(host, int(port))
         self._client.subscribe(f"spBv1.0/{group}/NCMD/+", 1)
         self._client.loop_start()
