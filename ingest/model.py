@@ -118,6 +118,18 @@ class SessionStatistics(NamedTuple):
     too_large: int  # over the payload limit: read in pieces, kept in part
 
 
+class SparkplugStatistics(NamedTuple):
+    """The Sparkplug alias state's totals (``ingest.formats.sparkplug``), summed over routes."""
+
+    nodes: int  # edge nodes whose alias tables are held
+    aliases: int  # entries held: declared metrics, plus one per edge node and device
+    nodes_evicted: int  # nodes forgotten to stay under INGEST_SPARKPLUG_MAX_ALIASES
+    stale_deaths: int  # NDEATHs of an earlier session (bdSeq not the last NBIRTH's)
+    rebirths_sent: int  # Rebirth requests (NCMD) published
+    rebirths_suppressed: int  # not asked: the node was asked within the interval
+    rebirths_failed: int  # not published: no connection at the time
+
+
 @dataclass(frozen=True, slots=True)
 class SourceStatistics:
     received: int
@@ -133,6 +145,8 @@ class SourceStatistics:
     parsed_fast: int = 0
     parsed_paho: int = 0
     too_large: int = 0
+    #: None without a Sparkplug route
+    sparkplug: SparkplugStatistics | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,7 +40,15 @@ from ingest.backoff import Backoff
 from ingest.errors import ConfigError, DecodeError
 from ingest.flow.acker import Acker, Delivery
 from ingest.formats.decode import Limits, decode, load_routes
-from ingest.model import Decoded, Envelope, SessionStatistics, SourceStatistics, build
+from ingest.formats.sparkplug import SparkplugState
+from ingest.model import (
+    Decoded,
+    Envelope,
+    SessionStatistics,
+    SourceStatistics,
+    SparkplugStatistics,
+    build,
+)
 from ingest.mqtt.answers import explain
 from ingest.mqtt.session import Inbound, MqttSession
 from ingest.mqtt.tls import credentials, tls_context
@@ -77,6 +85,8 @@ class Source:
         # and the writer counts it as a duplicate (README, Routes).
         self._subscriptions = self._routes.subscriptions(settings.share_group)
         self._filter = ", ".join(f for f, _ in self._subscriptions)
+        # Route states that may ask for messages to be published (Sparkplug Rebirth requests).
+        self._states = self._routes.states
         self._acker = acker
         self._drained = drained
         self._log = log or logging.getLogger("ingest.source")
@@ -126,7 +136,14 @@ class Source:
             parsed_fast=read.fast_path,
             parsed_paho=read.paho_path,
             too_large=read.too_large,
+            sparkplug=self._sparkplug_statistics(),
         )
+
+    def _sparkplug_statistics(self) -> SparkplugStatistics | None:
+        found = [s.statistics() for s in self._states if isinstance(s, SparkplugState)]
+        if not found:
+            return None
+        return SparkplugStatistics(*(sum(column) for column in zip(*found, strict=True)))
 
     def _new_session(self, tls: ssl.SSLContext | None) -> MqttSession:
         s = self._settings
@@ -265,6 +282,8 @@ class Source:
                 await session.wait_inbox(pending)
                 continue
             await self._hand_on(session, send, pending)
+            if self._states:
+                self._send_requests(session)
 
     async def _hand_on(
         self,
@@ -318,6 +337,26 @@ class Source:
                     await anyio.lowlevel.checkpoint()
             received_at = datetime.now(UTC)
             decoded = 0
+            if self._states:  # a long backlog must not hold the requests back
+                self._send_requests(session)
+
+    def _send_requests(self, session: MqttSession) -> None:
+        """Publish (QoS 0) what the routes' states ask for: Sparkplug Rebirth requests, which
+        the decoder records for edge nodes whose data names an alias we do not know."""
+        for state in self._states:
+            requests = state.take_requests(time.time())
+            if not requests:
+                continue
+            sent = sum(session.publish(topic, payload) for topic, payload in requests)
+            state.requests_sent(sent, len(requests) - sent)
+            self._log.info(
+                "asked %d edge nodes for their births again (data named unknown aliases), "
+                "%d not sent (no connection): %s",
+                sent,
+                len(requests) - sent,
+                ", ".join(topic for topic, _ in requests[:5])
+                + (", ..." if len(requests) > 5 else ""),
+            )
 
     async def _delivery_apart(
         self, session: MqttSession, message: Inbound, received_at: datetime

@@ -84,6 +84,7 @@ from ingest.model import (
     Decoded,
     DeviceUpdate,
     Reading,
+    SparkplugStatistics,
     TextReading,
     build,
     device_status,
@@ -97,7 +98,6 @@ __all__ = [
     "REASONS",
     "REBIRTH_METRIC",
     "SparkplugState",
-    "SparkplugStatistics",
     "decode_sparkplug",
     "rebirth_request",
     "sparkplug_options",
@@ -233,18 +233,6 @@ class _Node:
         self.born = born
         self.devices: dict[str, _Tables] = {}
         self.size = tables.size
-
-
-class SparkplugStatistics(NamedTuple):
-    """A Sparkplug route state's totals (``ingest_sparkplug_*`` metrics)."""
-
-    nodes: int  # edge nodes whose tables are held
-    aliases: int  # entries held: declared metrics, plus one per node and device
-    nodes_evicted: int  # nodes forgotten to stay under INGEST_SPARKPLUG_MAX_ALIASES
-    stale_deaths: int  # NDEATHs of an earlier session (bdSeq not the last NBIRTH's)
-    rebirths_sent: int
-    rebirths_suppressed: int  # rate-limited (a request to the node went out recently)
-    rebirths_failed: int  # not published: no connection at the time
 
 
 class SparkplugState:
