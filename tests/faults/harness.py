@@ -30,7 +30,8 @@ WINDOW = "ingest_inflight_window"
 
 @dataclass(frozen=True, kw_only=True)
 class Fleet:
-    """``devices`` devices sending ``count`` messages each on ``topic`` (a template)."""
+    """``devices`` devices sending ``count`` messages each on ``topic`` (a template; empty:
+    the format's own, as Sparkplug's)."""
 
     topic: str
     devices: int
@@ -59,7 +60,8 @@ class Simulation:
         self._args = [
             sys.executable, "-m", "simulators", "--mqtt-url", mqtt_url,
             "--devices", str(fleet.devices), "--count", str(fleet.count),
-            "--rate", str(rate or 1_000_000), "--topic", fleet.topic, "--qos", "1",
+            "--rate", str(rate or 1_000_000), *(("--topic", fleet.topic) if fleet.topic else ()),
+            "--qos", "1",
             "--bad-ratio", str(bad_ratio), "--report", "json", "--quiet", *extra,
         ]  # fmt: skip
         self._parts = parts
