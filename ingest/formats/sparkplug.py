@@ -66,6 +66,7 @@ Not checked: the payload ``seq`` (0..255), the order of messages, Template defin
 from __future__ import annotations
 
 import math
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -480,7 +481,8 @@ def _declare(metric: Any, out: _Out) -> _Decl | DecodeError:
     if not metric.HasField("name") or not metric.HasField("datatype"):
         what = "name" if not metric.HasField("name") else "datatype"
         return DecodeError("bad_sparkplug", f"a birth metric without a {what}")
-    name = metric.name
+    # Interned: a fleet's nodes declare the same names, held once however many nodes.
+    name = sys.intern(metric.name)
     fault = bad_name(name)
     if fault is not None:
         return DecodeError("bad_metric", f"metric {show(name)}: {fault}")
