@@ -6,7 +6,8 @@ Route: ``topic = "spBv1.0/#"`` (every group) or ``"spBv1.0/<group>/#"``; no othe
 
 Devices: the metrics of an edge node (NBIRTH, NDATA) belong to the device ``<group>/<edge_node>``,
 those of one of its devices (DBIRTH, DDATA) to ``<group>/<edge_node>/<device>``. The name rules
-apply to those ids and to metric names as for every format.
+apply to those ids and to metric names as for every format. A route's static ``tags`` go to
+every device a message speaks of.
 
 Messages:
 
@@ -416,10 +417,22 @@ def decode_sparkplug(
     node_id = device_id if kind[0] == "N" else device_id.rpartition("/")[0]
     with state.lock:
         if kind in _BIRTHS:
-            return _birth(message, kind, node_id, device_id, at, received_at, limits, state)
-        if kind in ("NDATA", "DDATA"):
-            return _data(message, node_id, device_id, at, received_at, limits, state)
-        return _death(message, kind, node_id, device_id, at, received_at, state)
+            result = _birth(message, kind, node_id, device_id, at, received_at, limits, state)
+        elif kind in ("NDATA", "DDATA"):
+            result = _data(message, node_id, device_id, at, received_at, limits, state)
+        else:
+            result = _death(message, kind, node_id, device_id, at, received_at, state)
+    if route.tags is not None and type(result) is Decoded:
+        return _tagged(result, device_id, route.tags)
+    return result
+
+
+def _tagged(result: Decoded, device_id: str, tags: Mapping[str, str]) -> Decoded:
+    """The route's static tags on every device the message speaks of."""
+    updates = [u._replace(tags=dict(tags)) for u in result.updates]
+    if not any(u.device_id == device_id for u in updates):
+        updates.append(DeviceUpdate(device_id, dict(tags)))
+    return result._replace(updates=tuple(updates))
 
 
 def _message_time(message: Any, received_at: datetime, limits: Limits) -> datetime | DecodeError:

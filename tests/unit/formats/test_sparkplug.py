@@ -635,3 +635,22 @@ def test_alias_state_memory_per_entry() -> None:
 
     assert births("same") < 160
     assert births("distinct") < 230
+
+
+def test_a_route_s_static_tags_reach_every_device_the_message_speaks_of() -> None:
+    routes = parse_routes(
+        [{"topic": "spBv1.0/#", "format": "sparkplug", "tags": {"source": "ignition"}}], FORMATS
+    )
+    tags = {"source": "ignition"}
+    birth = ok(run(routes, "NBIRTH", nbirth()))
+    assert birth.updates == (
+        DeviceUpdate(NODE, tags, status="online", status_at=AT0, units={"temp": "°C"}),
+    )
+    ok(run(routes, "DBIRTH", dbirth(), device="pump"))
+    data = ok(run(routes, "NDATA", payload(T0 + 1, {"alias": 1, "double_value": 1.0})))
+    assert data.updates == (DeviceUpdate(NODE, tags),)
+    death = ok(run(routes, "NDEATH", payload(T0 + 2)))
+    assert [(u.device_id, u.tags, u.status) for u in death.updates] == [
+        (NODE, tags, "offline"),
+        (DEVICE, tags, "offline"),
+    ]
