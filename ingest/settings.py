@@ -210,8 +210,9 @@ class Settings:
     sparkplug_max_aliases: int = _setting(
         "INGEST_SPARKPLUG_MAX_ALIASES", 100_000, group=FLOW, shown="100000",
         help="Sparkplug metrics each worker remembers from births (aliases, names and "
-        "datatypes; each edge node and device counts one more); when full, the edge nodes "
-        "born longest ago are forgotten (their next data by alias asks for a rebirth)",
+        "datatypes; each edge node and device counts one more; about 140 bytes each when "
+        "nodes declare the same names, 190 when every name differs); when full, the edge "
+        "nodes born longest ago are forgotten (their next data by alias asks for a rebirth)",
     )  # fmt: skip
     sparkplug_rebirth_interval: float = _setting(
         "INGEST_SPARKPLUG_REBIRTH_INTERVAL", 30.0, group=FLOW,

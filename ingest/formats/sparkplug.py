@@ -6,7 +6,8 @@ Route: ``topic = "spBv1.0/#"`` (every group) or ``"spBv1.0/<group>/#"``; no othe
 
 Devices: the metrics of an edge node (NBIRTH, NDATA) belong to the device ``<group>/<edge_node>``,
 those of one of its devices (DBIRTH, DDATA) to ``<group>/<edge_node>/<device>``. The name rules
-apply to those ids and to metric names as for every format.
+apply to those ids and to metric names as for every format. A route's static ``tags`` go to
+every device a message speaks of.
 
 Messages:
 
@@ -66,6 +67,7 @@ Not checked: the payload ``seq`` (0..255), the order of messages, Template defin
 from __future__ import annotations
 
 import math
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -415,10 +417,22 @@ def decode_sparkplug(
     node_id = device_id if kind[0] == "N" else device_id.rpartition("/")[0]
     with state.lock:
         if kind in _BIRTHS:
-            return _birth(message, kind, node_id, device_id, at, received_at, limits, state)
-        if kind in ("NDATA", "DDATA"):
-            return _data(message, node_id, device_id, at, received_at, limits, state)
-        return _death(message, kind, node_id, device_id, at, received_at, state)
+            result = _birth(message, kind, node_id, device_id, at, received_at, limits, state)
+        elif kind in ("NDATA", "DDATA"):
+            result = _data(message, node_id, device_id, at, received_at, limits, state)
+        else:
+            result = _death(message, kind, node_id, device_id, at, received_at, state)
+    if route.tags is not None and type(result) is Decoded:
+        return _tagged(result, device_id, route.tags)
+    return result
+
+
+def _tagged(result: Decoded, device_id: str, tags: Mapping[str, str]) -> Decoded:
+    """The route's static tags on every device the message speaks of."""
+    updates = [u._replace(tags=dict(tags)) for u in result.updates]
+    if not any(u.device_id == device_id for u in updates):
+        updates.append(DeviceUpdate(device_id, dict(tags)))
+    return result._replace(updates=tuple(updates))
 
 
 def _message_time(message: Any, received_at: datetime, limits: Limits) -> datetime | DecodeError:
@@ -480,7 +494,8 @@ def _declare(metric: Any, out: _Out) -> _Decl | DecodeError:
     if not metric.HasField("name") or not metric.HasField("datatype"):
         what = "name" if not metric.HasField("name") else "datatype"
         return DecodeError("bad_sparkplug", f"a birth metric without a {what}")
-    name = metric.name
+    # Interned: a fleet's nodes declare the same names, held once however many nodes.
+    name = sys.intern(metric.name)
     fault = bad_name(name)
     if fault is not None:
         return DecodeError("bad_metric", f"metric {show(name)}: {fault}")
