@@ -337,3 +337,44 @@ def run_audit(
     assert proc.returncode in (0, 1), proc.stderr
     result: dict[str, Any] = json.loads(proc.stdout)
     return result
+
+
+def test_a_killed_simulator_leaves_its_death_to_the_will(
+    database_url: str, mqtt_url: str, tmp_path: Path
+) -> None:
+    group = f"g{uuid.uuid4().hex[:8]}"
+    node = f"{group}/node-0001"
+    with sparkplug_daemon(database_url, mqtt_url, tmp_path, group) as d:
+        d.wait_subscribed()
+        sim = subprocess.Popen(
+            [
+                sys.executable, "-m", "simulators", "--mqtt-url", mqtt_url, "--format",
+                "sparkplug", "--group-id", group, "--devices", "2", "--rate", "5", "--quiet",
+            ],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            online = dict.fromkeys([node, f"{node}/dev-00001", f"{node}/dev-00002"], "online")
+            wait_until(
+                lambda: {k: v[0] for k, v in statuses(database_url, node).items()} == online,
+                60,
+                what="the births",
+            )
+            births = statuses(database_url, node)
+            sim.kill()  # no DDEATH, no NDEATH of its own: the broker publishes the will
+            sim.wait(10)
+            wait_until(
+                lambda: all(s == "offline" for s, _ in statuses(database_url, node).values()),
+                60,
+                what="the will's NDEATH",
+            )
+        finally:
+            if sim.poll() is None:
+                sim.kill()
+                sim.wait(10)
+        assert d.stop() == 0
+    # The will has no timestamp: the receive time, after the births, marks every device of
+    # the node offline.
+    after = statuses(database_url, node)
+    assert after.keys() == births.keys()
+    assert all(after[k][1] > births[k][1] for k in births)
