@@ -156,7 +156,9 @@ class Report:
             if self.failed:
                 why = "messages failed"
             elif self.max_lag > 0.5:
-                why = "this machine could not keep up; add --processes or --connections"
+                why = "this machine could not keep up; add --processes" + (
+                    "" if self.sparkplug is not None else " or --connections"
+                )
             else:
                 why = "the run was too short to measure"
             lines.append(

@@ -177,6 +177,7 @@ class SparkplugNode(Publisher):
         self._generation = 0
         self._born = False
         self._last_ts = 0
+        self._templates: dict[int, tuple[int, Any, list[Any]]] = {}
         self.counts = dict.fromkeys(COUNTERS, 0)
         stats.sparkplug = stats.sparkplug or dict.fromkeys(COUNTERS, 0)
         self._births_sent = stats.nodes.setdefault(self.node_device, [0, 0, 0])
@@ -296,16 +297,30 @@ class SparkplugNode(Publisher):
             return self._before_birth(device, int(wall_ms))
         payload, samples, bad, duplicate, late = device.next_message(wall_ms)
         sample = orjson.loads(payload)
-        data = Payload(timestamp=sample["ts"], seq=self._next_seq())
-        position = self._position[id(device)]
-        for k, (name, datatype, _unit) in enumerate(DEVICE_METRICS):
-            m = data.metrics.add(
-                alias=alias_of(self._generation, len(self._devices), position, k),
-                timestamp=sample["ts"],
-                datatype=datatype,
-            )
+        data, metrics = self._data_template(device)
+        data.timestamp = ts = sample["ts"]
+        data.seq = self._next_seq()
+        for m, (name, datatype, _unit) in zip(metrics, DEVICE_METRICS, strict=True):
+            m.timestamp = ts
             _value(m, datatype, sample[name])
         return data.SerializeToString(), samples, bad, duplicate, late
+
+    def _data_template(self, device: Device) -> tuple[Any, list[Any]]:
+        """The device's DDATA of the current alias table, values filled in per message:
+        building a protobuf message metric by metric costs ten times more than setting the
+        values of one kept (42 against 3 us for six metrics)."""
+        key = id(device)
+        cached = self._templates.get(key)
+        if cached is None or cached[0] != self._generation:
+            data = Payload()
+            position = self._position[key]
+            for k, (_name, datatype, _unit) in enumerate(DEVICE_METRICS):
+                data.metrics.add(
+                    alias=alias_of(self._generation, len(self._devices), position, k),
+                    datatype=datatype,
+                )
+            cached = self._templates[key] = (self._generation, data, list(data.metrics))
+        return cached[1], cached[2]
 
     def _before_birth(self, device: Device, now: int) -> Message:
         """DDATA by aliases no birth has declared (the readings but ``seq``: it takes none)."""
