@@ -176,6 +176,7 @@ class SparkplugNode(Publisher):
         self._seq = 0
         self._generation = 0
         self._born = False
+        self._dead = False  # its deaths are sent: the run is over
         self._last_ts = 0
         self._templates: dict[int, tuple[int, Any, list[Any]]] = {}
         self.counts = dict.fromkeys(COUNTERS, 0)
@@ -214,11 +215,12 @@ class SparkplugNode(Publisher):
             if (m.name == REBIRTH or (not m.name and m.alias == rebirth_alias)) and (
                 m.WhichOneof("value") == "boolean_value" and m.boolean_value
             ):
-                self._tally("rebirth_requests")
                 conn = self._conn
-                if conn is not None and conn.is_open:
+                if conn is not None and conn.is_open and not self._dead:
+                    self._tally("rebirth_requests")
                     self._births(conn)
-                return
+                    return
+                break  # after its deaths a node stays dead: births now would revive it
         self._tally("commands_ignored")
 
     def _births(self, conn: Connection) -> None:
@@ -350,6 +352,7 @@ class SparkplugNode(Publisher):
 
     def _deaths(self, conn: Connection) -> None:
         """A DDEATH per device, then the NDEATH the will would have been (same ``bdSeq``)."""
+        self._dead = True
         now = self._timestamp()
         packets = []
         for topics in self._device_topics:

@@ -182,6 +182,20 @@ def test_data_before_birth_until_a_rebirth_request() -> None:
     assert node.counts["commands_ignored"] == 1 and not conn.publishes()
 
 
+def test_a_rebirth_request_after_the_deaths_is_not_answered() -> None:
+    node = nodes(config(devices=1))[0]
+    conn = FakeConnection()
+    node._conn = cast(Connection, conn)
+    node._bdseq = 0
+    node._deaths(cast(Connection, conn))
+    conn.publishes()
+    request = Payload(timestamp=1)
+    request.metrics.add(name=REBIRTH, datatype=DataType.Boolean, boolean_value=True)
+    node._on_command("spBv1.0/sim/NCMD/node-0001", request.SerializeToString())
+    assert not conn.publishes()
+    assert (node.counts["rebirth_requests"], node.counts["commands_ignored"]) == (0, 1)
+
+
 def test_report_lists_nodes_and_counts_their_births() -> None:
     cfg = config(devices=3, devices_per_node=2)
     stats = Stats()
