@@ -136,6 +136,8 @@ _UNSIGNED: Final[dict[int, int]] = {
 _FLOATS: Final = frozenset({DataType.Float, DataType.Double})
 _TEXTS: Final = frozenset({DataType.String, DataType.Text, DataType.UUID})
 _INT_FIELDS: Final = frozenset({"int_value", "long_value"})
+_NO_ALIASES: Final[dict[int, _Decl]] = {}
+_isfinite = math.isfinite
 _FLOAT_FIELDS: Final = frozenset({"float_value", "double_value"})
 
 
@@ -528,14 +530,19 @@ def _data(
     state: SparkplugState,
 ) -> Decoded | DecodeError:
     tables = state.tables(node_id, device_id)
+    aliases = tables.aliases if tables is not None else _NO_ALIASES
     out = _Out()
     for metric in message.metrics:
-        decl = _resolve(metric, tables)
-        if isinstance(decl, DecodeError):
-            if decl.reason == "unknown_alias":
-                state.ask_rebirth(node_id, received_at.timestamp())
-            return decl
-        error = _store(metric, decl, device_id, at, received_at, limits, out)
+        # The common case first: by an alias the birth declared (an unset alias reads 0).
+        found = None if metric.HasField("name") else aliases.get(metric.alias)
+        if found is None or (found is aliases.get(0) and not metric.HasField("alias")):
+            resolved = _resolve(metric, tables)
+            if isinstance(resolved, DecodeError):
+                if resolved.reason == "unknown_alias":
+                    state.ask_rebirth(node_id, received_at.timestamp())
+                return resolved
+            found = resolved
+        error = _store(metric, found, device_id, at, received_at, limits, out)
         if error is not None:
             return error
     if not out.readings and not out.texts and not out.units:
@@ -577,51 +584,51 @@ def _store(
     out: _Out,
 ) -> DecodeError | None:
     """Append the metric's reading or text reading to ``out`` (or count it skipped)."""
+    name = decl[0]
     if metric.HasField("properties"):
         unit = _unit(metric.properties)
         if unit is not None:
-            out.units[decl.name] = unit
-    value = _value(metric, decl.datatype, limits)
-    if value is None:
-        out.skipped += 1
-        return None
-    if isinstance(value, DecodeError):
-        return DecodeError(value.reason, f"metric {show(decl.name)}: {value.message}")
-    ts = at
-    if metric.HasField("timestamp"):
-        ms = metric.timestamp
-        checked = out.times.get(ms)
-        if checked is None:
+            out.units[name] = unit
+    value = _value(metric, decl[1], limits)
+    kind = type(value)
+    if kind is not float and kind is not str:
+        if value is None:
+            out.skipped += 1
+            return None
+        assert isinstance(value, DecodeError)
+        return DecodeError(value.reason, f"metric {show(name)}: {value.message}")
+    ms = metric.timestamp  # 0 when unset (and 1970 is never in the window anyway)
+    if ms or metric.HasField("timestamp"):
+        ts = out.times.get(ms)
+        if ts is None:
             found = _checked_time(ms, received_at, limits)
             if isinstance(found, DecodeError):
                 return found
-            checked = out.times[ms] = found
-        ts = checked
-        key = (decl.name, ms)
+            ts = out.times[ms] = found
     else:
-        key = (decl.name, -1)
-    if key in out.seen:
-        return DecodeError("duplicate_metric", f"metric {show(decl.name)} twice at {ts}")
-    out.seen.add(key)
-    if type(value) is str:
-        out.texts.append(build(TextReading, (device_id, decl.name, ts, value)))
+        ts, ms = at, -1
+    key = (name, ms)
+    seen = out.seen
+    if key in seen:
+        return DecodeError("duplicate_metric", f"metric {show(name)} twice at {ts}")
+    seen.add(key)
+    if kind is str:
+        out.texts.append(build(TextReading, (device_id, name, ts, value)))
     else:
-        out.readings.append(build(Reading, (device_id, decl.name, ts, value)))
+        out.readings.append(build(Reading, (device_id, name, ts, value)))
     return None
 
 
 def _value(metric: Any, datatype: int, limits: Limits) -> float | str | DecodeError | None:
     """The metric's value as a float or a text, None when it is stored nowhere (counted)."""
-    if metric.is_null:
-        return None
     field = metric.WhichOneof("value")
-    if field is None:
+    if field is None or metric.is_null:
         return None
     if datatype in _FLOATS:
         if field not in _FLOAT_FIELDS:
             return _mismatch(datatype, field)
         number = float(getattr(metric, field))
-        return number if math.isfinite(number) else None
+        return number if _isfinite(number) else None
     width = _SIGNED.get(datatype) or _UNSIGNED.get(datatype)
     if width is not None:
         if field not in _INT_FIELDS:
