@@ -10,7 +10,8 @@ spread over ``--processes``. The daemon names a device ``<group>/<node>/<device>
 On every connection (the first and each reconnect) a node:
 
 1. connects with its will, ``spBv1.0/<group>/NDEATH/<node>`` holding its ``bdSeq`` (QoS 1, not
-   retained), ``bdSeq`` counting connections from 0 (mod 256);
+   retained), ``bdSeq`` counting connections from 0 (mod 256); the will has no timestamp
+   (written at connect time, it would predate the births: the daemon uses its receive time);
 2. subscribes to ``spBv1.0/<group>/NCMD/<node>``;
 3. publishes its NBIRTH (``seq`` 0, the metrics ``bdSeq`` and ``Node Control/Rebirth``) and
    one DBIRTH per device, declaring each metric's name, alias and datatype, and a unit
@@ -22,7 +23,8 @@ the sample's timestamp. ``seq`` of the payload counts the node's messages 0..255
 NBIRTH. An NCMD whose ``Node Control/Rebirth`` is true is answered with the births again (same
 ``bdSeq``: the will cannot change without reconnecting). At the end every device publishes
 its DDEATH and the node its NDEATH, then disconnects (a forced stop leaves the NDEATH to the
-broker: the will).
+broker: the will); a Rebirth request after that is not answered. A node has no readings of
+its own beyond its births: it sends no NDATA.
 
 What births store: the DBIRTH metrics carry no value (``is_null``): the samples come from the
 DDATA alone, so each device's rows reconcile with its ``seq`` exactly as in the JSON format.
