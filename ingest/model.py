@@ -40,14 +40,16 @@ class TextReading(NamedTuple):
 class DeviceUpdate(NamedTuple):
     """What a message says about a device besides its readings: tags (topic levels, a route's
     static tags, tag fields; merged into the device's, newest wins per key), a status
-    (``online``/``offline`` with its time, from Sparkplug births and deaths) and units of its
-    metrics (metric -> unit). ``None``: nothing said."""
+    (``online``/``offline`` with its time, from Sparkplug births and deaths), units of its
+    metrics (metric -> unit) and the payload of a Sparkplug birth (stored with the batch, so
+    the alias tables are rebuilt after a restart). ``None``: nothing said."""
 
     device_id: str
     tags: Mapping[str, str] | None = None
     status: str | None = None
     status_at: datetime | None = None
     units: Mapping[str, str] | None = None
+    birth: bytes | None = None
 
 
 DEVICE_STATUSES = ("online", "offline")

@@ -27,6 +27,7 @@ import logging
 import ssl
 import time
 from collections import Counter
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from functools import partial
 
@@ -34,13 +35,15 @@ import aiomqtt
 import anyio
 import anyio.lowlevel
 import anyio.to_thread
+import asyncpg
 from anyio.streams.memory import MemoryObjectSendStream
 
 from ingest.backoff import Backoff
 from ingest.errors import ConfigError, DecodeError
 from ingest.flow.acker import Acker, Delivery
+from ingest.flow.births import Birth
 from ingest.formats.decode import Limits, decode, load_routes
-from ingest.formats.sparkplug import SparkplugState
+from ingest.formats.sparkplug import SparkplugState, birth_topic
 from ingest.model import (
     Decoded,
     Envelope,
@@ -77,8 +80,12 @@ class Source:
         acker: Acker,
         drained: anyio.Event,
         log: logging.Logger | None = None,
+        births: Callable[[], AsyncIterator[list[Birth]]] | None = None,
     ) -> None:
+        """``births``: the Sparkplug births stored in the database, oldest first (the
+        writer's ``sparkplug_births``), fed to the decoder before the first connection."""
         self._settings = settings
+        self._births = births
         self._routes = load_routes(settings)
         # Every route's filter, in one SUBSCRIBE of one session. Overlapping filters make the
         # broker deliver a message once per matching subscription: the key absorbs the copy
@@ -164,6 +171,7 @@ class Source:
 
     async def run(self, send: MemoryObjectSendStream[Delivery]) -> None:
         async with send:
+            await self._restore_births()
             while not self._stopping:
                 session = self._new_session(await self._tls_context())
                 self._use(session)
@@ -175,6 +183,31 @@ class Source:
                 finally:
                     session.closed = True
                     self.subscribed = False
+
+    async def _restore_births(self) -> None:
+        """Rebuild the Sparkplug alias tables from the births stored in the database, before
+        the broker hands us the data it kept for us (in a worker thread, a page at a time).
+        Without them (a database error) every node is asked for its births instead."""
+        if self._births is None or not any(isinstance(s, SparkplugState) for s in self._states):
+            return
+        restored = 0
+        try:
+            async for page in self._births():
+                await anyio.to_thread.run_sync(self._restore, page)
+                restored += len(page)
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            self._log.warning(
+                "could not read the stored Sparkplug births (%s): data by alias of the nodes "
+                "not restored will ask them for their births",
+                exc,
+            )
+        self._log.info("restored the alias tables of %d Sparkplug births", restored)
+
+    def _restore(self, page: list[Birth]) -> None:
+        """Decode each birth again (at its own time): only the alias tables keep anything."""
+        for birth in page:
+            topic = birth_topic(birth.device_id)
+            decode(topic, birth.payload, birth.born_at, self._routes, limits=self._limits)
 
     def _use(self, session: MqttSession) -> None:
         """Make ``session`` the current one; the counts of the one before are kept."""

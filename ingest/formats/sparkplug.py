@@ -48,11 +48,14 @@ The alias state (``SparkplugState``) is the one mutable part: one per route per 
 so one per worker process, kept across MQTT reconnects, bounded by
 ``INGEST_SPARKPLUG_MAX_ALIASES`` (declared metrics, plus one per node and device; past it whole
 nodes are forgotten, the least recently born first, and counted). A lock guards it, since a
-large payload is decoded in a worker thread. After a restart (or an eviction) a data message
-by alias is ``unknown_alias``, and the state records a Rebirth request for its edge node: an
-NCMD with the Boolean metric ``Node Control/Rebirth`` = true, which the source publishes (QoS
-0), at most once per node per ``INGEST_SPARKPLUG_REBIRTH_INTERVAL`` seconds (0: never). The
-decoder stays pure from its caller's view: same input and state, same result.
+large payload is decoded in a worker thread. A birth's update carries its raw payload
+(``DeviceUpdate.birth``): the writer stores it with its batch and the source decodes the
+stored births again at start (``ingest.flow.births``), so a restart keeps the tables. Data
+by an alias still unknown (a node never seen, an eviction) is ``unknown_alias``, and the
+state records a Rebirth request for its edge node: an NCMD with the Boolean metric
+``Node Control/Rebirth`` = true, which the source publishes (QoS 0), at most once per node per
+``INGEST_SPARKPLUG_REBIRTH_INTERVAL`` seconds (0: never). The decoder stays pure from its
+caller's view: same input and state, same result.
 
 Several workers (a shared subscription): births are subscribed without the share group, so
 every worker learns every alias table; data and deaths through the shared subscription, so
@@ -100,6 +103,7 @@ __all__ = [
     "REASONS",
     "REBIRTH_METRIC",
     "SparkplugState",
+    "birth_topic",
     "decode_sparkplug",
     "rebirth_request",
     "sparkplug_options",
@@ -192,6 +196,14 @@ def _matcher(group: str | None) -> Callable[[str], Match | None]:
         return build(Match, (None, None, None))
 
     return match
+
+
+def birth_topic(device_id: str) -> str:
+    """The topic of the birth of ``<group>/<edge_node>`` (NBIRTH) or of
+    ``<group>/<edge_node>/<device>`` (DBIRTH)."""
+    group, edge_node, *device = device_id.split("/")
+    kind = "DBIRTH" if device else "NBIRTH"
+    return "/".join((NAMESPACE, group, kind, edge_node, *device))
 
 
 def rebirth_request(node_id: str, at_ms: int) -> tuple[str, bytes]:
@@ -419,7 +431,9 @@ def decode_sparkplug(
     node_id = device_id if kind[0] == "N" else device_id.rpartition("/")[0]
     with state.lock:
         if kind in _BIRTHS:
-            result = _birth(message, kind, node_id, device_id, at, received_at, limits, state)
+            result = _birth(
+                message, payload, kind, node_id, device_id, at, received_at, limits, state
+            )
         elif kind in ("NDATA", "DDATA"):
             result = _data(message, node_id, device_id, at, received_at, limits, state)
         else:
@@ -464,6 +478,7 @@ def _checked_time(ms: int, received_at: datetime, limits: Limits) -> datetime | 
 
 def _birth(
     message: Any,
+    payload: bytes,
     kind: str,
     node_id: str,
     device_id: str,
@@ -485,9 +500,7 @@ def _birth(
         state.node_born(node_id, tables, _bdseq(message), at)
     else:
         state.device_born(node_id, device_id, tables)
-    update = device_status(device_id, "online", at)
-    if out.units:
-        update = update._replace(units=out.units)
+    update = device_status(device_id, "online", at)._replace(units=out.units or None, birth=payload)
     return build(Decoded, (out.readings, out.skipped, _texts(out), (update,)))
 
 

@@ -205,3 +205,59 @@ def _check_stored(database_url: str, group: str, *, online: bool) -> None:
         else {(node, "offline", at(30)), (pump, "offline", at(30))}
     )
     assert {tuple(r) for r in devices} == expected
+
+
+def test_alias_tables_are_rebuilt_from_the_stored_births_after_a_restart(
+    database_url: str, mqtt_url: str, tmp_path: Path
+) -> None:
+    """A daemon that starts again (another process, the births long acknowledged) decodes
+    data by alias at once: the births were stored with their batch and are read back."""
+    group = f"g{uuid.uuid4().hex[:8]}"
+    port = free_port()
+    env = metrics_env(port)
+    args = ["--config", str(config(tmp_path / "ingest.toml", group))]
+    newer = message(
+        50, {"name": "temp", "alias": 7, "datatype": DataType.Float, "float_value": 1.5}
+    )
+    # An older birth arriving after the newer one (a late redelivery) must not replace it.
+    older = message(40, {"name": "count", "alias": 7, "datatype": DataType.Int32, "int_value": 1})
+    with Publisher(mqtt_url) as pub:
+        for run in range(2):
+            with Daemon(
+                database_url=database_url, mqtt_url=mqtt_url, topic=None, extra_env=env,
+                args=args,
+            ) as d:  # fmt: skip
+                d.wait_subscribed()
+                if run == 0:
+                    pub.publish_many(births(group))  # the first session's births...
+                    pub.publish_many([(f"spBv1.0/{group}/NBIRTH/edge2", newer)])
+                    _acknowledged(port, 3)  # committed: the older one comes in another batch
+                    pub.publish_many([(f"spBv1.0/{group}/NBIRTH/edge2", older)])
+                    _acknowledged(port, 4)
+                else:
+                    d.wait_for_log("restored the alias tables of 3 Sparkplug births")
+                    pub.publish_many(
+                        [
+                            (f"spBv1.0/{group}/DDATA/edge1/pump", message(60, {"alias": 10, "long_value": 7})),
+                            (f"spBv1.0/{group}/NDATA/edge2", message(61, {"alias": 7, "float_value": 2.5})),
+                        ]
+                    )  # fmt: skip
+                    _acknowledged(port, 2)
+                    found = scrape(port)
+                    assert (
+                        metric(found, "ingest_sparkplug_rebirth_requests_total", outcome="sent")
+                        == 0
+                    )
+                assert d.stop() == 0
+    stored = query(database_url, "SELECT device_id, born_at FROM sparkplug_births")
+    assert {tuple(r) for r in stored} == {
+        (f"{group}/edge1", at(0)),
+        (f"{group}/edge1/pump", at(1)),
+        (f"{group}/edge2", at(50)),
+    }
+    rows = query(database_url, "SELECT device_id, metric, ts, value FROM readings WHERE ts >= $1", at(60))  # fmt: skip
+    assert {tuple(r) for r in rows} == {
+        (f"{group}/edge1/pump", "rpm", at(60), 7.0),
+        (f"{group}/edge2", "temp", at(61), 2.5),
+    }
+    assert query(database_url, "SELECT reason FROM dead_letters") == []

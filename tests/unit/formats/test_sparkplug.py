@@ -12,10 +12,11 @@ from typing import Any
 import pytest
 
 from ingest.errors import ConfigError, DecodeError
+from ingest.flow.births import Birth, newest_births
 from ingest.formats.decode import FORMATS, REASONS, Limits, decode, load_routes
 from ingest.formats.limits import DEFAULT_LIMITS
 from ingest.formats.routes import RouteTable, parse_routes
-from ingest.formats.sparkplug import REBIRTH_METRIC, SparkplugState
+from ingest.formats.sparkplug import REBIRTH_METRIC, SparkplugState, birth_topic
 from ingest.formats.sparkplug_schema import DataType, Payload
 from ingest.model import Decoded, DeviceUpdate, Reading, TextReading
 from ingest.settings import Settings
@@ -190,14 +191,15 @@ def test_ids_follow_the_name_rules() -> None:
 
 
 def test_node_birth_gives_readings_texts_units_and_online() -> None:
-    result = ok(run(table(), "NBIRTH", nbirth(bdseq=3)))
+    birth = nbirth(bdseq=3)
+    result = ok(run(table(), "NBIRTH", birth))
     assert result.readings == [
         Reading(NODE, "bdSeq", AT0, 3.0),
         Reading(NODE, "temp", AT0, 20.5),
     ]
     assert result.texts == (TextReading(NODE, "state", AT0, "run"),)
     assert result.updates == (
-        DeviceUpdate(NODE, status="online", status_at=AT0, units={"temp": "°C"}),
+        DeviceUpdate(NODE, status="online", status_at=AT0, units={"temp": "°C"}, birth=birth),
     )
     assert result.skipped == 0
 
@@ -206,13 +208,16 @@ def test_device_birth_and_data_by_alias_and_by_name() -> None:
     routes = table()
     ok(run(routes, "NBIRTH", nbirth()))
     birth = ok(run(routes, "DBIRTH", dbirth(), device="pump"))
+    assert birth.updates[0].birth == dbirth()  # kept to rebuild the tables after a restart
     assert birth.readings == [
         Reading(DEVICE, "rpm", ms(1), 1500.0),
         Reading(DEVICE, "on", ms(1), 1.0),
     ]
     assert birth.texts == (TextReading(DEVICE, "fw", ms(1), "1.4.2"),)
     assert birth.updates == (
-        DeviceUpdate(DEVICE, status="online", status_at=ms(1), units={"rpm": "rpm"}),
+        DeviceUpdate(
+            DEVICE, status="online", status_at=ms(1), units={"rpm": "rpm"}, birth=dbirth()
+        ),
     )
     data = ok(
         run(
@@ -644,7 +649,9 @@ def test_a_route_s_static_tags_reach_every_device_the_message_speaks_of() -> Non
     tags = {"source": "ignition"}
     birth = ok(run(routes, "NBIRTH", nbirth()))
     assert birth.updates == (
-        DeviceUpdate(NODE, tags, status="online", status_at=AT0, units={"temp": "°C"}),
+        DeviceUpdate(
+            NODE, tags, status="online", status_at=AT0, units={"temp": "°C"}, birth=nbirth()
+        ),
     )
     ok(run(routes, "DBIRTH", dbirth(), device="pump"))
     data = ok(run(routes, "NDATA", payload(T0 + 1, {"alias": 1, "double_value": 1.0})))
@@ -654,3 +661,19 @@ def test_a_route_s_static_tags_reach_every_device_the_message_speaks_of() -> Non
         (NODE, tags, "offline"),
         (DEVICE, tags, "offline"),
     ]
+
+
+def test_births_are_kept_newest_per_device_with_the_topic_to_decode_them_again() -> None:
+    old, new = nbirth(bdseq=1), nbirth(bdseq=2)
+    updates = [
+        DeviceUpdate(NODE, status="online", status_at=ms(5), birth=new),
+        DeviceUpdate(NODE, status="online", status_at=ms(1), birth=old),
+        DeviceUpdate(DEVICE, status="online", status_at=ms(2), birth=dbirth()),
+        DeviceUpdate(DEVICE, status="offline", status_at=ms(9)),  # a death: no birth
+    ]
+    assert newest_births(updates) == [
+        Birth(NODE, ms(5), new),
+        Birth(DEVICE, ms(2), dbirth()),
+    ]
+    assert birth_topic(NODE) == "spBv1.0/plant/NBIRTH/edge1"
+    assert birth_topic(DEVICE) == "spBv1.0/plant/DBIRTH/edge1/pump"
