@@ -184,9 +184,19 @@ def reconcile(url: str, report: dict[str, Any], *, dead: int = 0) -> dict[str, A
     return {"published": report["published"], "rows": rows, "dead_letters": dead_found}
 
 
-def audit(url: str) -> dict[str, Any]:
+def audit(url: str, *flags: str) -> dict[str, Any]:
+    """``ingest audit --json`` of the whole table; ``flags``: more (``--report``, ``--config``)."""
     proc = subprocess.run(
-        [sys.executable, "-m", "ingest", "audit", "--json", "--since", "1970-01-01T00:00:00Z"],
+        [
+            sys.executable,
+            "-m",
+            "ingest",
+            "audit",
+            "--json",
+            "--since",
+            "1970-01-01T00:00:00Z",
+            *flags,
+        ],
         env={"INGEST_DATABASE_URL": url, "PATH": "/usr/bin:/bin"},
         capture_output=True,
         text=True,
