@@ -188,9 +188,10 @@ class SparkplugNode(Publisher):
     # -- the connection: will, NCMD, births ---------------------------------------------------
 
     async def _open(self, within: float) -> Connection:
-        self._bdseq = (self._bdseq + 1) % 256
+        # The next connection's number; an attempt that fails leaves it for the next one.
+        bdseq = (self._bdseq + 1) % 256
         death = Payload()
-        death.metrics.add(name=BDSEQ, datatype=DataType.Int64, long_value=self._bdseq)
+        death.metrics.add(name=BDSEQ, datatype=DataType.Int64, long_value=bdseq)
         conn = await Connection.open(
             self._url,
             client_id=self._client_id,
@@ -202,6 +203,7 @@ class SparkplugNode(Publisher):
             subscribe=[(self._topics["NCMD"], 1)],
             on_publish=self._on_command,
         )
+        self._bdseq = bdseq
         self._births(conn)
         return conn
 
