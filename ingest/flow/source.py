@@ -41,9 +41,9 @@ from anyio.streams.memory import MemoryObjectSendStream
 from ingest.backoff import Backoff
 from ingest.errors import ConfigError, DecodeError
 from ingest.flow.acker import Acker, Delivery
-from ingest.flow.births import Birth
+from ingest.flow.births import Birth, decode_births
 from ingest.formats.decode import Limits, decode, load_routes
-from ingest.formats.sparkplug import SparkplugState, birth_topic
+from ingest.formats.sparkplug import SparkplugState
 from ingest.model import (
     Decoded,
     Envelope,
@@ -193,7 +193,7 @@ class Source:
         restored = 0
         try:
             async for page in self._births():
-                await anyio.to_thread.run_sync(self._restore, page)
+                await anyio.to_thread.run_sync(decode_births, page, self._routes, self._limits)
                 restored += len(page)
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             self._log.warning(
@@ -202,12 +202,6 @@ class Source:
                 exc,
             )
         self._log.info("restored the alias tables of %d Sparkplug births", restored)
-
-    def _restore(self, page: list[Birth]) -> None:
-        """Decode each birth again (at its own time): only the alias tables keep anything."""
-        for birth in page:
-            topic = birth_topic(birth.device_id)
-            decode(topic, birth.payload, birth.born_at, self._routes, limits=self._limits)
 
     def _use(self, session: MqttSession) -> None:
         """Make ``session`` the current one; the counts of the one before are kept."""
