@@ -15,6 +15,11 @@ run, and a payload of 256 KiB or more is decoded in a worker thread (the interpr
 event loop its turn every few milliseconds meanwhile), so neither a burst of messages nor one
 of the largest and costliest shapes stalls the loop for long.
 
+A route may keep state across messages (Sparkplug's alias tables, ``ingest.formats.sparkplug``),
+made with the route table, so once per process and kept across reconnects. Before its first
+connection the source rebuilds it from the Sparkplug births stored in the database, and after
+each run of decoding it publishes (QoS 0) the Rebirth requests the decoder recorded.
+
 Stopping (``stop_reading``) closes the channel's send side; the batcher sees ``EndOfStream``,
 the writer flushes and acknowledges, the pipeline sets ``drained``, and only then does the
 source disconnect (keeping the session), so the last acknowledgements still go out.
