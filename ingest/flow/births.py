@@ -14,9 +14,19 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any, Final, NamedTuple, Protocol
 
+from ingest.formats.decode import RouteTable, decode
+from ingest.formats.limits import DEFAULT_LIMITS, Limits
+from ingest.formats.sparkplug import SparkplugState, birth_topic
 from ingest.model import DeviceUpdate
 
-__all__ = ["Birth", "load_births", "newest_births", "store_births"]
+__all__ = [
+    "Birth",
+    "decode_births",
+    "load_births",
+    "newest_births",
+    "restore_births",
+    "store_births",
+]
 
 
 class _Conn(Protocol):
@@ -40,6 +50,7 @@ _STORE_SQL: Final = """
         WHERE excluded.born_at > b.born_at
 """
 _BEFORE_ALL: Final = datetime(1, 1, 1, tzinfo=UTC)
+_PAGE: Final = 1000
 _LOAD_SQL: Final = """
     SELECT device_id, born_at, payload FROM sparkplug_births
     WHERE (born_at, device_id) > ($1, $2)
@@ -75,3 +86,29 @@ async def load_births(conn: _Conn, after: Birth | None, limit: int) -> list[Birt
     since = (after.born_at, after.device_id) if after is not None else (_BEFORE_ALL, "")
     rows = await conn.fetch(_LOAD_SQL, since[0], since[1], limit)
     return [Birth(r["device_id"], r["born_at"], bytes(r["payload"])) for r in rows]
+
+
+def decode_births(
+    births: Iterable[Birth], routes: RouteTable, limits: Limits = DEFAULT_LIMITS
+) -> None:
+    """Decode each birth again, at its own time: only the routes' alias tables keep anything
+    (their readings were stored when the births arrived)."""
+    for birth in births:
+        decode(birth_topic(birth.device_id), birth.payload, birth.born_at, routes, limits=limits)
+
+
+async def restore_births(conn: _Conn, routes: RouteTable, limits: Limits = DEFAULT_LIMITS) -> int:
+    """For the operator tools (``ingest replay``, ``ingest audit``): the stored births decoded
+    into ``routes`` on the loop, so data by alias decodes; returns how many. Nothing without a
+    sparkplug route. The daemon's source does the same in a worker thread."""
+    if not any(isinstance(s, SparkplugState) for s in routes.states):
+        return 0
+    restored = 0
+    after: Birth | None = None
+    while True:
+        births = await load_births(conn, after, _PAGE)
+        decode_births(births, routes, limits)
+        restored += len(births)
+        if len(births) < _PAGE:
+            return restored
+        after = births[-1]

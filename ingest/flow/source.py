@@ -15,6 +15,11 @@ run, and a payload of 256 KiB or more is decoded in a worker thread (the interpr
 event loop its turn every few milliseconds meanwhile), so neither a burst of messages nor one
 of the largest and costliest shapes stalls the loop for long.
 
+A route may keep state across messages (Sparkplug's alias tables, ``ingest.formats.sparkplug``),
+made with the route table, so once per process and kept across reconnects. Before its first
+connection the source rebuilds it from the Sparkplug births stored in the database, and after
+each run of decoding it publishes (QoS 0) the Rebirth requests the decoder recorded.
+
 Stopping (``stop_reading``) closes the channel's send side; the batcher sees ``EndOfStream``,
 the writer flushes and acknowledges, the pipeline sets ``drained``, and only then does the
 source disconnect (keeping the session), so the last acknowledgements still go out.
@@ -41,9 +46,9 @@ from anyio.streams.memory import MemoryObjectSendStream
 from ingest.backoff import Backoff
 from ingest.errors import ConfigError, DecodeError
 from ingest.flow.acker import Acker, Delivery
-from ingest.flow.births import Birth
+from ingest.flow.births import Birth, decode_births
 from ingest.formats.decode import Limits, decode, load_routes
-from ingest.formats.sparkplug import SparkplugState, birth_topic
+from ingest.formats.sparkplug import SparkplugState
 from ingest.model import (
     Decoded,
     Envelope,
@@ -193,7 +198,7 @@ class Source:
         restored = 0
         try:
             async for page in self._births():
-                await anyio.to_thread.run_sync(self._restore, page)
+                await anyio.to_thread.run_sync(decode_births, page, self._routes, self._limits)
                 restored += len(page)
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             self._log.warning(
@@ -202,12 +207,6 @@ class Source:
                 exc,
             )
         self._log.info("restored the alias tables of %d Sparkplug births", restored)
-
-    def _restore(self, page: list[Birth]) -> None:
-        """Decode each birth again (at its own time): only the alias tables keep anything."""
-        for birth in page:
-            topic = birth_topic(birth.device_id)
-            decode(topic, birth.payload, birth.born_at, self._routes, limits=self._limits)
 
     def _use(self, session: MqttSession) -> None:
         """Make ``session`` the current one; the counts of the one before are kept."""

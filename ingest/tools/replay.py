@@ -43,11 +43,10 @@ import anyio
 import asyncpg
 
 from ingest.errors import ConfigError, DecodeError
-from ingest.flow.births import Birth, load_births
+from ingest.flow.births import restore_births
 from ingest.flow.classify import ErrorClass, classify
 from ingest.formats.decode import RouteTable, decode, load_routes
 from ingest.formats.limits import DEFAULT_LIMITS, Limits
-from ingest.formats.sparkplug import SparkplugState, birth_topic
 from ingest.model import Reading
 from ingest.settings import Settings
 from ingest.tools.audit import parse_time
@@ -59,7 +58,6 @@ EXIT_OK: Final = 0
 EXIT_FAILED: Final = 1
 EXIT_CONFIG: Final = 2
 DEFAULT_BATCH: Final = 500
-_BIRTHS_PAGE: Final = 1000
 
 MOVED: Final = "moved"
 REJECTED: Final = "rejected"
@@ -199,7 +197,7 @@ async def replay(
     seen_keys: set[tuple[str, str, datetime]] = set()  # dry run: readings counted already
     conn = await asyncpg.connect(dsn, timeout=connect_timeout)
     try:
-        await _restore_births(conn, routes)
+        await restore_births(conn, routes, limits)  # Sparkplug: data by alias decodes
         last_id = 0
         while limit is None or summary.examined < limit:
             size = batch if limit is None else min(batch, limit - summary.examined)
@@ -220,21 +218,6 @@ async def replay(
     finally:
         await conn.close()
     return summary
-
-
-async def _restore_births(conn: asyncpg.Connection[asyncpg.Record], routes: RouteTable) -> None:
-    """Sparkplug routes: the stored births decoded first, as the daemon does at start, so that
-    data by alias decodes (only the alias tables keep anything)."""
-    if not any(isinstance(s, SparkplugState) for s in routes.states):
-        return
-    after: Birth | None = None
-    while True:
-        births = await load_births(conn, after, _BIRTHS_PAGE)
-        for birth in births:
-            decode(birth_topic(birth.device_id), birth.payload, birth.born_at, routes)
-        if len(births) < _BIRTHS_PAGE:
-            return
-        after = births[-1]
 
 
 def _select(
