@@ -40,14 +40,16 @@ class TextReading(NamedTuple):
 class DeviceUpdate(NamedTuple):
     """What a message says about a device besides its readings: tags (topic levels, a route's
     static tags, tag fields; merged into the device's, newest wins per key), a status
-    (``online``/``offline`` with its time, from Sparkplug births and deaths) and units of its
-    metrics (metric -> unit). ``None``: nothing said."""
+    (``online``/``offline`` with its time, from Sparkplug births and deaths), units of its
+    metrics (metric -> unit) and the payload of a Sparkplug birth (stored with the batch, so
+    the alias tables are rebuilt after a restart). ``None``: nothing said."""
 
     device_id: str
     tags: Mapping[str, str] | None = None
     status: str | None = None
     status_at: datetime | None = None
     units: Mapping[str, str] | None = None
+    birth: bytes | None = None
 
 
 DEVICE_STATUSES = ("online", "offline")
@@ -118,6 +120,18 @@ class SessionStatistics(NamedTuple):
     too_large: int  # over the payload limit: read in pieces, kept in part
 
 
+class SparkplugStatistics(NamedTuple):
+    """The Sparkplug alias state's totals (``ingest.formats.sparkplug``), summed over routes."""
+
+    nodes: int  # edge nodes whose alias tables are held
+    aliases: int  # entries held: declared metrics, plus one per edge node and device
+    nodes_evicted: int  # nodes forgotten to stay under INGEST_SPARKPLUG_MAX_ALIASES
+    stale_deaths: int  # NDEATHs of an earlier session (bdSeq not the last NBIRTH's)
+    rebirths_sent: int  # Rebirth requests (NCMD) published
+    rebirths_suppressed: int  # not asked: the node was asked within the interval
+    rebirths_failed: int  # not published: no connection at the time
+
+
 @dataclass(frozen=True, slots=True)
 class SourceStatistics:
     received: int
@@ -133,6 +147,8 @@ class SourceStatistics:
     parsed_fast: int = 0
     parsed_paho: int = 0
     too_large: int = 0
+    #: None without a Sparkplug route
+    sparkplug: SparkplugStatistics | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -226,6 +226,18 @@ class Settings:
         "a million for devices of 5 metrics, up to 3 times more per pair for devices of one); "
         "when full, the devices cached longest ago are looked up again",
     )  # fmt: skip
+    sparkplug_max_aliases: int = _setting(
+        "INGEST_SPARKPLUG_MAX_ALIASES", 100_000, group=FLOW, shown="100000",
+        help="Sparkplug metrics each worker remembers from births (aliases, names and "
+        "datatypes; each edge node and device counts one more; about 140 bytes each when "
+        "nodes declare the same names, 190 when every name differs); when full, the edge "
+        "nodes born longest ago are forgotten (their next data by alias asks for a rebirth)",
+    )  # fmt: skip
+    sparkplug_rebirth_interval: float = _setting(
+        "INGEST_SPARKPLUG_REBIRTH_INTERVAL", 30.0, group=FLOW,
+        help="seconds between two Rebirth requests (NCMD) to one Sparkplug edge node whose "
+        "data names an alias no birth declared; 0: never ask",
+    )  # fmt: skip
     retry_max_delay: float = _setting(
         "INGEST_RETRY_MAX_DELAY", 10.0, group=FLOW,
         help="longest backoff between retries, seconds",
@@ -339,13 +351,15 @@ class Settings:
             "db_pool_size", "db_connect_timeout", "db_write_timeout", "retry_max_delay",
             "shutdown_timeout", "stats_interval", "ready_max_lag", "workers",
             "max_payload_bytes", "max_readings_per_message", "max_text_bytes",
-            "mqtt_inflight_bytes", "series_cache_size",
+            "mqtt_inflight_bytes", "series_cache_size", "sparkplug_max_aliases",
         ):  # fmt: skip
             positive(name)
         self._check_limits()
         self._check_mqtt_credentials()
         if self.batch_max_delay < 0:
             raise ConfigError(_env("batch_max_delay"), "must be >= 0")
+        if not self.sparkplug_rebirth_interval >= 0:
+            raise ConfigError(_env("sparkplug_rebirth_interval"), "must be >= 0 (0: never ask)")
         if self.mqtt_session_expiry < 0:
             raise ConfigError(_env("mqtt_session_expiry"), "must be >= 0")
         if not 0 <= self.metrics_port <= 65535:

@@ -27,7 +27,10 @@ DEFAULT_SENML_TOPIC = "devices/{device_id}/senml"
 DEVICE_PLACEHOLDER = "{device_id}"
 METRIC_PLACEHOLDER = "{metric}"
 #: Payload formats the simulator speaks (the daemon's route formats).
-FORMATS = ("json", "value", "senml")
+FORMATS = ("json", "value", "senml", "sparkplug")
+#: ``--format sparkplug``: the group of the fleet's edge nodes, and devices per edge node.
+DEFAULT_GROUP_ID = "sim"
+DEFAULT_DEVICES_PER_NODE = 10
 _TAG_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 #: Tags of topic levels: (name, values), devices spread over the combinations.
@@ -114,6 +117,11 @@ def device_id(index: int) -> str:
     return f"dev-{index + 1:05d}"
 
 
+def node_name(node: int) -> str:
+    """The edge node id of Sparkplug node ``node`` (0-based): ``node-0001``, ..."""
+    return f"node-{node + 1:04d}"
+
+
 def _positive_int(setting: str, value: int, maximum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:
         raise ConfigError(setting, f"must be an integer from 1 to {maximum:,} (got {value!r})")
@@ -162,6 +170,10 @@ class SimulatorConfig:
     hostile_ratio: float = 0.0
     connections: int | None = None
     processes: int = 1
+    #: ``--format sparkplug``: the Sparkplug group id, and how many devices an edge node has
+    #: (each edge node is one connection: ``connections`` is the number of nodes).
+    group_id: str = DEFAULT_GROUP_ID
+    devices_per_node: int = DEFAULT_DEVICES_PER_NODE
     #: Bounded wait for outstanding acknowledgements (QoS 1) once the schedule is done.
     ack_timeout: float = 10.0
     #: How long the first connection of each socket may take (retries included).
@@ -197,7 +209,10 @@ class SimulatorConfig:
         _positive_int("--first-device", self.first_device, MAX_DEVICES)
         if self.format not in FORMATS:
             raise ConfigError("--format", f"must be one of {', '.join(FORMATS)}")
-        check_topic_template(self.topic, fmt=self.format, tags=self.tags)
+        if self.format == "sparkplug":
+            self._check_sparkplug()
+        else:
+            check_topic_template(self.topic, fmt=self.format, tags=self.tags)
         if self.format == "value" and (
             self.samples_per_message > 1 or self.bad_ratio or self.hostile_ratio
         ):
@@ -230,7 +245,9 @@ class SimulatorConfig:
                 f"{self.processes} processes for {self.devices} devices: "
                 "every process needs at least one device",
             )
-        if self.connections is None:
+        if self.format == "sparkplug":
+            pass  # one connection per edge node (_check_sparkplug)
+        elif self.connections is None:
             object.__setattr__(
                 self, "connections", min(self.devices, CONNECTIONS_PER_PROCESS * self.processes)
             )
@@ -246,6 +263,54 @@ class SimulatorConfig:
         _finite("connect_timeout", self.connect_timeout, 0.0, 3600.0, open_low=True)
         _positive_int("inflight_window", self.inflight_window, 65_000)
         _positive_int("keepalive", self.keepalive, 65_535)
+
+    def _check_sparkplug(self) -> None:
+        """The Sparkplug namespace fixes the topics; a node is a connection (its will)."""
+        group = self.group_id
+        if (
+            not group
+            or len(group) > 64
+            or any(c in group for c in "/+#")
+            or not group.isprintable()
+        ):
+            raise ConfigError(
+                "--group-id", f"must be one topic level of printable characters (got {group!r})"
+            )
+        if self.topic not in (DEFAULT_TOPIC, self.sparkplug_topic) or self.tags:
+            raise ConfigError(
+                "--format", "sparkplug topics are spBv1.0/<group>/...: no --topic or --tags"
+            )
+        if self.samples_per_message > 1 or self.hostile_ratio:
+            raise ConfigError(
+                "--format", "sparkplug sends one sample per DDATA: no --samples-per-message above"
+                " 1 or --hostile-ratio",
+            )  # fmt: skip
+        if len(self.brokers) > 1:
+            raise ConfigError("--mqtt-url", "--format sparkplug takes one broker")
+        _positive_int("--devices-per-node", self.devices_per_node, 10_000)
+        nodes = self.nodes
+        object.__setattr__(self, "topic", self.sparkplug_topic)
+        if self.connections is not None and self.connections != nodes:
+            raise ConfigError(
+                "--connections", f"with --format sparkplug each of the {nodes} edge nodes has its"
+                " own connection (set --devices-per-node instead)",
+            )  # fmt: skip
+        object.__setattr__(self, "connections", nodes)
+        if self.processes > nodes:
+            raise ConfigError(
+                "--processes", f"{self.processes} processes for {nodes} edge nodes: every "
+                "process needs at least one node",
+            )  # fmt: skip
+
+    @property
+    def sparkplug_topic(self) -> str:
+        """What a Sparkplug fleet publishes under (the report's ``topic``)."""
+        return f"spBv1.0/{self.group_id}/#"
+
+    @property
+    def nodes(self) -> int:
+        """Edge nodes of a Sparkplug fleet."""
+        return -(-self.devices // self.devices_per_node)
 
     def _brokers(self) -> tuple[MqttEndpoint, ...]:
         """Each URL's endpoint with the credentials and TLS files; a broker given twice is
@@ -326,5 +391,9 @@ class SimulatorConfig:
         return index % len(self.brokers)
 
     def device_name(self, index: int) -> str:
-        """The id of device ``index`` (0-based) of this fleet."""
-        return device_id(index + self.first_device - 1)
+        """The id of device ``index`` (0-based) of this fleet; with ``--format sparkplug`` the
+        daemon's, ``<group>/<node>/<device>``."""
+        name = device_id(index + self.first_device - 1)
+        if self.format == "sparkplug":
+            return f"{self.group_id}/{node_name(index // self.devices_per_node)}/{name}"
+        return name

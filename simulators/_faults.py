@@ -29,6 +29,10 @@ HOSTILE_BAD_KINDS = (
     "ts_before_2000",
     "control_chars",
 )
+#: The kinds of ``--bad-ratio`` with ``--format sparkplug`` (``simulators._sparkplug``): an
+#: edge node that sends data by aliases it has not declared in a birth yet.
+SPARKPLUG_BAD_KINDS = ("before_birth",)
+
 #: A valid hostile message: stored, not a dead letter.
 EXTREME = "extreme"
 #: What ``--hostile-ratio`` draws from, uniformly.
@@ -46,6 +50,7 @@ REASONS = {
     "ts_year_9999": "ts_out_of_range",
     "ts_before_2000": "ts_out_of_range",
     "control_chars": "bad_metric",
+    "before_birth": "unknown_alias",
 }
 
 #: The daemon's default limits the hostile kinds go past (INGEST_MAX_PAYLOAD_BYTES,

@@ -5,7 +5,8 @@ path paho's per-message bookkeeping (locks, ``MQTTMessageInfo``, a socket-pair w
 publish) dominates. Measured against the local Mosquitto, one process, 100 topics, 110-byte
 payloads: aiomqtt 5,000 msg/s at QoS 0 and 3,500 at QoS 1; raw paho on the asyncio loop 18,000
 and 5,700; this module 140,000 and 94,000. It speaks the subset a publisher needs (CONNECT,
-CONNACK, PUBLISH QoS 0/1, PUBACK, PINGREQ/PINGRESP, DISCONNECT), writes many packets with one
+CONNACK, PUBLISH QoS 0/1, PUBACK, PINGREQ/PINGRESP, DISCONNECT; and for a Sparkplug edge node
+a will, SUBSCRIBE/SUBACK and the PUBLISHes it is sent), writes many packets with one
 ``transport.write``, and never blocks: writes go to the transport's buffer, and the
 transport's flow control (``pause_writing``) tells the sender to wait.
 
@@ -27,10 +28,13 @@ from typing import Any
 from ingest.mqtt.wire import (
     DISCONNECT,
     PINGREQ,
+    Will,
     connect_packet,
     encode_string,
+    puback_packet,
     publish_packet,
     read_varint,
+    subscribe_packet,
 )
 from ingest.urls import MqttEndpoint
 from simulators._errors import ConfigError
@@ -43,6 +47,7 @@ __all__ = [
     "PacketReader",
     "ProtocolError",
     "RefusedError",
+    "Will",
     "connect_packet",
     "publish_packet",
     "tls_context",
@@ -50,7 +55,9 @@ __all__ = [
 ]
 
 _CONNACK = 0x20
+_PUBLISH = 0x30
 _PUBACK = 0x40
+_SUBACK = 0x90
 _PINGRESP = 0xD0
 
 #: CONNACK return codes (3.2.2.3). Only "server unavailable" is worth retrying.
@@ -178,21 +185,28 @@ def _reason(exc: ssl.SSLError) -> str:
 class Connection(asyncio.Protocol):
     """One connection that publishes. ``inflight`` maps packet ids to the owner's tokens;
     ``on_ack(token)`` runs for each PUBACK, ``on_event()`` when the owner may want to look
-    again (writable again, connection lost). Open it with :meth:`open`.
+    again (writable again, connection lost), ``on_publish(topic, payload)`` for each message
+    the broker sends (only a connection opened with ``subscribe`` has one; any other fails
+    the connection). Open it with :meth:`open`.
     """
 
     def __init__(
-        self, on_ack: Callable[[Any], None], on_event: Callable[[Connection], None]
+        self,
+        on_ack: Callable[[Any], None],
+        on_event: Callable[[Connection], None],
+        on_publish: Callable[[str, bytes], None] | None = None,
     ) -> None:
         self.inflight: dict[int, Any] = {}
         self.writable = True
         self.error: str | None = None
         self._on_ack = on_ack
         self._on_event = on_event
+        self._on_publish = on_publish
         self._reader = PacketReader()
         self._transport: asyncio.Transport | None = None
         self._loop = asyncio.get_running_loop()
         self._connack: asyncio.Future[int] = self._loop.create_future()
+        self._suback: asyncio.Future[bytes] = self._loop.create_future()
         self._closed: asyncio.Future[None] = self._loop.create_future()
         self._mid = 0
         self._ping_sent: float | None = None
@@ -209,12 +223,16 @@ class Connection(asyncio.Protocol):
         within: float,
         on_ack: Callable[[Any], None],
         on_event: Callable[[Connection], None],
+        will: Will | None = None,
+        subscribe: list[tuple[str, int]] | None = None,
+        on_publish: Callable[[str, bytes], None] | None = None,
     ) -> Connection:
-        """Connect, send CONNECT and wait for CONNACK, all ``within`` seconds; raises ``OSError``, ``TimeoutError``,
-        :class:`RefusedError` or :class:`ProtocolError`.
+        """Connect, send CONNECT (with ``will``) and wait for CONNACK, then subscribe to
+        ``subscribe`` and wait for SUBACK, all ``within`` seconds; raises ``OSError``,
+        ``TimeoutError``, :class:`RefusedError` or :class:`ProtocolError`.
         """
         loop = asyncio.get_running_loop()
-        conn = cls(on_ack, on_event)
+        conn = cls(on_ack, on_event, on_publish)
         tls = None
         if url.tls:  # reads files the first time: off the event loop
             tls = await asyncio.to_thread(tls_context, url.ca_file, url.cert_file, url.key_file)
@@ -226,10 +244,16 @@ class Connection(asyncio.Protocol):
                 assert conn._transport is not None
                 conn._transport.write(
                     connect_packet(
-                        client_id, keepalive=keepalive, username=url.username, password=url.password
+                        client_id,
+                        keepalive=keepalive,
+                        username=url.username,
+                        password=url.password,
+                        will=will,
                     )
                 )
                 code = await asyncio.shield(conn._connack)
+                if code == 0 and subscribe:
+                    await conn._subscribe(subscribe)
             except BaseException:
                 conn.abort()
                 raise
@@ -241,6 +265,15 @@ class Connection(asyncio.Protocol):
         conn._keepalive = keepalive
         conn._ping_handle = loop.call_later(keepalive / 2, conn._ping)
         return conn
+
+    async def _subscribe(self, filters: list[tuple[str, int]]) -> None:
+        assert self._transport is not None
+        self._transport.write(subscribe_packet(self.next_mid(), filters))
+        codes = await asyncio.shield(self._suback)
+        if self.error is not None:
+            raise ConnectionError(f"{self.error} before SUBACK")
+        if any(code & 0x80 for code in codes):
+            raise ProtocolError(f"the broker refused the subscription to {filters[0][0]}")
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -278,15 +311,37 @@ class Connection(asyncio.Protocol):
                 self._ping_sent = None
             elif kind == _CONNACK and len(body) == 2 and not self._connack.done():
                 self._connack.set_result(body[1])
+            elif kind == _PUBLISH and self._on_publish is not None:
+                if not self._inbound(header, body):
+                    return
+            elif kind == _SUBACK and len(body) > 2 and not self._suback.done():
+                self._suback.set_result(body[2:])
             else:
                 self._fail(f"unexpected packet type {header >> 4} from the broker")
                 return
+
+    def _inbound(self, header: int, body: bytes) -> bool:
+        """A PUBLISH from the broker (QoS 0 or 1: we subscribe at most at 1); False when it
+        was malformed and the connection is failed."""
+        qos = (header >> 1) & 0x03
+        topic_end = 2 + int.from_bytes(body[:2], "big")
+        start = topic_end + (2 if qos else 0)
+        if qos > 1 or len(body) < start:
+            self._fail("malformed PUBLISH from the broker")
+            return False
+        if qos:
+            self.write(puback_packet(int.from_bytes(body[topic_end:start], "big")))
+        assert self._on_publish is not None
+        self._on_publish(body[2:topic_end].decode("utf-8", "replace"), body[start:])
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.error is None:
             self.error = str(exc) if exc else "connection closed"
         if not self._connack.done():
             self._connack.set_result(_LOST)  # a result, not an exception: nobody may await it
+        if not self._suback.done():
+            self._suback.set_result(b"")
         if self._ping_handle is not None:
             self._ping_handle.cancel()
         if not self._closed.done():

@@ -31,7 +31,7 @@ import orjson
 
 from simulators._config import METRIC_PLACEHOLDER, MqttUrl
 from simulators._errors import ConnectError
-from simulators._faults import BAD_KINDS, HOSTILE_BAD_KINDS
+from simulators._faults import BAD_KINDS, HOSTILE_BAD_KINDS, SPARKPLUG_BAD_KINDS
 from simulators._mqtt import Connection, ProtocolError, RefusedError, publish_packet, topic_field
 from simulators._payloads import Device, Message
 from simulators._schedule import Schedule, Slot
@@ -55,10 +55,12 @@ class Stats:
         "late",
         "max_lag",
         "messages",
+        "nodes",
         "published",
         "published_duplicates",
         "reconnects",
         "samples",
+        "sparkplug",
     )
 
     def __init__(self) -> None:
@@ -69,7 +71,11 @@ class Stats:
         self.failed = 0
         self.samples = 0  # valid samples in published messages (duplicates excluded)
         self.late = 0
-        self.bad = dict.fromkeys((*BAD_KINDS, *HOSTILE_BAD_KINDS), 0)
+        self.bad = dict.fromkeys((*BAD_KINDS, *HOSTILE_BAD_KINDS, *SPARKPLUG_BAD_KINDS), 0)
+        #: Sparkplug edge nodes' messages outside the schedule (``simulators._sparkplug``).
+        self.sparkplug: dict[str, int] = {}
+        #: Sparkplug edge node -> [NBIRTHs sent, acknowledged, failed]: each is a sample.
+        self.nodes: dict[str, list[int]] = {}
         self.failures = {"disconnected": 0, "unacknowledged": 0}
         self.reconnects = 0
         self.connect_failures = 0
@@ -95,8 +101,10 @@ class Backoff:
         self.attempts = 0
 
 
-#: What a QoS 1 packet id stands for until its PUBACK: (device, is a duplicate, samples).
-Token = tuple[Device, bool, int]
+#: What a QoS 1 packet id stands for until its PUBACK: (device, is a duplicate, samples); the
+#: device is None for a message that is not one of the schedule's (a Sparkplug birth or death,
+#: the flag then saying whether it is an NBIRTH).
+Token = tuple[Device | None, bool, int]
 
 
 class Publisher:
@@ -197,13 +205,16 @@ class Publisher:
 
     def _on_ack(self, token: Token) -> None:
         device, duplicate, samples = token
-        device.published += 1
-        stats = self._stats
-        stats.published += 1
-        if duplicate:
-            stats.published_duplicates += 1
+        if device is None:
+            self._control_settled(duplicate, published=True)
         else:
-            stats.samples += samples
+            device.published += 1
+            stats = self._stats
+            stats.published += 1
+            if duplicate:
+                stats.published_duplicates += 1
+            else:
+                stats.samples += samples
         conn = self._conn
         if (
             self._waiter is not None
@@ -221,11 +232,20 @@ class Publisher:
 
     def _fail_inflight(self, conn: Connection) -> None:
         stats = self._stats
-        for device, _duplicate, _samples in conn.inflight.values():
+        failed = 0
+        for device, flag, _samples in conn.inflight.values():
+            if device is None:
+                self._control_settled(flag, published=False)
+                continue
             device.failed += 1
-        stats.failed += len(conn.inflight)
-        stats.failures["unacknowledged"] += len(conn.inflight)
+            failed += 1
+        stats.failed += failed
+        stats.failures["unacknowledged"] += failed
         conn.inflight.clear()
+
+    def _control_settled(self, flag: bool, *, published: bool) -> None:
+        """A message outside the schedule (none here: see ``simulators._sparkplug``) was
+        acknowledged, or failed; ``flag`` is its token's second field."""
 
     # -- waiting ------------------------------------------------------------------------------
 
@@ -354,12 +374,14 @@ class Publisher:
             if start + slot * per_slot > now:
                 break
             device = devices[position]
-            message = device.next_message(start_wall_ms + slot * per_slot_ms)
+            message = self._message(device, start_wall_ms + slot * per_slot_ms)
             copies = self._count(message)
             if conn is None:
                 self._fail(device, copies, "disconnected")
             elif self._qos == 1:
-                self._queue_qos1(conn, device, message, copies, packets)
+                self._queue_qos1(
+                    conn, device, self._parts(device, message[0]), message, copies, packets
+                )
             else:
                 self._queue_qos0(device, message, copies, packets)
             room -= copies
@@ -367,6 +389,14 @@ class Publisher:
         if packets and conn is not None:
             conn.write(b"".join(packets))
         return pending
+
+    def _message(self, device: Device, wall_ms: float) -> Message:
+        """``device``'s message scheduled at ``wall_ms`` (a hook: Sparkplug nodes wrap it)."""
+        return device.next_message(wall_ms)
+
+    def _parts(self, device: Device, payload: bytes) -> list[tuple[bytes, bytes, bool]]:
+        """What one message is on the wire (a hook: Sparkplug nodes send it their way)."""
+        return _parts(device, payload)
 
     def _count(self, message: Message) -> int:
         """Count a generated message; returns how many copies of it go out."""
@@ -388,13 +418,18 @@ class Publisher:
 
     @staticmethod
     def _queue_qos1(
-        conn: Connection, device: Device, message: Message, copies: int, packets: list[bytes]
+        conn: Connection,
+        device: Device,
+        parts: list[tuple[bytes, bytes, bool]],
+        message: Message,
+        copies: int,
+        packets: list[bytes],
     ) -> None:
         # Published when the PUBACK arrives (_on_ack); the token says what to count then.
-        payload, samples = message[0], message[1]
+        samples = message[1]
         inflight = conn.inflight
         for copy in range(copies):
-            for topic, part, carries in _parts(device, payload):
+            for topic, part, carries in parts:
                 mid = conn.next_mid()
                 inflight[mid] = (device, copy == 1, samples if carries else 0)
                 packets.append(publish_packet(topic, part, mid))
@@ -405,7 +440,7 @@ class Publisher:
         # Published when handed to the transport: counted now.
         payload, samples = message[0], message[1]
         stats = self._stats
-        parts = _parts(device, payload)
+        parts = self._parts(device, payload)
         for topic, part, _carries in parts:
             packet = publish_packet(topic, part)
             packets.append(packet)

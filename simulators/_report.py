@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from simulators._config import SimulatorConfig
-from simulators._faults import BAD_KINDS, HOSTILE_BAD_KINDS
+from simulators._faults import BAD_KINDS, HOSTILE_BAD_KINDS, SPARKPLUG_BAD_KINDS
 
 #: Per-device counters go into the report up to this many devices.
 PER_DEVICE_LIMIT = 1000
@@ -34,7 +34,9 @@ class ProcessResult:
     samples: int = 0
     late: int = 0
     bad: dict[str, int] = field(
-        default_factory=lambda: dict.fromkeys((*BAD_KINDS, *HOSTILE_BAD_KINDS), 0)
+        default_factory=lambda: dict.fromkeys(
+            (*BAD_KINDS, *HOSTILE_BAD_KINDS, *SPARKPLUG_BAD_KINDS), 0
+        )
     )
     extreme: int = 0
     failures: dict[str, int] = field(default_factory=dict)
@@ -52,6 +54,10 @@ class ProcessResult:
     connections: int = 0
     #: broker name -> its devices' counts (several brokers only)
     brokers: dict[str, BrokerCounts] = field(default_factory=dict)
+    #: ``--format sparkplug``: counters of the births, deaths and commands
+    sparkplug: dict[str, int] = field(default_factory=dict)
+    #: ``--format sparkplug``: edge node -> [NBIRTHs sent, acknowledged, failed]
+    nodes: dict[str, list[int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +111,8 @@ class Report:
     #: With several brokers: each one's ``devices``, ``messages``, ``published``, ``failed``
     #: (by its URL without user info); None with one (the totals say it all).
     brokers: dict[str, dict[str, int]] | None = None
+    #: ``--format sparkplug``: the group, nodes and counters of births, deaths, commands.
+    sparkplug: dict[str, Any] | None = None
 
     @property
     def exit_status(self) -> int:
@@ -113,10 +121,9 @@ class Report:
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
-        if data["per_device"] is None:
-            del data["per_device"]
-        if data["brokers"] is None:
-            del data["brokers"]
+        for optional in ("per_device", "brokers", "sparkplug"):
+            if data[optional] is None:
+                del data[optional]
         return data
 
     def to_text(self) -> str:
@@ -158,7 +165,9 @@ class Report:
             if self.failed:
                 why = "messages failed"
             elif self.max_lag > 0.5:
-                why = "this machine could not keep up; add --processes or --connections"
+                why = "this machine could not keep up; add --processes" + (
+                    "" if self.sparkplug is not None else " or --connections"
+                )
             else:
                 why = "the run was too short to measure"
             lines.append(
@@ -168,6 +177,13 @@ class Report:
             lines.append(
                 f"  broker    {name}: {b['devices']:,} devices, published {b['published']:,}, "
                 f"failed {b['failed']:,}"
+            )
+        if self.sparkplug is not None:
+            sp = self.sparkplug
+            lines.append(
+                f"  sparkplug group {sp['group_id']}, {sp['nodes']:,} edge node(s): NBIRTH "
+                f"{sp['births']:,}, DBIRTH {sp['device_births']:,}, rebirth requests answered "
+                f"{sp['rebirth_requests']:,}, deaths {sp['deaths']:,}"
             )
         lines.extend(f"  error: {e}" for e in self.errors)
         return "\n".join(lines)
@@ -232,6 +248,7 @@ def build_report(
         errors=total.errors,
         per_device=dict(sorted(per_device.items())) if per_device else None,
         brokers=_brokers(config, total) if len(config.brokers) > 1 else None,
+        sparkplug=_sparkplug(config, total),
     )
 
 
@@ -240,6 +257,17 @@ def _brokers(config: SimulatorConfig, total: ProcessResult) -> dict[str, dict[st
     return {
         b.name(): dict(zip(keys, total.brokers.get(b.name(), (0, 0, 0, 0)), strict=True))
         for b in config.brokers
+    }
+
+
+def _sparkplug(config: SimulatorConfig, total: ProcessResult) -> dict[str, Any] | None:
+    if config.format != "sparkplug":
+        return None
+    return {
+        "group_id": config.group_id,
+        "nodes": config.nodes,
+        "devices_per_node": config.devices_per_node,
+        **total.sparkplug,
     }
 
 
@@ -276,6 +304,12 @@ def _merge(results: list[ProcessResult]) -> tuple[ProcessResult, dict[str, dict[
             )
         for dev, counts in (r.devices or {}).items():
             per_device[dev] = _device(counts, r.kinds.get(dev, (0, {})))
+        for name, n in r.sparkplug.items():
+            total.sparkplug[name] = total.sparkplug.get(name, 0) + n
+        for node, (sent, acked, failed) in r.nodes.items():
+            total.samples += acked
+            if r.devices is not None:
+                per_device[node] = _node(sent, acked, failed)
     return total, per_device
 
 
@@ -297,10 +331,25 @@ def _device(counts: DeviceCounts, more: DeviceKinds) -> dict[str, Any]:
     }
 
 
+def _node(sent: int, acked: int, failed: int) -> dict[str, Any]:
+    """A Sparkplug edge node: its samples are its NBIRTHs (``bdSeq`` and the Rebirth control
+    at the birth's timestamp); it has no ``seq``, so its expected samples are its messages."""
+    return {
+        "messages": sent,
+        "published": acked,
+        "failed": failed,
+        "bad": 0,
+        "duplicates": 0,
+        "late": 0,
+    }
+
+
 def _faults(config: SimulatorConfig, total: ProcessResult) -> dict[str, Any]:
     """The fault counters; the hostile kinds (and ``extreme``) only when they were asked
     for, so that a run without them reports exactly what it always did."""
-    kinds = (*BAD_KINDS, *HOSTILE_BAD_KINDS) if config.hostile_ratio else BAD_KINDS
+    kinds: tuple[str, ...] = (*BAD_KINDS, *HOSTILE_BAD_KINDS) if config.hostile_ratio else BAD_KINDS
+    if config.format == "sparkplug":
+        kinds = SPARKPLUG_BAD_KINDS
     faults: dict[str, Any] = {
         "bad": sum(total.bad.values()),
         "bad_kinds": {k: total.bad.get(k, 0) for k in kinds},

@@ -38,6 +38,7 @@ from simulators._report import (
 )
 from simulators._schedule import Schedule, deal, process_connections, process_devices
 from simulators._senml import encoder
+from simulators._sparkplug import fleet as sparkplug_fleet
 
 ProgressCallback = Callable[[Progress], None]
 
@@ -94,6 +95,8 @@ def _fleet(
     """Process ``part``'s devices, and its publishers (one per connection) sharing them: with
     several brokers, each broker's devices on connections of their own."""
     schedule = schedule_of(config)
+    if config.format == "sparkplug":
+        return sparkplug_fleet(config, part, stats, schedule)
     faults = FaultRatios(
         config.bad_ratio, config.duplicate_ratio, config.late_ratio, config.hostile_ratio
     )
@@ -250,6 +253,8 @@ def _fill(
     result.connect_failures = stats.connect_failures
     result.max_lag = stats.max_lag
     result.brokers = _per_broker(config, devices) if len(config.brokers) > 1 else {}
+    result.sparkplug = dict(stats.sparkplug)
+    result.nodes = {node: list(counts) for node, counts in stats.nodes.items()}
     if keep_devices:
         result.devices = {
             d.device_id: (d.messages, d.published, d.failed, d.seq, d.bad, d.duplicates, d.late)

@@ -16,6 +16,8 @@ import orjson
 
 from ingest.urls import redact_urls_in
 from simulators._config import (
+    DEFAULT_DEVICES_PER_NODE,
+    DEFAULT_GROUP_ID,
     DEFAULT_MQTT_URL,
     DEFAULT_SENML_TOPIC,
     DEFAULT_TOPIC,
@@ -34,6 +36,7 @@ _DEFAULT_TOPICS = {
     "json": DEFAULT_TOPIC,
     "value": DEFAULT_VALUE_TOPIC,
     "senml": DEFAULT_SENML_TOPIC,
+    "sparkplug": DEFAULT_TOPIC,  # unused: a Sparkplug fleet's topics are spBv1.0/<group>/...
 }
 
 DESCRIPTION = """\
@@ -152,7 +155,26 @@ def _add_route_flags(p: argparse.ArgumentParser) -> None:
         choices=FORMATS,
         default="json",
         help="json: a JSON message per sample; value: one topic per metric, seq included, each "
-        '{"ts": ..., "value": ...}; senml: one RFC 8428 SenML pack per message (default json)',
+        '{"ts": ..., "value": ...}; senml: one RFC 8428 SenML pack per message; sparkplug: '
+        "Sparkplug B edge nodes of --devices-per-node "
+        "devices each (one connection per node, its NDEATH the will): NBIRTH and DBIRTHs on "
+        "connect, a DDATA by alias per message, DDEATHs and NDEATH on exit, births again on an "
+        "NCMD Node Control/Rebirth (default json)",
+    )
+    p.add_argument(
+        "--group-id",
+        default=DEFAULT_GROUP_ID,
+        metavar="ID",
+        help="--format sparkplug: the Sparkplug group id; devices are named "
+        f"<group>/<node>/<device> as the daemon stores them (default {DEFAULT_GROUP_ID})",
+    )
+    p.add_argument(
+        "--devices-per-node",
+        type=int,
+        default=DEFAULT_DEVICES_PER_NODE,
+        metavar="K",
+        help="--format sparkplug: devices per edge node, node-0001 holding the first K "
+        f"(default {DEFAULT_DEVICES_PER_NODE})",
     )
     p.add_argument(
         "--senml-cbor",
@@ -184,7 +206,9 @@ def _add_fault_flags(p: argparse.ArgumentParser) -> None:
         default=0.0,
         metavar="F",
         help="share of messages that are malformed: not JSON, truncated JSON, invalid UTF-8, "
-        "no numeric field, unreadable ts (default 0)",
+        "no numeric field, unreadable ts; with --format sparkplug, a draw that makes the edge "
+        "node send data by aliases before their births, until it is asked to rebirth "
+        "(default 0)",
     )
     p.add_argument(
         "--hostile-ratio",
@@ -338,6 +362,8 @@ def _config(args: argparse.Namespace, password: str | None) -> SimulatorConfig:
         late_ratio=args.late_ratio,
         connections=args.connections,
         processes=args.processes,
+        group_id=args.group_id,
+        devices_per_node=args.devices_per_node,
     )
 
 

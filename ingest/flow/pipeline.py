@@ -35,7 +35,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 from ingest.flow.acker import Acker, Delivery
 from ingest.flow.batcher import Batcher
 from ingest.flow.source import Source
-from ingest.flow.writer import WriteResult
+from ingest.flow.writer import Writer, WriteResult
 from ingest.logs import log_context
 from ingest.model import Envelope, PipelineStatistics, SourceStatistics
 from ingest.settings import Settings
@@ -88,7 +88,12 @@ class Pipeline:
         self.drained = anyio.Event()
         if source is None:
             self.source: PipelineSource = Source(
-                settings, acker=self.acker, drained=self.drained, log=log
+                settings,
+                acker=self.acker,
+                drained=self.drained,
+                log=log,
+                # The daemon's writer reads the Sparkplug births back (test writers hold none).
+                births=writer.sparkplug_births if isinstance(writer, Writer) else None,
             )
         else:
             self.source = source(self.acker, self.drained)

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
+from ingest.flow.births import Birth, newest_births, store_births
 from ingest.model import DeviceUpdate
 
 __all__ = ["DeviceMemory", "DevicePlan", "SeriesCache", "apply_plan", "resolve"]
@@ -154,13 +155,15 @@ class _Known:
 @dataclass(frozen=True, slots=True)
 class DevicePlan:
     """What a batch's device updates change: per device (sorted) the tags that differ from
-    what was stored, the newest status, and per series the units that differ."""
+    what was stored, the newest status, per series the units that differ, and per device the
+    newest Sparkplug birth (``ingest.flow.births``)."""
 
     devices: list[tuple[str, dict[str, str], str | None, datetime | None]]
     units: list[tuple[str, str, str]]
+    births: list[Birth] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.devices or self.units)
+        return bool(self.devices or self.units or self.births)
 
 
 class DeviceMemory:
@@ -171,7 +174,7 @@ class DeviceMemory:
         self._capacity = capacity
         self._known: dict[str, _Known] = {}
 
-    def plan(self, updates: Iterable[DeviceUpdate]) -> DevicePlan:
+    def plan(self, updates: Sequence[DeviceUpdate]) -> DevicePlan:
         merged: dict[str, _Known] = {}
         statuses: dict[str, str] = {}
         for update in updates:
@@ -202,7 +205,7 @@ class DeviceMemory:
             units.extend(
                 (device_id, m, u) for m, u in sorted(new.units.items()) if known.units.get(m) != u
             )
-        return DevicePlan(devices, units)
+        return DevicePlan(devices, units, newest_births(updates))
 
     def remember(self, plan: DevicePlan) -> None:
         """Called once the batch holding ``plan`` committed."""
@@ -260,6 +263,8 @@ async def apply_plan(conn: _Conn, plan: DevicePlan, ids: Mapping[str, Mapping[st
     if plan.units:
         pairs = sorted((ids[d][m], u) for d, m, u in plan.units)
         await conn.execute(_UNITS_SQL, [i for i, _ in pairs], [u for _, u in pairs])
+    if plan.births:
+        await store_births(conn, plan.births)
 
 
 def unit_keys(updates: Sequence[DeviceUpdate]) -> list[tuple[str, str]]:

@@ -15,6 +15,11 @@ run, and a payload of 256 KiB or more is decoded in a worker thread (the interpr
 event loop its turn every few milliseconds meanwhile), so neither a burst of messages nor one
 of the largest and costliest shapes stalls the loop for long.
 
+A route may keep state across messages (Sparkplug's alias tables, ``ingest.formats.sparkplug``),
+made with the route table, so once per process and kept across reconnects. Before its first
+connection the source rebuilds it from the Sparkplug births stored in the database, and after
+each run of decoding it publishes (QoS 0) the Rebirth requests the decoder recorded.
+
 Stopping (``stop_reading``) closes the channel's send side; the batcher sees ``EndOfStream``,
 the writer flushes and acknowledges, the pipeline sets ``drained``, and only then does the
 source disconnect (keeping the session), so the last acknowledgements still go out.
@@ -34,6 +39,7 @@ import logging
 import ssl
 import time
 from collections import Counter
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from functools import partial
 
@@ -41,13 +47,23 @@ import aiomqtt
 import anyio
 import anyio.lowlevel
 import anyio.to_thread
+import asyncpg
 from anyio.streams.memory import MemoryObjectSendStream
 
 from ingest.backoff import Backoff
 from ingest.errors import ConfigError, DecodeError, FatalError
 from ingest.flow.acker import Acker, Delivery
+from ingest.flow.births import Birth, decode_births
 from ingest.formats.decode import Limits, decode, load_routes
-from ingest.model import Decoded, Envelope, SessionStatistics, SourceStatistics, build
+from ingest.formats.sparkplug import SparkplugState
+from ingest.model import (
+    Decoded,
+    Envelope,
+    SessionStatistics,
+    SourceStatistics,
+    SparkplugStatistics,
+    build,
+)
 from ingest.mqtt.answers import explain
 from ingest.mqtt.session import Inbound, MqttSession
 from ingest.mqtt.tls import credentials, tls_context
@@ -77,17 +93,23 @@ class Source:
         drained: anyio.Event,
         log: logging.Logger | None = None,
         retiring: bool = False,
+        births: Callable[[], AsyncIterator[list[Birth]]] | None = None,
     ) -> None:
+        """``births``: the Sparkplug births stored in the database, oldest first (the
+        writer's ``sparkplug_births``), fed to the decoder before the first connection."""
         self._settings = settings
         self._retiring = retiring
         #: the broker held a session for our client id when we (last) connected
         self.session_present: bool | None = None
+        self._births = births
         self._routes = load_routes(settings)
         # Every route's filter, in one SUBSCRIBE of one session. Overlapping filters make the
         # broker deliver a message once per matching subscription: the key absorbs the copy
         # and the writer counts it as a duplicate (README, Routes).
         self._subscriptions = self._routes.subscriptions(settings.share_group)
         self._filter = ", ".join(f for f, _ in self._subscriptions)
+        # Route states that may ask for messages to be published (Sparkplug Rebirth requests).
+        self._states = self._routes.states
         self._acker = acker
         self._drained = drained
         self._log = log or logging.getLogger("ingest.source")
@@ -137,7 +159,14 @@ class Source:
             parsed_fast=read.fast_path,
             parsed_paho=read.paho_path,
             too_large=read.too_large,
+            sparkplug=self._sparkplug_statistics(),
         )
+
+    def _sparkplug_statistics(self) -> SparkplugStatistics | None:
+        found = [s.statistics() for s in self._states if isinstance(s, SparkplugState)]
+        if not found:
+            return None
+        return SparkplugStatistics(*(sum(column) for column in zip(*found, strict=True)))
 
     def _new_session(self, tls: ssl.SSLContext | None) -> MqttSession:
         s = self._settings
@@ -158,6 +187,7 @@ class Source:
 
     async def run(self, send: MemoryObjectSendStream[Delivery]) -> None:
         async with send:
+            await self._restore_births()
             while not self._stopping:
                 session = self._new_session(await self._tls_context())
                 self._use(session)
@@ -171,6 +201,25 @@ class Source:
                 finally:
                     session.closed = True
                     self.subscribed = False
+
+    async def _restore_births(self) -> None:
+        """Rebuild the Sparkplug alias tables from the births stored in the database, before
+        the broker hands us the data it kept for us (in a worker thread, a page at a time).
+        Without them (a database error) every node is asked for its births instead."""
+        if self._births is None or not any(isinstance(s, SparkplugState) for s in self._states):
+            return
+        restored = 0
+        try:
+            async for page in self._births():
+                await anyio.to_thread.run_sync(decode_births, page, self._routes, self._limits)
+                restored += len(page)
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            self._log.warning(
+                "could not read the stored Sparkplug births (%s): data by alias of the nodes "
+                "not restored will ask them for their births",
+                exc,
+            )
+        self._log.info("restored the alias tables of %d Sparkplug births", restored)
 
     def _use(self, session: MqttSession) -> None:
         """Make ``session`` the current one; the counts of the one before are kept."""
@@ -300,6 +349,8 @@ class Source:
                 await session.wait_inbox(pending)
                 continue
             await self._hand_on(session, send, pending)
+            if self._states:
+                self._send_requests(session)
 
     async def _hand_on(
         self,
@@ -353,6 +404,26 @@ class Source:
                     await anyio.lowlevel.checkpoint()
             received_at = datetime.now(UTC)
             decoded = 0
+            if self._states:  # a long backlog must not hold the requests back
+                self._send_requests(session)
+
+    def _send_requests(self, session: MqttSession) -> None:
+        """Publish (QoS 0) what the routes' states ask for: Sparkplug Rebirth requests, which
+        the decoder records for edge nodes whose data names an alias we do not know."""
+        for state in self._states:
+            requests = state.take_requests(time.time())
+            if not requests:
+                continue
+            sent = sum(session.publish(topic, payload) for topic, payload in requests)
+            state.requests_sent(sent, len(requests) - sent)
+            self._log.info(
+                "asked %d edge nodes for their births again (data named unknown aliases), "
+                "%d not sent (no connection): %s",
+                sent,
+                len(requests) - sent,
+                ", ".join(topic for topic, _ in requests[:5])
+                + (", ..." if len(requests) > 5 else ""),
+            )
 
     async def _delivery_apart(
         self, session: MqttSession, message: Inbound, received_at: datetime

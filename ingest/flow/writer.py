@@ -68,6 +68,7 @@ import asyncpg
 from ingest.backoff import Backoff
 from ingest.db.dashboard import BEGIN_BATCH_SQL
 from ingest.errors import ConfigError, DecodeError, FatalError
+from ingest.flow.births import Birth, load_births
 from ingest.flow.classify import ErrorClass, classify, sqlstate_of
 from ingest.flow.pgcopy import POINT_COLUMNS, encode_points, encode_texts
 from ingest.flow.series import (
@@ -671,6 +672,19 @@ class Writer:
             return False
         self._connected = True
         return True
+
+    async def sparkplug_births(self, page: int = 1000) -> AsyncIterator[list[Birth]]:
+        """The Sparkplug births stored (``ingest.flow.births``), oldest first, a page at a
+        time (a connection held only while a page is read)."""
+        after: Birth | None = None
+        while True:
+            async with self._connection() as conn:
+                births = await load_births(conn, after, page)
+            if births:
+                yield births
+            if len(births) < page:
+                return
+            after = births[-1]
 
     async def _probe(self) -> None:
         async with self._connection() as conn, asyncio.timeout(self._write_timeout):

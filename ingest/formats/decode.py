@@ -6,8 +6,8 @@ synchronous: no I/O, no logging, and it never raises (a bug comes back as
 (none: ``bad_topic``), checks the device id the topic gives, and hands the payload to the
 route's format, looked up once per route at start-up in ``FORMATS``, the dispatch table.
 Formats: ``json`` (``ingest.formats.json``), ``value`` (``ingest.formats.value``), ``senml``
-(``ingest.formats.senml``); a new one is a module with a decoder and an options reader, and a
-line in ``FORMATS``.
+(``ingest.formats.senml``), ``sparkplug`` (``ingest.formats.sparkplug``); a new one is a module
+with a decoder and an options reader, and a line in ``FORMATS``.
 
 The name rules (device ids and metrics non-empty, at most 128 characters, no control
 character; tag values the same but may be empty) and the limits (readings per message, the time window, text size) hold for every
@@ -24,11 +24,19 @@ from typing import TYPE_CHECKING, Any, Final
 import orjson
 
 from ingest.errors import ConfigError, DecodeError
-from ingest.formats.json import REASONS, bad_tag_value, decode_json, json_options, show
+from ingest.formats.json import REASONS as _JSON_REASONS
 from ingest.formats.json import bad_name as _bad_name
+from ingest.formats.json import bad_tag_value, decode_json, json_options, show
 from ingest.formats.limits import DEFAULT_LIMITS, Limits
 from ingest.formats.routes import FormatSpec, RouteTable, parse_routes
 from ingest.formats.senml import decode_senml, senml_options
+from ingest.formats.sparkplug import REASONS as _SPARKPLUG_REASONS
+from ingest.formats.sparkplug import (
+    SparkplugState,
+    decode_sparkplug,
+    sparkplug_options,
+    sparkplug_topics,
+)
 from ingest.formats.value import decode_value, value_options
 from ingest.model import Decoded
 
@@ -43,7 +51,17 @@ FORMATS: Final[Mapping[str, FormatSpec]] = {
     "json": FormatSpec(decode_json, json_options),
     "value": FormatSpec(decode_value, value_options),
     "senml": FormatSpec(decode_senml, senml_options, names_devices=True),
+    "sparkplug": FormatSpec(
+        decode_sparkplug,
+        sparkplug_options,
+        names_devices=True,
+        topics=sparkplug_topics,
+        state=SparkplugState.from_settings,
+    ),
 }
+
+#: Every dead letter reason a decoder gives.
+REASONS: Final = (*_JSON_REASONS, *_SPARKPLUG_REASONS)
 
 
 def decode(
@@ -107,4 +125,4 @@ def load_routes(settings: Settings) -> RouteTable:
         raw: Any = orjson.loads(settings.routes)
     except orjson.JSONDecodeError as exc:
         raise ConfigError("INGEST_ROUTES", f"not JSON: {exc}") from None
-    return parse_routes(raw, FORMATS)
+    return parse_routes(raw, FORMATS, settings)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Final, NamedTuple
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, Protocol
 
 from ingest.errors import ConfigError, DecodeError
 from ingest.model import Decoded
@@ -28,8 +28,18 @@ from ingest.model import build as _build
 
 if TYPE_CHECKING:
     from ingest.formats.limits import Limits
+    from ingest.settings import Settings
 
-__all__ = ["FormatSpec", "Match", "Route", "RouteTable", "Template", "parse_routes"]
+__all__ = [
+    "FormatSpec",
+    "FormatState",
+    "FormatTopics",
+    "Match",
+    "Route",
+    "RouteTable",
+    "Template",
+    "parse_routes",
+]
 
 _NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _REST: Final = "{metric...}"
@@ -59,6 +69,30 @@ class FormatSpec(NamedTuple):
     #: The payload names its devices (SenML, Sparkplug): no ``{device_id}`` needed, and MQTT
     #: wildcards allowed in the template.
     names_devices: bool = False
+    #: The format's own topic matcher and subscription filters, from the route's template
+    #: (``where`` names the route in errors); None: the template's.
+    topics: Callable[[Template, str], FormatTopics] | None = None
+    #: A route's state (Sparkplug's alias tables), made once per route table from the
+    #: settings (None: the defaults) and handed to the decoder as ``route.state``.
+    state: Callable[[Settings | None], FormatState] | None = None
+
+
+class FormatTopics(NamedTuple):
+    """A format's own topics: a matcher (it may put in ``Match.metric`` what its topic says
+    beyond the device id, Sparkplug its message type) and ``(filter, shared)`` pairs: a filter
+    not shared is subscribed without ``$share/<group>/``, so every worker gets its messages."""
+
+    match: Callable[[str], Match | None]
+    filters: tuple[tuple[str, bool], ...]
+
+
+class FormatState(Protocol):
+    """What the source asks of a route's state: messages it wants published (topic, payload,
+    QoS 0), and a count of how that went."""
+
+    def take_requests(self, now: float) -> list[tuple[str, bytes]]: ...
+
+    def requests_sent(self, sent: int, failed: int) -> None: ...
 
 
 class Template:
@@ -192,7 +226,19 @@ def _compile_level(
 class Route:
     """One route: a compiled template, its format's decoder and options, its static tags."""
 
-    __slots__ = ("checked_names", "decode", "format", "name", "options", "qos", "tags", "template")
+    __slots__ = (
+        "checked_names",
+        "decode",
+        "filters",
+        "format",
+        "match",
+        "name",
+        "options",
+        "qos",
+        "state",
+        "tags",
+        "template",
+    )
 
     # Metric names of this route already checked (length, control characters): devices send
     # the same few names over and over. Bounded by the decoders (cleared when full).
@@ -208,6 +254,7 @@ class Route:
         qos: int = 1,
         tags: Mapping[str, str] | None = None,
         options: Any = None,
+        settings: Settings | None = None,
     ) -> None:
         self.name = name
         self.template = template
@@ -217,6 +264,12 @@ class Route:
         self.tags = dict(tags) if tags else None
         self.options = options
         self.checked_names = set()
+        #: (filter, shared) pairs and the topic matcher: the template's, or the format's own.
+        self.filters: tuple[tuple[str, bool], ...] = ((template.filter, True),)
+        self.match: Callable[[str], Match | None] = template.match
+        if spec.topics is not None:
+            self.match, self.filters = spec.topics(template, name)
+        self.state: Any = spec.state(settings) if spec.state is not None else None
 
     def device_tags(self, match: Match) -> dict[str, str] | None:
         """The route's static tags with the topic's named levels over them, or None. A new
@@ -232,31 +285,37 @@ class Route:
 class RouteTable:
     """The routes in order: a message goes to the first whose template matches its topic."""
 
-    __slots__ = ("matchers", "routes")
+    __slots__ = ("matchers", "routes", "states")
 
     def __init__(self, routes: Sequence[Route]) -> None:
         if not routes:
             raise ConfigError("routes", "at least one route is needed")
         self.routes = tuple(routes)
         #: (bound match method, route) in order: what the dispatch runs per message.
-        self.matchers = tuple((r.template.match, r) for r in self.routes)
+        self.matchers = tuple((r.match, r) for r in self.routes)
+        #: The routes' states, for the source (messages they want published, statistics).
+        self.states: tuple[FormatState, ...] = tuple(
+            r.state for r in self.routes if r.state is not None
+        )
 
     def route(self, topic: str) -> tuple[Route, Match] | None:
         for route in self.routes:
-            match = route.template.match(topic)
+            match = route.match(topic)
             if match is not None:
                 return route, match
         return None
 
     def subscriptions(self, share_group: str | None = None) -> list[tuple[str, int]]:
         """(filter, qos) for every distinct filter, in route order (the highest QoS of the
-        routes sharing a filter), prefixed with ``$share/<group>/`` when a group is set."""
+        routes sharing a filter), prefixed with ``$share/<group>/`` when a group is set (but
+        for the filters a format keeps unshared)."""
+        prefix = f"$share/{share_group}/" if share_group else ""
         qos: dict[str, int] = {}
         for route in self.routes:
-            f = route.template.filter
-            qos[f] = max(qos.get(f, 0), route.qos)
-        prefix = f"$share/{share_group}/" if share_group else ""
-        return [(prefix + f, q) for f, q in qos.items()]
+            for f, shared in route.filters:
+                f = prefix + f if shared else f
+                qos[f] = max(qos.get(f, 0), route.qos)
+        return list(qos.items())
 
     @property
     def filters(self) -> str:
@@ -264,14 +323,19 @@ class RouteTable:
         return ", ".join(f for f, _ in self.subscriptions())
 
 
-def parse_routes(raw: Any, formats: Mapping[str, FormatSpec]) -> RouteTable:
-    """A table from ``[[routes]]`` as TOML (or JSON) gives it: a list of tables."""
+def parse_routes(
+    raw: Any, formats: Mapping[str, FormatSpec], settings: Settings | None = None
+) -> RouteTable:
+    """A table from ``[[routes]]`` as TOML (or JSON) gives it: a list of tables. ``settings``
+    size the routes' states (None: the defaults)."""
     if not isinstance(raw, list) or not raw:
         raise ConfigError("routes", "must be a non-empty array of tables ([[routes]])")
-    return RouteTable([_route(i, entry, formats) for i, entry in enumerate(raw, 1)])
+    return RouteTable([_route(i, entry, formats, settings) for i, entry in enumerate(raw, 1)])
 
 
-def _route(i: int, entry: Any, formats: Mapping[str, FormatSpec]) -> Route:
+def _route(
+    i: int, entry: Any, formats: Mapping[str, FormatSpec], settings: Settings | None
+) -> Route:
     where = f"routes[{i}]"
     if not isinstance(entry, dict):
         raise ConfigError(where, "must be a table")
@@ -301,4 +365,4 @@ def _route(i: int, entry: Any, formats: Mapping[str, FormatSpec]) -> Route:
     if not isinstance(table, dict):
         raise ConfigError(where, f"[routes.{fmt}] must be a table")
     options = spec.options(table, where)
-    return Route(where, template, fmt, spec, qos=qos, tags=tags, options=options)
+    return Route(where, template, fmt, spec, qos=qos, tags=tags, options=options, settings=settings)

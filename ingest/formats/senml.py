@@ -492,7 +492,7 @@ class _Pack:
         """Per device stored: the route's tags and the units of its metrics, when any."""
         return (
             tuple(
-                build(DeviceUpdate, (device, tags, None, None, units or None))
+                build(DeviceUpdate, (device, tags, None, None, units or None, None))
                 for device, units in self.devices.items()
                 if tags or units
             )

@@ -509,6 +509,14 @@ class MqttSession:
                 return 0
         return sent
 
+    def publish(self, topic: str, payload: bytes) -> bool:
+        """Publish at QoS 0 without waiting (a request to a device, such as a Sparkplug
+        Rebirth); False when there is no connection to send it on."""
+        if not self.connected:
+            return False
+        info = self._paho.publish(topic, payload, qos=0)
+        return info.rc == paho.MQTT_ERR_SUCCESS
+
 
 def _new_client(
     endpoint: MqttEndpoint,

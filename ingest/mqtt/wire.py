@@ -21,8 +21,10 @@ __all__ = [
     "encode_string",
     "encode_varint",
     "oversized_publish",
+    "puback_packet",
     "publish_packet",
     "read_varint",
+    "subscribe_packet",
     "take_publishes",
 ]
 
@@ -238,13 +240,27 @@ def encode_string(value: str | bytes) -> bytes:
     return len(data).to_bytes(2, "big") + data
 
 
+#: A will (3.1.2.5): ``(topic, payload, qos)``, published by the broker if the connection
+#: ends without a DISCONNECT (a Sparkplug edge node's NDEATH).
+Will = tuple[str, bytes, int]
+
+
 def connect_packet(
-    client_id: str, *, keepalive: int, username: str | None = None, password: str | None = None
+    client_id: str,
+    *,
+    keepalive: int,
+    username: str | None = None,
+    password: str | None = None,
+    will: Will | None = None,
 ) -> bytes:
     """CONNECT (3.1), protocol level 4, clean session: a publisher has nothing to resume. A
-    password is sent only with a user name (3.1.2.9)."""
+    password is sent only with a user name (3.1.2.9); a will is never retained."""
     flags = 0x02
     payload = encode_string(client_id)
+    if will is not None:
+        topic, message, qos = will
+        flags |= 0x04 | (qos << 3)
+        payload += encode_string(topic) + encode_string(message)
     if username is not None:
         flags |= 0x80
         payload += encode_string(username)
@@ -264,3 +280,16 @@ def publish_packet(topic: bytes, payload: bytes, mid: int = 0) -> bytes:
             + mid.to_bytes(2, "big") + payload
         )  # fmt: skip
     return b"\x30" + encode_varint(len(topic) + len(payload)) + topic + payload
+
+
+def subscribe_packet(mid: int, filters: list[tuple[str, int]]) -> bytes:
+    """SUBSCRIBE (3.8) to ``(topic filter, maximum QoS)`` pairs with packet id ``mid``."""
+    body = mid.to_bytes(2, "big") + b"".join(
+        encode_string(topic) + bytes((qos,)) for topic, qos in filters
+    )
+    return b"\x82" + encode_varint(len(body)) + body
+
+
+def puback_packet(mid: int) -> bytes:
+    """PUBACK (3.4): a QoS 1 PUBLISH from the broker received."""
+    return b"\x40\x02" + mid.to_bytes(2, "big")

@@ -23,6 +23,7 @@ from ingest.model import (
     BatcherStatistics,
     DashboardStatistics,
     SourceStatistics,
+    SparkplugStatistics,
     WriterStatistics,
 )
 from ingest.mqtt.answers import CAUSES
@@ -40,6 +41,7 @@ _RETRY_CLASSES = ("transient", "row")
 _DISCONNECT_CAUSES = CAUSES
 _PARSE_PATHS = ("fast", "paho")
 _CUT_CAUSES = ("rows", "delay", "window")
+_REBIRTH_OUTCOMES = ("sent", "suppressed", "failed")
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +124,8 @@ class IngestCollector(Collector):
         yield from _broker(self._f, s.source)
         yield from _backlog(self._f, s)
         yield from _database(self._f, s)
+        if s.source.sparkplug is not None:
+            yield from _sparkplug(self._f, s.source.sparkplug)
         if s.dashboard is not None:
             yield from _dashboard(self._f, s.dashboard)
 
@@ -231,6 +235,36 @@ def _broker(f: _Families, src: SourceStatistics) -> Iterator[Metric]:
     yield f.gauge(
         "ingest_broker_subscribed", "1 when subscribed to the topic filter.", int(src.subscribed)
     )
+
+
+def _sparkplug(f: _Families, sp: SparkplugStatistics) -> Iterator[Metric]:
+    """The Sparkplug alias tables and Rebirth requests (only with a sparkplug route)."""
+    yield f.counter_by(
+        "ingest_sparkplug_rebirth_requests",
+        "Rebirth requests (NCMD) for edge nodes whose data named an alias no birth declared, "
+        "by outcome (sent; suppressed: the node was asked within "
+        "INGEST_SPARKPLUG_REBIRTH_INTERVAL; failed: no connection).",
+        "outcome",
+        {"sent": sp.rebirths_sent, "suppressed": sp.rebirths_suppressed,
+         "failed": sp.rebirths_failed},
+        _REBIRTH_OUTCOMES,
+    )  # fmt: skip
+    yield f.counter(
+        "ingest_sparkplug_stale_deaths",
+        "NDEATHs whose bdSeq is not the last NBIRTH's (an earlier session's): changed nothing.",
+        sp.stale_deaths,
+    )
+    yield f.counter(
+        "ingest_sparkplug_nodes_evicted",
+        "Edge nodes whose alias tables were forgotten to stay under INGEST_SPARKPLUG_MAX_ALIASES.",
+        sp.nodes_evicted,
+    )
+    yield f.gauge(
+        "ingest_sparkplug_aliases",
+        "Sparkplug metric declarations held (plus one per edge node and device).",
+        sp.aliases,
+    )
+    yield f.gauge("ingest_sparkplug_nodes", "Edge nodes whose births are held.", sp.nodes)
 
 
 def _backlog(f: _Families, s: Snapshot) -> Iterator[Metric]:

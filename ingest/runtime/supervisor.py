@@ -52,7 +52,6 @@ from ingest.observability.http import (
     serve_http,
 )
 from ingest.observability.merge import merge_expositions
-from ingest.runtime.surplus import retire_surplus
 from ingest.settings import Settings, worker_environ
 
 __all__ = ["Supervisor", "run_supervisor", "worker_client_id"]
@@ -143,7 +142,10 @@ class Supervisor:
                 if listener is not None:
                     tg.start_soon(self._serve, listener, name="ingest[metrics]")
                 if self.settings.retire_surplus:
-                    # Beside the new workers: sessions of an earlier, larger worker set.
+                    # Beside the new workers: sessions of an earlier, larger worker set. Imported
+                    # here: the parent loads the database client only to read the sessions table.
+                    from ingest.runtime.surplus import retire_surplus
+
                     for one, base, keep in self._broker_sets:
                         tg.start_soon(
                             retire_surplus, one, keep, base, self.log,

@@ -18,6 +18,9 @@ Idempotent: a second run finds only dead letters that still fail, and changes no
 ``--dry-run`` reads only (no locks, no writes): it decodes, and counts which readings are
 already stored; what the database would still reject is only found by a real run.
 
+Sparkplug: the births stored in ``sparkplug_births`` (``ingest.flow.births``) are decoded
+first, so an ``unknown_alias`` dead letter decodes by the tables of its node's newest birth.
+
 Known limits: readings are inserted with plain SQL, not through the daemon's writer, so
 anything the writer maintains alongside ``points`` in its own transaction (the dashboard
 batch, device tags and status) is not updated by a replay; text readings of a replayed message
@@ -40,6 +43,7 @@ import anyio
 import asyncpg
 
 from ingest.errors import ConfigError, DecodeError
+from ingest.flow.births import restore_births
 from ingest.flow.classify import ErrorClass, classify
 from ingest.formats.decode import RouteTable, decode, load_routes
 from ingest.formats.limits import DEFAULT_LIMITS, Limits
@@ -193,6 +197,7 @@ async def replay(
     seen_keys: set[tuple[str, str, datetime]] = set()  # dry run: readings counted already
     conn = await asyncpg.connect(dsn, timeout=connect_timeout)
     try:
+        await restore_births(conn, routes, limits)  # Sparkplug: data by alias decodes
         last_id = 0
         while limit is None or summary.examined < limit:
             size = batch if limit is None else min(batch, limit - summary.examined)

@@ -30,7 +30,8 @@ WINDOW = "ingest_inflight_window"
 
 @dataclass(frozen=True, kw_only=True)
 class Fleet:
-    """``devices`` devices sending ``count`` messages each on ``topic`` (a template)."""
+    """``devices`` devices sending ``count`` messages each on ``topic`` (a template; empty:
+    the format's own, as Sparkplug's)."""
 
     topic: str
     devices: int
@@ -59,7 +60,8 @@ class Simulation:
         self._args = [
             sys.executable, "-m", "simulators", "--mqtt-url", mqtt_url,
             "--devices", str(fleet.devices), "--count", str(fleet.count),
-            "--rate", str(rate or 1_000_000), "--topic", fleet.topic, "--qos", "1",
+            "--rate", str(rate or 1_000_000), *(("--topic", fleet.topic) if fleet.topic else ()),
+            "--qos", "1",
             "--bad-ratio", str(bad_ratio), "--report", "json", "--quiet", *extra,
         ]  # fmt: skip
         self._parts = parts
@@ -182,9 +184,19 @@ def reconcile(url: str, report: dict[str, Any], *, dead: int = 0) -> dict[str, A
     return {"published": report["published"], "rows": rows, "dead_letters": dead_found}
 
 
-def audit(url: str) -> dict[str, Any]:
+def audit(url: str, *flags: str) -> dict[str, Any]:
+    """``ingest audit --json`` of the whole table; ``flags``: more (``--report``, ``--config``)."""
     proc = subprocess.run(
-        [sys.executable, "-m", "ingest", "audit", "--json", "--since", "1970-01-01T00:00:00Z"],
+        [
+            sys.executable,
+            "-m",
+            "ingest",
+            "audit",
+            "--json",
+            "--since",
+            "1970-01-01T00:00:00Z",
+            *flags,
+        ],
         env={"INGEST_DATABASE_URL": url, "PATH": "/usr/bin:/bin"},
         capture_output=True,
         text=True,

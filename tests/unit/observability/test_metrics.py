@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime, timedelta
 
 from ingest.errors import DecodeError
 from ingest.flow.acker import Delivery
 from ingest.flow.writer import WriteResult
-from ingest.model import AckStatistics, Decoded, Envelope, Reading
+from ingest.model import AckStatistics, Decoded, Envelope, Reading, SparkplugStatistics
 from ingest.observability.collector import Snapshot
 from ingest.observability.health import CommitProgress, assess_readiness
 from ingest.observability.merge import merge_expositions
@@ -179,3 +180,22 @@ def test_merge_expositions_groups_families_across_workers() -> None:
     found = samples(merged)
     for worker in ("0", "1"):
         assert value(found, "ingest_batch_size_rows_sum", worker=worker) == 10
+
+
+def test_sparkplug_families_only_with_a_sparkplug_route() -> None:
+    base = snapshot()
+    assert not any(name.startswith("ingest_sparkplug") for name, _ in collect(base))
+    stats = SparkplugStatistics(
+        nodes=3, aliases=40, nodes_evicted=2, stale_deaths=1,
+        rebirths_sent=5, rebirths_suppressed=7, rebirths_failed=0,
+    )  # fmt: skip
+    found = collect(
+        dataclasses.replace(base, source=dataclasses.replace(base.source, sparkplug=stats))
+    )
+    assert value(found, "ingest_sparkplug_rebirth_requests_total", outcome="sent") == 5
+    assert value(found, "ingest_sparkplug_rebirth_requests_total", outcome="suppressed") == 7
+    assert value(found, "ingest_sparkplug_rebirth_requests_total", outcome="failed") == 0
+    assert value(found, "ingest_sparkplug_stale_deaths_total") == 1
+    assert value(found, "ingest_sparkplug_nodes_evicted_total") == 2
+    assert value(found, "ingest_sparkplug_aliases") == 40
+    assert value(found, "ingest_sparkplug_nodes") == 3

@@ -18,6 +18,7 @@ from simulators._faults import (
     MAX_PAYLOAD_BYTES,
     MAX_READINGS,
     REASONS,
+    SPARKPLUG_BAD_KINDS,
     UNREADABLE_TS,
     bad_payload,
 )
@@ -293,7 +294,7 @@ def test_no_hostile_payload_carries_a_seq(kind: str) -> None:
 
 
 def test_every_bad_kind_has_a_reason() -> None:
-    assert set(REASONS) == {*BAD_KINDS, *HOSTILE_BAD_KINDS}
+    assert set(REASONS) == {*BAD_KINDS, *HOSTILE_BAD_KINDS, *SPARKPLUG_BAD_KINDS}
     assert set(HOSTILE_KINDS) == {*HOSTILE_BAD_KINDS, "extreme"}
 
 

@@ -374,3 +374,35 @@ def test_bad_numbers_exit_2(argv: list[str]) -> None:
     with pytest.raises(SystemExit) as info:
         main(argv)
     assert info.value.code == 2
+
+
+def test_a_sparkplug_fleet_report_reconciles_devices_and_nodes() -> None:
+    # simulate --format sparkplug: devices named as the daemon stores them, the edge node
+    # listed with its NBIRTHs as messages (no seq), before_birth messages as bad.
+    report = load_report(
+        json.dumps(
+            {
+                "published": 40, "failed": 0, "devices": 1, "samples": 40, "samples_per_message": 1,
+                "faults": {"bad": 3, "bad_kinds": {"before_birth": 3}, "duplicate": 0},
+                "per_device": {
+                    "sim/node-0001": {"messages": 2, "published": 2, "failed": 0, "bad": 0},
+                    "sim/node-0001/dev-00001": {
+                        "messages": 41, "published": 41, "failed": 0, "last_seq": 38, "bad": 3,
+                    },
+                },
+            }
+        )
+    )  # fmt: skip
+    assert report.per_device is not None
+    assert report.per_device["sim/node-0001"].samples == 2
+    device = _device("sim/node-0001/dev-00001", 1, 38, [])
+    device.dead_letters = 3  # unknown_alias: undecodable without the births
+    device.dead_letter_reasons["unknown_alias"] = 3
+    node = DeviceAudit("sim/node-0001", rows=4, samples=2)
+    device.expected = report.per_device[device.device_id]
+    node.expected = report.per_device[node.device_id]
+    verdict = reconcile(_result([device, node], report))
+    assert verdict.ok, verdict.problems
+    # A lost NBIRTH is a problem of the node like any missing sample.
+    node.samples = 1
+    assert reconcile(_result([device, node], report)).problems[0].startswith("sim/node-0001: 1 ")
