@@ -100,14 +100,17 @@ def _time(case: Case, at: datetime) -> float:
     return time.perf_counter() - t0
 
 
-def _row(name: str, case: Case, times: Sequence[float], metrics: int, json_us: float) -> str:
-    n = len(case.messages)
-    us = [t / n * 1e6 for t in times]
+def _us(case: Case, times: Sequence[float]) -> list[float]:
+    """Microseconds per message of each run."""
+    return [t / len(case.messages) * 1e6 for t in times]
+
+
+def _row(name: str, case: Case, us: Sequence[float], metrics: int, base: Sequence[float]) -> str:
     mid = statistics.median(us)
     return (
         f"{name:11} {case.mean_bytes:6.1f} B  {mid:7.2f} us/msg ({min(us):.2f}..{max(us):.2f})"
-        f"  {mid * 1000 / metrics:7.1f} ns/metric  {1e6 / mid:10,.0f} msg/s"
-        f"  x{mid / json_us:.2f} json"
+        f"  {mid * 1000 / metrics:7.0f} ns/metric  {1e6 / mid:8,.0f} msg/s"
+        f"  x{mid / statistics.median(base):.2f} (best x{min(us) / min(base):.2f})"
     )
 
 
@@ -137,13 +140,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             times[fmt].append(_time(cases[fmt], at))
     metrics = a.readings + 1  # fw
     base = "json" if "json" in formats else formats[0]
-    base_us = statistics.median(times[base]) / len(cases[base].messages) * 1e6
+    us = {fmt: _us(cases[fmt], times[fmt]) for fmt in formats}
     print(
         f"decode: {a.messages:,} data messages per format, {a.devices} devices, {a.readings} "
-        f"numbers + fw per message ({metrics} metrics), median of {a.repeat} runs"
+        f"numbers + fw per message ({metrics} metrics), median of {a.repeat} runs (min..max); "
+        f"ratio to {base}: of the medians (of the best runs)"
     )
     for fmt in formats:
-        print(_row(fmt, cases[fmt], times[fmt], metrics, base_us))
+        print(_row(fmt, cases[fmt], us[fmt], metrics, us[base]))
     return 0
 
 
