@@ -272,11 +272,13 @@ def _set_value(metric: Any, value: Any) -> None:
         metric.double_value = value
 
 
-def _sparkplug_births(devices: int, names: list[str], sample: dict[str, Any], ms: int) -> tuple[
-    dict[str, list[bytes]], dict[str, list[bytes]]
-]:  # fmt: skip
+Births = tuple[dict[str, list[bytes]], dict[str, list[bytes]]]
+
+
+def _sparkplug_births(devices: int, names: list[str], sample: dict[str, Any], ms: int) -> Births:
     """One NBIRTH per node (``bdSeq`` 0: one row of the node) and one DBIRTH per device
-    declaring alias ``i + 1`` for ``names[i]`` with a null value (no row)."""
+    declaring alias ``i + 1`` for ``names[i]`` with a null value (no row). A node's messages
+    number ``seq`` from its NBIRTH's 0 on: its DBIRTHs 1.. ``DEVICES_PER_NODE``."""
     nodes: dict[str, list[bytes]] = {}
     births: dict[str, list[bytes]] = {}
     for node in range((devices + DEVICES_PER_NODE - 1) // DEVICES_PER_NODE):
@@ -284,7 +286,7 @@ def _sparkplug_births(devices: int, names: list[str], sample: dict[str, Any], ms
         nbirth.metrics.add(name="bdSeq", datatype=DataType.UInt64, long_value=0)
         nodes[sparkplug_topic("NBIRTH", node)] = [nbirth.SerializeToString()]
     for d in range(devices):
-        dbirth = Payload(timestamp=ms, seq=0)
+        dbirth = Payload(timestamp=ms, seq=d % DEVICES_PER_NODE + 1)
         for i, name in enumerate(names):
             dbirth.metrics.add(
                 name=name, alias=i + 1, datatype=_datatype(sample[name]), is_null=True
@@ -306,8 +308,13 @@ def _sparkplug_backlog(*, messages: int, devices: int, readings: int) -> Backlog
     lines: dict[str, list[bytes]] = {}
     topics = [sparkplug_topic("DDATA", d // DEVICES_PER_NODE, d) for d in range(devices)]
     total_bytes = 0
-    for n, (d, sample) in enumerate(samples):
-        payload = Payload(timestamp=sample["ts"], seq=(n // nodes + 1) % 256)
+    # Each node's data goes on numbering after its births (the daemon does not check ``seq``,
+    # and the topics of a node are published side by side, so they interleave anyway).
+    seqs = [min(DEVICES_PER_NODE, devices - node * DEVICES_PER_NODE) for node in range(nodes)]
+    for d, sample in samples:
+        node = d // DEVICES_PER_NODE
+        seqs[node] = (seqs[node] + 1) % 256
+        payload = Payload(timestamp=sample["ts"], seq=seqs[node])
         for i, name in enumerate(names):
             _set_value(payload.metrics.add(alias=i + 1), sample[name])
         encoded = payload.SerializeToString()

@@ -26,6 +26,7 @@ from benchmarks._backlog import (
     publish_raw,
 )
 from ingest.formats.decode import decode
+from ingest.formats.sparkplug_schema import Payload
 from ingest.model import Decoded
 
 
@@ -84,6 +85,11 @@ def test_sparkplug_births_come_first_and_count_among_the_messages() -> None:
     assert backlog.rows == data * 5 + nodes
     assert backlog.binary and backlog.topic_filter == "spBv1.0/#"
     assert {t.split("/")[2] for t in backlog.lines} == {"DDATA"}
+    # A node numbers its messages from its NBIRTH's 0: its DBIRTHs, then its data.
+    first = Payload.FromString(backlog.lines["spBv1.0/bench/DDATA/node-0001/dev-00001"][0])
+    assert first.seq == DEVICES_PER_NODE + 1
+    last_node = Payload.FromString(backlog.lines["spBv1.0/bench/DDATA/node-0003/dev-00021"][0])
+    assert last_node.seq == devices - 2 * DEVICES_PER_NODE + 1
 
 
 def test_senml_cbor_is_binary_and_senml_json_goes_through_mosquitto_pub() -> None:
