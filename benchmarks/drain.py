@@ -10,6 +10,10 @@
 ``--format value`` queues the same samples one value per topic (``devices/<id>/<metric>``,
 ``{"ts": ..., "value": ...}``, one row a message) and gives ``ingest run`` a route table for them
 (``--config`` with one ``value`` route); the naive baseline reads only JSON and is skipped.
+``--format senml`` / ``senml-cbor`` queue the JSON backlog's samples as one SenML pack each (JSON
+or CBOR) through a ``senml`` route; ``--format sparkplug`` as Sparkplug B DDATA by alias under
+edge nodes of ten devices, the NBIRTHs and DBIRTHs published first, through a ``sparkplug``
+route (``benchmarks/_backlog.py``). Those too need ``--skip naive``.
 
 ``--tls`` drains over a TLS listener of the same broker (``mqtts://``, certificate and host
 name verified against a throwaway CA); ``--transport both`` measures each consumer over both
@@ -37,7 +41,7 @@ from typing import Any
 
 from benchmarks._backlog import (
     FORMATS,
-    VALUE_ROUTES,
+    ROUTES,
     Backlog,
     make_backlog,
     publish,
@@ -92,7 +96,9 @@ def _parser() -> argparse.ArgumentParser:
         default="json",
         help="json: a JSON sample per message on devices/<id>/telemetry (the default route); "
         "value: each reading its own message on devices/<id>/<metric>, drained through a "
-        "`value` route (--config); the naive baseline must be skipped",
+        "`value` route (--config); senml, senml-cbor: each sample a SenML pack (JSON, CBOR) on "
+        "devices/<id>/telemetry through a `senml` route; sparkplug: each sample a DDATA by "
+        "alias, births first, through a `sparkplug` route. All but json need --skip naive",
     )
     p.add_argument(
         "--transport",
@@ -177,9 +183,9 @@ def _rate(count: int, seconds: float | None) -> float | None:
     return None if not seconds or seconds <= 0 else round(count / seconds, 1)
 
 
-def _finish(r: Result, *, messages: int, rows_per_message: int) -> Result:
+def _finish(r: Result, *, messages: int, rows: int) -> Result:
     r["messages"] = messages
-    r["rows"] = messages * rows_per_message
+    r["rows"] = rows
     r["msgs_per_s"] = _rate(messages, r.get("seconds"))
     r["rows_per_s"] = _rate(r["rows"], r.get("seconds"))
     first = r.get("first_message_s")
@@ -223,7 +229,7 @@ def measure_bare(
     r["left_at_broker"] = left
     r["ok"] = out["received"] == backlog.messages and left == 0
     r["verified"] = f"received {out['received']}, broker has {left} left for the session"
-    return _finish(r, messages=backlog.messages, rows_per_message=backlog.rows // backlog.messages)
+    return _finish(r, messages=backlog.messages, rows=backlog.rows)
 
 
 def measure_naive(
@@ -256,7 +262,7 @@ def measure_naive(
     rows = fetchval(dsn, "SELECT count(*) FROM readings")
     r["ok"] = rows == subset * per_message
     r["verified"] = f"{rows} rows for {subset} messages"
-    return _finish(r, messages=subset, rows_per_message=per_message)
+    return _finish(r, messages=subset, rows=subset * per_message)
 
 
 def measure_ingest(
@@ -332,7 +338,7 @@ def measure_ingest(
         f"exit {status}, broker has {left} left for the session"
     )
     r["ok"] = stored == rows and dead == 0 and acked == n and status == 0 and left == 0
-    return _finish(r, messages=n, rows_per_message=rows // n)
+    return _finish(r, messages=n, rows=rows)
 
 
 # --- one run and the report -----------------------------------------------------------------
@@ -491,14 +497,22 @@ def _ratio_lines(ratios: Result) -> list[str]:
     return lines
 
 
+_FORMAT_TEXT = {
+    "value": ", one value per topic (a `value` route)",
+    "senml": ", a SenML JSON pack per message (a `senml` route)",
+    "senml-cbor": ", a SenML CBOR pack per message (a `senml` route)",
+    "sparkplug": ", Sparkplug B DDATA by alias, births included (a `sparkplug` route)",
+}
+
+
 def render(config: Result, runs: Sequence[Result], summary: Result) -> str:
     consumers = _present(runs)
     lines = [
-        f"drain benchmark: {config['messages']:,} QoS 1 messages x {config['rows_per_message']} "
+        f"drain benchmark: {config['messages']:,} QoS 1 messages, {config['rows']:,} "
         f"rows (~{config['mean_payload_bytes']:.0f} B), {config['devices']} devices, "
         f"broker max_inflight_messages {config['inflight']}, MQTT {config['protocol']}, "
         f"Postgres {config['postgres']}, bare client on {config['bare_loop']}, {len(runs)} run(s)"
-        + (", one value per topic (a `value` route)" if config["format"] == "value" else "")
+        + _FORMAT_TEXT.get(config["format"], "")
         + (" (median (min..max))" if len(runs) > 1 else ""),
         "publish: "
         + ", ".join(f"{r['publish_s']:.1f}s ({r['publish_msgs_per_s']:,.0f} msg/s)" for r in runs),
@@ -568,8 +582,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     a.skip = {s.strip() for s in a.skip.split(",") if s.strip()}
     if unknown := a.skip - set(CONSUMERS):
         _parser().error(f"--skip: unknown consumer(s) {', '.join(sorted(unknown))}")
-    if a.format == "value" and "naive" not in a.skip:
-        _parser().error("--format value: the naive baseline reads only JSON; add --skip naive")
+    if a.format != "json" and "naive" not in a.skip:
+        _parser().error(
+            f"--format {a.format}: the naive baseline reads only JSON; add --skip naive"
+        )
     loop = a.bare_loop
     if loop == "auto":
         uvloop_on = split_ingest_args(a.ingest_args)[1].get("INGEST_UVLOOP") == "1"
@@ -586,7 +602,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "format": a.format,
         "messages": backlog.messages,
         "rows": backlog.rows,
-        "rows_per_message": backlog.rows // backlog.messages,
+        "rows_per_message": round(backlog.rows / backlog.messages, 3),
         "mean_payload_bytes": backlog.mean_payload_bytes,
         "devices": a.devices,
         "readings": a.readings,
@@ -615,9 +631,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         ) as env,
     ):
         a.routes_file = None
-        if a.format == "value":
+        if a.format in ROUTES:
             a.routes_file = Path(tmp) / "routes.toml"
-            a.routes_file.write_text(VALUE_ROUTES)
+            a.routes_file.write_text(ROUTES[a.format])
         config["transport"] = a.transport
         config["transport_text"] = env.transport_text(modes)
         config["postgres"] = (
