@@ -3,9 +3,9 @@
 asyncpg's ``copy_records_to_table`` encodes each value through its generic codecs (a
 ``timestamptz`` alone costs a time-zone conversion and a ``timedelta`` per value): about 1.7 us
 per reading on this project's benchmark machine, a fifth of a worker's CPU. A row is a series id
-(int4, resolved by ingest.flow.series), a timestamp and a value; the readings of a message share
-their device and timestamp, so this encoder reuses those lookups and packs each row with one
-``struct`` call: about half the cost.
+(int4, resolved by ingest.flow.series, one per row), a timestamp and a value; the readings of a
+message share their timestamp, so this encoder converts it once per message and packs each row
+with one ``struct`` call: about half the cost.
 
 Format (PostgreSQL docs, "COPY", binary format): a signature and two zero int32s, then per
 row an int16 field count and per field an int32 length and the value in network order; an int16
@@ -16,7 +16,7 @@ row an int16 field count and per field an int32 length and the value in network 
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 
 from ingest.model import Reading, TextReading
@@ -38,42 +38,34 @@ _POINT = struct.Struct("!hiiiqidiq")
 _TEXT_HEAD = struct.Struct("!hiiiqi")
 _TEXT_TAIL = struct.Struct("!iq")  # length 8, batch
 
-#: device -> metric -> series id (ingest.flow.series.resolve).
-SeriesIds = Mapping[str, Mapping[str, int]]
 
-
-def encode_points(rows: Iterable[Reading], series: SeriesIds, batch: int) -> bytes:
+def encode_points(rows: Iterable[Reading], ids: Iterable[int], batch: int) -> bytes:
     """The COPY ... (FORMAT binary) data of ``rows`` for :data:`POINT_COLUMNS`, each row's
-    device and metric replaced by its id in ``series`` (which must hold them all), stored by
-    write ``batch``."""
+    device and metric replaced by its series id (``ids``: one per row, in order,
+    ingest.flow.series.resolve), stored by write ``batch``."""
     out = bytearray(_HEADER)
     pack = _POINT.pack
     last_ts: datetime | None = None
     micros = 0
-    last_device: str | None = None
-    ids: Mapping[str, int] = {}
-    for device_id, metric, ts, value in rows:
-        if device_id is not last_device:  # the readings of one message share their device
-            last_device = device_id
-            ids = series[device_id]
-        if ts is not last_ts:  # ... and their datetime object
+    for (_, _, ts, value), series_id in zip(rows, ids, strict=True):
+        if ts is not last_ts:  # the readings of a message share their datetime object
             last_ts = ts
             micros = (ts - _PG_EPOCH) // _ONE_US
-        out += pack(4, 4, ids[metric], 8, micros, 8, value, 8, batch)
+        out += pack(4, 4, series_id, 8, micros, 8, value, 8, batch)
     out += _TRAILER
     return bytes(out)
 
 
-def encode_texts(rows: Iterable[TextReading], series: SeriesIds, batch: int) -> bytes:
+def encode_texts(rows: Iterable[TextReading], ids: Iterable[int], batch: int) -> bytes:
     """As :func:`encode_points`, for text values (their UTF-8 bytes). Raises
     ``UnicodeEncodeError`` for a value PostgreSQL could not hold (a lone surrogate), as
     asyncpg's encoder does; a NUL character is left to the server to refuse."""
     out = bytearray(_HEADER)
     pack = _TEXT_HEAD.pack
     tail = _TEXT_TAIL.pack(8, batch)
-    for device_id, metric, ts, value in rows:
+    for (_, _, ts, value), series_id in zip(rows, ids, strict=True):
         raw = value.encode()
-        out += pack(4, 4, series[device_id][metric], 8, (ts - _PG_EPOCH) // _ONE_US, len(raw))
+        out += pack(4, 4, series_id, 8, (ts - _PG_EPOCH) // _ONE_US, len(raw))
         out += raw
         out += tail
     out += _TRAILER

@@ -57,7 +57,6 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
-from itertools import chain
 from operator import itemgetter
 from types import TracebackType
 from typing import TYPE_CHECKING, Self, TypeAlias, TypeVar
@@ -74,7 +73,6 @@ from ingest.flow.series import (
     DeviceMemory,
     DevicePlan,
     SeriesCache,
-    SeriesIds,
     apply_plan,
     resolve,
     unit_keys,
@@ -560,8 +558,7 @@ class Writer:
             try:
                 async with asyncio.timeout(self._write_timeout):
                     # Committed before the batch's transaction starts: see ingest.flow.series.
-                    keys = chain(batch.rows, batch.texts, unit_keys(batch.updates))
-                    ids, created = await resolve(conn, self._series, keys)
+                    ids, created = await resolve(conn, self._series, _keys(batch))
                     self._series_created += created
                     plan = self._device_memory.plan(batch.updates)
                     inserted = await self._first_try(conn, batch, ids, plan, tally)
@@ -575,7 +572,7 @@ class Writer:
                 ) from exc
 
     async def _first_try(
-        self, conn: _Conn, batch: _Batch, ids: SeriesIds, plan: DevicePlan, tally: _Tally
+        self, conn: _Conn, batch: _Batch, ids: list[int], plan: DevicePlan, tally: _Tally
     ) -> int:
         """The fast path (COPY straight into the tables), then, if the batch holds keys stored
         already, the conflict-safe one."""
@@ -591,7 +588,7 @@ class Writer:
         self,
         conn: _Conn,
         batch: _Batch,
-        ids: SeriesIds,
+        ids: list[int],
         plan: DevicePlan,
         *,
         conflict_safe: bool,
@@ -614,7 +611,7 @@ class Writer:
         self,
         conn: _Conn,
         batch: _Batch,
-        ids: SeriesIds,
+        ids: list[int],
         plan: DevicePlan,
         *,
         conflict_safe: bool,
@@ -626,6 +623,9 @@ class Writer:
         (its record for the dashboard fold, its device updates), belongs here.
         """
         inserted = 0
+        # ids: the readings', the texts', then the units' (_keys)
+        texts_at = len(batch.rows)
+        units_at = texts_at + len(batch.texts)
         if batch.rows or batch.texts:
             # Tags the rows below with a new batch, recorded for ingest.db.dashboard.fold.
             stamps = [*map(_TS, batch.rows), *map(_TS, batch.texts)]
@@ -633,13 +633,22 @@ class Writer:
             if conflict_safe:
                 await conn.execute(_CREATE_STAGING)
             for table, data in (
-                ("points", encode_points(batch.rows, ids, number) if batch.rows else None),
-                ("text_points", encode_texts(batch.texts, ids, number) if batch.texts else None),
+                (
+                    "points",
+                    encode_points(batch.rows, ids[:texts_at], number) if batch.rows else None,
+                ),
+                (
+                    "text_points",
+                    encode_texts(batch.texts, ids[texts_at:units_at], number)
+                    if batch.texts
+                    else None,
+                ),
             ):
                 if data is not None:
                     inserted += await _copy(conn, table, data, conflict_safe=conflict_safe)
         if plan:
-            await apply_plan(conn, plan, ids)
+            units = unit_keys(batch.updates)
+            await apply_plan(conn, plan, dict(zip(units, ids[units_at:], strict=True)))
         if batch.dead:
             await conn.copy_records_to_table(
                 "dead_letters", records=batch.dead, columns=_DEAD_LETTER_COLUMNS
@@ -699,6 +708,12 @@ class Writer:
         if self._pool is None:
             raise RuntimeError("Writer is not open: use it as `async with Writer(...)`")
         return self._pool
+
+
+def _keys(batch: _Batch) -> list[Sequence[object]]:
+    """Rows whose first two fields name a series: the readings, the texts, then the units of
+    ``batch`` (ingest.flow.series.resolve gives their ids in this order)."""
+    return [*batch.rows, *batch.texts, *unit_keys(batch.updates)]
 
 
 def _unreadable_tls_file(dsn: str | None) -> str | None:

@@ -12,17 +12,16 @@ from ingest.flow.pgcopy import encode_points, encode_texts
 from ingest.model import Reading, TextReading
 
 HEADER = b"PGCOPY\n\xff\r\n\x00" + bytes(8)
-IDS = {"dé": {"m": 7, "a": 1, "b": 2}, "d": {"a": 1, "b": 2, "\ud800": 3}}
 
 
 def test_empty() -> None:
-    assert encode_points([], IDS, 1) == HEADER + b"\xff\xff"
-    assert encode_texts([], IDS, 1) == HEADER + b"\xff\xff"
+    assert encode_points([], [], 1) == HEADER + b"\xff\xff"
+    assert encode_texts([], [], 1) == HEADER + b"\xff\xff"
 
 
 def test_row_layout_is_an_int4_series_id_a_timestamp_and_a_double() -> None:
     ts = datetime(2000, 1, 1, 0, 0, 1, 5, tzinfo=UTC)
-    data = encode_points([Reading("dé", "m", ts, -2.5)], IDS, 42)
+    data = encode_points([Reading("dé", "m", ts, -2.5)], [7], 42)
     row = (
         b"\x00\x04"
         + struct.pack("!ii", 4, 7)
@@ -35,7 +34,7 @@ def test_row_layout_is_an_int4_series_id_a_timestamp_and_a_double() -> None:
 
 def test_text_row_layout() -> None:
     ts = datetime(2000, 1, 1, 0, 0, 1, tzinfo=UTC)
-    data = encode_texts([TextReading("dé", "m", ts, "ouvert é")], IDS, 42)
+    data = encode_texts([TextReading("dé", "m", ts, "ouvert é")], [7], 42)
     raw = "ouvert é".encode()
     row = (
         b"\x00\x04"
@@ -54,13 +53,18 @@ def test_each_row_gets_its_own_timestamp_and_series() -> None:
     t2 = datetime(2024, 1, 1, 2, tzinfo=timezone(timedelta(hours=2)))  # == t1
     t3 = t1 + timedelta(microseconds=1)
     rows = [Reading("d", "a", t1, 1), Reading("d", "a", t2, 1.0), Reading("dé", "m", t3, 1.0)]
-    data = encode_points(rows, IDS, 1)
+    data = encode_points(rows, [1, 1, 7], 1)
     row = 2 + 8 + 12 + 12 + 12
     fields = [struct.unpack_from("!iiiq", data, len(HEADER) + i * row + 2) for i in range(3)]
     base = (t1 - datetime(2000, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
     assert [(f[1], f[3]) for f in fields] == [(1, base), (1, base), (7, base + 1)]
 
 
+def test_an_id_missing_for_a_row_is_an_error_not_a_short_copy() -> None:
+    with pytest.raises(ValueError):
+        encode_points([Reading("d", "a", datetime(2024, 1, 1, tzinfo=UTC), 1.0)], [], 1)
+
+
 def test_a_text_postgres_cannot_hold_raises_like_asyncpg() -> None:
     with pytest.raises(UnicodeEncodeError):
-        encode_texts([TextReading("d", "a", datetime(2024, 1, 1, tzinfo=UTC), "\ud800")], IDS, 1)
+        encode_texts([TextReading("d", "a", datetime(2024, 1, 1, tzinfo=UTC), "\ud800")], [1], 1)
