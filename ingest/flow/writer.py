@@ -54,7 +54,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from operator import itemgetter
@@ -77,16 +77,25 @@ from ingest.flow.series import (
     resolve,
     unit_keys,
 )
-from ingest.model import DeadLetter, DeviceUpdate, Envelope, Reading, TextReading, WriterStatistics
+from ingest.model import (
+    DeadLetter,
+    Decoded,
+    DeviceUpdate,
+    Envelope,
+    Reading,
+    TextReading,
+    WriterStatistics,
+)
 
-__all__ = ["WriteResult", "Writer"]
+__all__ = ["Batch", "WriteResult", "Writer", "batch_series", "store"]
 
 _T = TypeVar("_T")
 if TYPE_CHECKING:
     from asyncpg.pool import PoolConnectionProxy
 
     # Generic only in the stubs; at run time the annotations below stay strings.
-    _Conn: TypeAlias = PoolConnectionProxy[asyncpg.Record]
+    # A pool's connection (the daemon), or one of its own (ingest replay).
+    _Conn: TypeAlias = PoolConnectionProxy[asyncpg.Record] | asyncpg.Connection[asyncpg.Record]
 
 REJECTED_BY_DATABASE = "rejected_by_database"
 #: Attempts a single message gets, alone, to be written within ``write_timeout`` while the
@@ -142,13 +151,27 @@ class _TooSlow(Exception):
 
 
 @dataclass(frozen=True, slots=True)
-class _Batch:
+class Batch:
     """What one transaction stores: numeric and text readings, device updates, dead letters."""
 
     rows: Sequence[Reading]
     texts: Sequence[TextReading]
     updates: Sequence[DeviceUpdate]
-    dead: Sequence[DeadLetter]
+    dead: Sequence[DeadLetter] = ()
+
+    @classmethod
+    def of(cls, messages: Iterable[Decoded], dead: Sequence[DeadLetter] = ()) -> Batch:
+        rows: list[Reading] = []
+        texts: list[TextReading] = []
+        updates: list[DeviceUpdate] = []
+        for decoded in messages:
+            rows.extend(decoded.readings)
+            texts.extend(decoded.texts)
+            updates.extend(decoded.updates)
+        return cls(rows, texts, updates, dead)
+
+    def __bool__(self) -> bool:
+        return bool(self.rows or self.texts or self.updates or self.dead)
 
 
 @dataclass(frozen=True, slots=True)
@@ -484,10 +507,8 @@ class Writer:
     async def _write_segment(
         self, segment: Sequence[Envelope], extra_dead: Sequence[DeadLetter], tally: _Tally
     ) -> None:
-        rows: list[Reading] = []
-        texts: list[TextReading] = []
-        updates: list[DeviceUpdate] = []
         dead: list[DeadLetter] = list(extra_dead)
+        decoded: list[Decoded] = []
         for envelope in segment:
             result = envelope.result
             if isinstance(result, DecodeError):
@@ -502,11 +523,9 @@ class Writer:
                     )
                 )
             else:
-                rows.extend(result.readings)
-                texts.extend(result.texts)
-                updates.extend(result.updates)
-        batch = _Batch(rows, texts, updates, dead)
-        if not (rows or texts or updates or dead):
+                decoded.append(result)
+        batch = Batch.of(decoded, dead)
+        if not batch:
             return
 
         async def attempt() -> int:
@@ -515,7 +534,7 @@ class Writer:
         inserted = await self._retrying(attempt, what="database write", tally=tally)
         self._last_commit = time.monotonic()
         tally.inserted += inserted
-        tally.duplicates += len(rows) + len(texts) - inserted
+        tally.duplicates += len(batch.rows) + len(batch.texts) - inserted
         tally.dead.update(d.reason for d in dead)
 
     async def _retrying(
@@ -552,13 +571,13 @@ class Writer:
 
     # -- one attempt on one connection ---------------------------------------------------------
 
-    async def _attempt(self, batch: _Batch, tally: _Tally) -> int:
+    async def _attempt(self, batch: Batch, tally: _Tally) -> int:
         async with self._connection() as conn:
             pid = conn.get_server_pid()
             try:
                 async with asyncio.timeout(self._write_timeout):
                     # Committed before the batch's transaction starts: see ingest.flow.series.
-                    ids, created = await resolve(conn, self._series, _keys(batch))
+                    ids, created = await batch_series(conn, self._series, batch)
                     self._series_created += created
                     plan = self._device_memory.plan(batch.updates)
                     inserted = await self._first_try(conn, batch, ids, plan, tally)
@@ -572,7 +591,7 @@ class Writer:
                 ) from exc
 
     async def _first_try(
-        self, conn: _Conn, batch: _Batch, ids: list[int], plan: DevicePlan, tally: _Tally
+        self, conn: _Conn, batch: Batch, ids: list[int], plan: DevicePlan, tally: _Tally
     ) -> int:
         """The fast path (COPY straight into the tables), then, if the batch holds keys stored
         already, the conflict-safe one."""
@@ -587,7 +606,7 @@ class Writer:
     async def _transaction(
         self,
         conn: _Conn,
-        batch: _Batch,
+        batch: Batch,
         ids: list[int],
         plan: DevicePlan,
         *,
@@ -596,7 +615,7 @@ class Writer:
         transaction = conn.transaction()
         await transaction.start()
         try:
-            inserted = await self._store(conn, batch, ids, plan, conflict_safe=conflict_safe)
+            inserted = await store(conn, batch, ids, plan, conflict_safe=conflict_safe)
         except Exception as exc:
             # Refused data leaves a healthy connection: roll back and keep it. Anything else
             # (lost connection, timeout, cancellation) leaves it in an unknown state, and a
@@ -605,54 +624,6 @@ class Writer:
                 await transaction.rollback()
             raise
         await transaction.commit()
-        return inserted
-
-    async def _store(
-        self,
-        conn: _Conn,
-        batch: _Batch,
-        ids: list[int],
-        plan: DevicePlan,
-        *,
-        conflict_safe: bool,
-    ) -> int:
-        """All the SQL that stores a batch, inside the caller's transaction.
-
-        Returns how many of its numeric and text readings were inserted (the rest were
-        duplicates). Anything else that must change with the batch, in the same transaction
-        (its record for the dashboard fold, its device updates), belongs here.
-        """
-        inserted = 0
-        # ids: the readings', the texts', then the units' (_keys)
-        texts_at = len(batch.rows)
-        units_at = texts_at + len(batch.texts)
-        if batch.rows or batch.texts:
-            # Tags the rows below with a new batch, recorded for ingest.db.dashboard.fold.
-            stamps = [*map(_TS, batch.rows), *map(_TS, batch.texts)]
-            number = int(await conn.fetchval(BEGIN_BATCH_SQL, min(stamps), max(stamps)))
-            if conflict_safe:
-                await conn.execute(_CREATE_STAGING)
-            for table, data in (
-                (
-                    "points",
-                    encode_points(batch.rows, ids[:texts_at], number) if batch.rows else None,
-                ),
-                (
-                    "text_points",
-                    encode_texts(batch.texts, ids[texts_at:units_at], number)
-                    if batch.texts
-                    else None,
-                ),
-            ):
-                if data is not None:
-                    inserted += await _copy(conn, table, data, conflict_safe=conflict_safe)
-        if plan:
-            units = unit_keys(batch.updates)
-            await apply_plan(conn, plan, dict(zip(units, ids[units_at:], strict=True)))
-        if batch.dead:
-            await conn.copy_records_to_table(
-                "dead_letters", records=batch.dead, columns=_DEAD_LETTER_COLUMNS
-            )
         return inserted
 
     async def _database_answers(self, pid: int) -> bool:
@@ -710,10 +681,61 @@ class Writer:
         return self._pool
 
 
-def _keys(batch: _Batch) -> list[Sequence[object]]:
-    """Rows whose first two fields name a series: the readings, the texts, then the units of
-    ``batch`` (ingest.flow.series.resolve gives their ids in this order)."""
-    return [*batch.rows, *batch.texts, *unit_keys(batch.updates)]
+async def batch_series(conn: _Conn, cache: SeriesCache, batch: Batch) -> tuple[list[int], int]:
+    """The series ids of ``batch`` for :func:`store` (the readings', the texts', then the
+    units', in order) and how many series were created, committed outside any transaction
+    (:func:`ingest.flow.series.resolve`)."""
+    keys: list[Sequence[object]] = [*batch.rows, *batch.texts, *unit_keys(batch.updates)]
+    return await resolve(conn, cache, keys)
+
+
+async def store(
+    conn: _Conn,
+    batch: Batch,
+    ids: list[int],
+    plan: DevicePlan,
+    *,
+    conflict_safe: bool,
+) -> int:
+    """All the SQL that stores a batch, inside the caller's transaction: ``ids`` from
+    :func:`batch_series` (before that transaction), ``plan`` what its device updates change.
+    Conflict-safe or not: see the module docstring (fast path). ``ingest replay`` stores
+    through this too.
+
+    Returns how many of its numeric and text readings were inserted (the rest were
+    duplicates). Anything else that must change with the batch, in the same transaction
+    (its record for the dashboard fold, its device updates), belongs here.
+    """
+    inserted = 0
+    # ids: the readings', the texts', then the units' (_keys)
+    texts_at = len(batch.rows)
+    units_at = texts_at + len(batch.texts)
+    if batch.rows or batch.texts:
+        # Tags the rows below with a new batch, recorded for ingest.db.dashboard.fold.
+        stamps = [*map(_TS, batch.rows), *map(_TS, batch.texts)]
+        number = int(await conn.fetchval(BEGIN_BATCH_SQL, min(stamps), max(stamps)))
+        if conflict_safe:
+            await conn.execute(_CREATE_STAGING)
+        for table, data in (
+            (
+                "points",
+                encode_points(batch.rows, ids[:texts_at], number) if batch.rows else None,
+            ),
+            (
+                "text_points",
+                encode_texts(batch.texts, ids[texts_at:units_at], number) if batch.texts else None,
+            ),
+        ):
+            if data is not None:
+                inserted += await _copy(conn, table, data, conflict_safe=conflict_safe)
+    if plan:
+        units = unit_keys(batch.updates)
+        await apply_plan(conn, plan, dict(zip(units, ids[units_at:], strict=True)))
+    if batch.dead:
+        await conn.copy_records_to_table(
+            "dead_letters", records=batch.dead, columns=_DEAD_LETTER_COLUMNS
+        )
+    return inserted
 
 
 def _unreadable_tls_file(dsn: str | None) -> str | None:
