@@ -6,7 +6,8 @@ For each shape DEVICESxMETRICS, fills a :class:`~ingest.flow.series.SeriesCache`
 that many series (device ids ``sensor-NNNNNNN``, metric names of the JSON benchmark), measuring
 what it holds with ``tracemalloc`` (device strings included); then times, per reading, what the
 writer does for every batch of readings: the cache lookup (:meth:`SeriesCache.lookup`) and the
-binary COPY encoding that takes its ids (:func:`ingest.flow.pgcopy.encode_points`), over 20
+binary COPY encoding that takes its ids (:func:`ingest.flow.pgcopy.encode_points`, which also
+computes the batch's dashboard aggregates in the same pass), over 20
 batches of 5,000 readings from devices drawn at random (messages of METRICS readings, each with
 its own freshly made device string, as decoding makes them). Best of ``--repeat`` runs. No
 database, no broker.
@@ -71,7 +72,7 @@ def _time(cache: SeriesCache, batches: list[list[Reading]], repeat: int) -> tupl
             t0 = time.thread_time()
             ids, holes = cache.lookup(rows)
             t1 = time.thread_time()
-            encode_points(rows, ids, 7)
+            encode_points(rows, ids)
             lookup += t1 - t0
             encode += time.thread_time() - t1
             if holes:

@@ -44,6 +44,7 @@ _WRITER_TABLES: Final = (
     "readings_fleet_1m",
     "dashboard_pending",
     "dashboard_failed",
+    "dashboard_staged",
 )
 _WRITER_READS: Final = ("schema_migrations",)
 # Series are created and given units, never deleted by the daemon.

@@ -20,9 +20,12 @@ Contract of :meth:`Writer.write`:
 - Dashboard tables (``devices``, ``latest_readings``, ``latest_text``, ``readings_1m``,
   ``readings_fleet_1m``)
   come from the rows a batch actually inserted, exactly once (:mod:`ingest.db.dashboard`):
-  the batch's transaction only tags its rows with a batch number and records the batch, one
-  small statement; the dashboard tables are folded from it shortly after. A rolled-back batch
-  (a rejected row, bisection) leaves nothing behind.
+  the batch's transaction records the batch and its aggregates per series and minute
+  (``dashboard_staged``: computed here, in the pass that encodes the COPY data, on the fast
+  path, where every row is inserted; by the server from the rows it inserted on the
+  conflict-safe one, which a batch holding a value of magnitude 1e290 or more also takes, since
+  the fold sums those in numeric); the dashboard tables are folded from them shortly after. A
+  rolled-back batch (a rejected row, bisection) leaves nothing behind.
 - Errors are sorted by :func:`ingest.flow.classify.classify`:
 
   - TRANSIENT: the batch is retried forever with capped jittered backoff; the caller's bounded
@@ -65,10 +68,17 @@ from urllib.parse import parse_qs, urlsplit
 import asyncpg
 
 from ingest.backoff import Backoff
-from ingest.db.dashboard import BEGIN_BATCH_SQL
+from ingest.db.dashboard import BEGIN_BATCH_SQL, STAGED_FROM
 from ingest.errors import ConfigError, DecodeError, FatalError
 from ingest.flow.classify import ErrorClass, classify, sqlstate_of
-from ingest.flow.pgcopy import POINT_COLUMNS, encode_points, encode_texts
+from ingest.flow.pgcopy import (
+    POINT_COLUMNS,
+    STAGED_COLUMNS,
+    encode_points,
+    encode_staged,
+    encode_texts,
+    holds_huge,
+)
 from ingest.flow.series import (
     DeviceMemory,
     DevicePlan,
@@ -104,23 +114,15 @@ SLOW_ATTEMPTS_ALONE = 3
 
 # In DeadLetter's field order: copy_records_to_table takes the records as they are.
 _DEAD_LETTER_COLUMNS = ("received_at", "topic", "payload", "error", "reason", "payload_size")
-_STAGING = {"points": "ingest_staging", "text_points": "ingest_staging_text"}
 # Temporary, so per connection and never seen by others; ON COMMIT DELETE ROWS empties them at
 # the end of every transaction that touched them (PostgreSQL skips that for transactions that
-# did not). Only the columns COPY fills, not LIKE points (which has more: batch, with its
-# default).
+# did not). The conflict-safe path copies a batch here, then inserts what is not stored yet
+# (ingest.db.dashboard.STAGED_FROM).
 _CREATE_STAGING = """
     CREATE TEMPORARY TABLE IF NOT EXISTS ingest_staging
-        (series_id integer, ts timestamptz, value double precision, batch bigint)
-        ON COMMIT DELETE ROWS;
+        (series_id integer, ts timestamptz, value double precision) ON COMMIT DELETE ROWS;
     CREATE TEMPORARY TABLE IF NOT EXISTS ingest_staging_text
-        (series_id integer, ts timestamptz, value text, batch bigint) ON COMMIT DELETE ROWS
-"""
-# Staging rows come back in COPY order, so inside one batch the first occurrence wins too.
-_INSERT_FROM_STAGING = """
-    INSERT INTO {table} (series_id, ts, value, batch)
-    SELECT series_id, ts, value, batch FROM {staging}
-    ON CONFLICT (series_id, ts) DO NOTHING
+        (series_id integer, ts timestamptz, value text) ON COMMIT DELETE ROWS
 """
 
 _TS = itemgetter(2)
@@ -707,27 +709,10 @@ async def store(
     (its record for the dashboard fold, its device updates), belongs here.
     """
     inserted = 0
-    # ids: the readings', the texts', then the units' (_keys)
-    texts_at = len(batch.rows)
-    units_at = texts_at + len(batch.texts)
-    if batch.rows or batch.texts:
-        # Tags the rows below with a new batch, recorded for ingest.db.dashboard.fold.
-        stamps = [*map(_TS, batch.rows), *map(_TS, batch.texts)]
-        number = int(await conn.fetchval(BEGIN_BATCH_SQL, min(stamps), max(stamps)))
-        if conflict_safe:
-            await conn.execute(_CREATE_STAGING)
-        for table, data in (
-            (
-                "points",
-                encode_points(batch.rows, ids[:texts_at], number) if batch.rows else None,
-            ),
-            (
-                "text_points",
-                encode_texts(batch.texts, ids[texts_at:units_at], number) if batch.texts else None,
-            ),
-        ):
-            if data is not None:
-                inserted += await _copy(conn, table, data, conflict_safe=conflict_safe)
+    # ids: the readings', the texts', then the units' (batch_series)
+    units_at = len(batch.rows) + len(batch.texts)
+    if units_at:
+        inserted = await _store_readings(conn, batch, ids, conflict_safe=conflict_safe)
     if plan:
         units = unit_keys(batch.updates)
         await apply_plan(conn, plan, dict(zip(units, ids[units_at:], strict=True)))
@@ -735,6 +720,30 @@ async def store(
         await conn.copy_records_to_table(
             "dead_letters", records=batch.dead, columns=_DEAD_LETTER_COLUMNS
         )
+    return inserted
+
+
+async def _store_readings(conn: _Conn, batch: Batch, ids: list[int], *, conflict_safe: bool) -> int:
+    """The readings and texts of ``batch``, its ``dashboard_pending`` row and its staged
+    aggregates (module docstring); the rows inserted."""
+    stamps = [*map(_TS, batch.rows), *map(_TS, batch.texts)]
+    number = int(await conn.fetchval(BEGIN_BATCH_SQL, min(stamps), max(stamps)))
+    texts_at = len(batch.rows)
+    points, rollups = encode_points(batch.rows, ids[:texts_at])
+    texts, text_rollups = encode_texts(batch.texts, ids[texts_at : texts_at + len(batch.texts)])
+    tables = [
+        (t, d)
+        for t, d, rows in (("points", points, batch.rows), ("text_points", texts, batch.texts))
+        if rows
+    ]
+    if conflict_safe or holds_huge(rollups):
+        await conn.execute(_CREATE_STAGING)
+        return sum([await _copy_staged(conn, table, data, number) for table, data in tables])
+    # Every row is inserted (or the COPY fails): the aggregates computed here are those of the
+    # rows stored.
+    inserted = sum([await _copy(conn, table, data, POINT_COLUMNS) for table, data in tables])
+    staged = encode_staged(number, rollups, text_rollups)
+    await _copy(conn, "dashboard_staged", staged, STAGED_COLUMNS)
     return inserted
 
 
@@ -756,21 +765,21 @@ def _unreadable_tls_file(dsn: str | None) -> str | None:
     return None
 
 
-async def _copy(conn: _Conn, table: str, data: bytes, *, conflict_safe: bool) -> int:
-    """Binary COPY of ``data`` (ingest.flow.pgcopy) into ``table``, or, conflict-safe, into its
-    staging table and from there with ``ON CONFLICT DO NOTHING``; the rows inserted."""
-    if not conflict_safe:
-        status = await conn.copy_to_table(
-            table, source=_one_chunk(data), columns=POINT_COLUMNS, format="binary"
-        )
-        return _status_count(status)
-    staging = _STAGING[table]
-    await conn.copy_to_table(
-        staging, source=_one_chunk(data), columns=POINT_COLUMNS, format="binary"
+async def _copy(conn: _Conn, table: str, data: bytes, columns: Sequence[str]) -> int:
+    """Binary COPY of ``data`` (ingest.flow.pgcopy) into ``table``; the rows copied."""
+    status = await conn.copy_to_table(
+        table, source=_one_chunk(data), columns=columns, format="binary"
     )
-    return _status_count(
-        await conn.execute(_INSERT_FROM_STAGING.format(table=table, staging=staging))
-    )
+    return _status_count(status)
+
+
+async def _copy_staged(conn: _Conn, table: str, data: bytes, batch: int) -> int:
+    """``data`` into ``table`` through its staging table, ``ON CONFLICT DO NOTHING``, with the
+    aggregates of the rows inserted for the fold (ingest.db.dashboard.STAGED_FROM); the rows
+    inserted."""
+    staging, insert = STAGED_FROM[table]
+    await _copy(conn, staging, data, POINT_COLUMNS)
+    return int(await conn.fetchval(insert, batch))
 
 
 async def _one_chunk(data: bytes) -> AsyncIterator[bytes]:
