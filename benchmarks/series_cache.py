@@ -72,7 +72,7 @@ def _time(cache: SeriesCache, batches: list[list[Reading]], repeat: int) -> tupl
             t0 = time.thread_time()
             ids, holes = cache.lookup(rows)
             t1 = time.thread_time()
-            encode_points(rows, ids)
+            encode_points(rows, ids, 7)
             lookup += t1 - t0
             encode += time.thread_time() - t1
             if holes:

@@ -2,23 +2,24 @@
 ``readings_fleet_1m`` (README, "Querying the data"), maintained exactly once from the rows a
 batch actually inserted into ``points`` and ``text_points``.
 
-Deferred, never in the batch's transaction: the batch's transaction only records the batch and
-  hands over its aggregates. The writer takes a number from ``dashboard_batch_seq``, inserts a
-  ``dashboard_pending`` row with the batch's device-time range, and writes into
-  ``dashboard_staged`` a row per series and UTC minute of the numeric readings it inserted
-  (count, sum, min, max, the newest reading) and a row per series of text readings (count, the
-  newest): computed by the writer itself when the batch was copied straight into ``points``
-  (every row inserted), by the server from the rows an ``INSERT ... ON CONFLICT DO NOTHING``
-  actually inserted otherwise (:data:`STAGED_FROM`), so a duplicate is never counted.
-  :func:`fold` later claims pending batches (``FOR UPDATE SKIP LOCKED``), takes their staged
-  rows (a row per series and minute, not per reading: points are never read back), names their
-  series (one probe of ``series`` per series), upserts the dashboard tables and deletes the
-  pending and staged rows, all in one transaction: each committed batch is applied once, a
-  rolled-back batch (a rejected row, bisection) never is. A :class:`Folder` runs it every
-  ``INGEST_DASHBOARD_INTERVAL`` seconds in the daemon, so dashboards lag by about that much.
-  The upserts cost one row per (device, metric, minute), (device, metric) and device *per
-  fold*, not per batch (doing them in the batch's own transaction instead cost several times
-  the insert itself: benchmarks/dashboard.py).
+Deferred, never in the batch's transaction: the batch's transaction only records the batch. The
+  writer takes a number from ``dashboard_batch_seq`` that every row it inserts carries in
+  ``points.batch`` / ``text_points.batch``, and inserts a ``dashboard_pending`` row with the
+  batch's device-time range. A batch copied straight into ``points`` (every row inserted)
+  whose readings are at least two per series and minute on average also writes its
+  aggregates into ``dashboard_staged``: a row per series and UTC minute of numeric readings
+  (count, sum, min, max, the newest reading) and a row per series of text readings (count,
+  the newest), computed by the writer. :func:`fold` later claims pending batches
+  (``FOR UPDATE SKIP LOCKED``), takes the staged rows of those that have them, reads the rows
+  of the others back (BRIN index on ``batch``, partitions pruned by the time range), names
+  their series (one probe of ``series`` per series, not per row), upserts the dashboard tables
+  and deletes the pending and staged rows, all in one transaction: each committed batch is
+  applied once, a rolled-back batch (a rejected row, bisection) never is, and duplicates were
+  never inserted. A :class:`Folder` runs it every ``INGEST_DASHBOARD_INTERVAL`` seconds in the
+  daemon, so dashboards lag by about that much. The write path pays a few percent; the
+  upserts cost one row per (device, metric, minute), (device, metric) and device *per fold*,
+  not per batch (doing them in the batch's own transaction instead cost several times the
+  insert itself: benchmarks/dashboard.py).
 
 The upserts read their input sorted by key, so concurrent writers and folders take
 row locks in one order and never deadlock on them.
@@ -46,7 +47,6 @@ from ingest.settings import Settings
 __all__ = [
     "BEGIN_BATCH_SQL",
     "PLANNER_SETTINGS",
-    "STAGED_FROM",
     "FoldResult",
     "Folder",
     "describe_error",
@@ -90,31 +90,55 @@ def _saturating_add(a: str, b: str) -> str:
 
 def _apply_sql() -> str:
     """The statement that folds the claimed batches ($1: their numbers, $2: when each was
-    stored) from their rows in ``dashboard_staged``, which it deletes: a row per series and
-    minute of numeric readings (count, sum, min, max, and the newest reading of the minute)
-    and a row per series of text readings (count and the newest), written with each batch
-    (:func:`ingest.flow.writer.store`). Points are never read again.
+    stored; $3..$6: their batch and time ranges, which let the BRIN index on batch and
+    partition pruning find their rows in ``points`` and ``text_points`` without a full scan;
+    $7: those of them that staged no aggregates).
 
-    Everything is computed by series id, and names are looked up once per series, not per row:
-    ``named`` probes the primary key of ``series`` for each series of the batches (a LATERAL
-    subquery with LIMIT, so the planner cannot turn it into a join that reads all of
-    ``series``). Run it with ``enable_nestloop`` off (:data:`PLANNER_SETTINGS`): the planner
-    cannot estimate the batches' rows and would pick a nested loop, one pass over them per key.
-    Every upsert reads its input grouped (no key twice in one statement) and sorted by key
-    (lock ordering); buckets are UTC minutes whatever the session time zone. A device's
-    first/last seen: when the first/last claimed batch holding it (numeric or text values) was
-    stored."""
+    A batch that staged its aggregates (``dashboard_staged``: a row per series and minute of
+    numeric readings, a row per series of text readings, written by the writer in the batch's
+    transaction) is folded from them, and they are deleted; any other from its rows, read back
+    once (``batch_points``) and aggregated per series and minute the same way (the newest value
+    of each minute fetched with a hash join on the key). Everything is computed by series id,
+    and names are looked up once per series, not per row: ``named`` probes the primary key of
+    ``series`` for each series of the batches (a LATERAL subquery with LIMIT, so the planner
+    cannot turn it into a join that reads all of ``series``). Run it with ``enable_nestloop``
+    off (:data:`PLANNER_SETTINGS`): the planner cannot estimate the batches' rows and would
+    pick a nested loop, one pass over them per key. Every upsert reads its input grouped (no
+    key twice in one statement) and sorted by key (lock ordering); buckets are UTC minutes
+    whatever the session time zone. A device's first/last seen: when the first/last claimed
+    batch holding it (numeric or text values) was stored."""
+    where = "batch = ANY ($7::bigint[]) AND batch BETWEEN $3 AND $4 AND ts BETWEEN $5 AND $6"
     return f"""
 WITH staged AS MATERIALIZED (
     DELETE FROM dashboard_staged WHERE batch = ANY ($1::bigint[])
     RETURNING batch, series_id, bucket, n, sum, min, max, last_ts, last_value, last_text
+), batch_points AS (
+    SELECT series_id, ts, value, batch FROM points WHERE {where}
+), batch_texts AS (
+    SELECT series_id, ts, value, batch FROM text_points WHERE {where}
+), point_minutes AS (
+    SELECT series_id, {_BUCKET} AS bucket,
+           count(*)::integer AS n, {_saturating_sum("value")} AS sum,
+           min(value) AS min, max(value) AS max, max(ts) AS last_ts
+    FROM batch_points GROUP BY 1, 2
+), minutes AS (
+    SELECT series_id, bucket, n, sum, min, max, last_ts, last_value FROM staged
+    WHERE bucket IS NOT NULL
+    UNION ALL
+    SELECT m.series_id, m.bucket, m.n, m.sum, m.min, m.max, m.last_ts, p.value
+    -- (series_id, ts) is the key of points: one row per minute
+    FROM point_minutes m JOIN batch_points p ON p.series_id = m.series_id AND p.ts = m.last_ts
+), texts AS (
+    SELECT batch, series_id, n, last_ts, last_text FROM staged WHERE bucket IS NULL
+    UNION ALL
+    SELECT batch, series_id, 1, ts, value FROM batch_texts
 ), by_series AS (
     SELECT series_id, bucket, sum(n)::integer AS n, {_saturating_sum("sum")} AS sum,
            min(min) AS min, max(max) AS max
-    FROM staged WHERE bucket IS NOT NULL GROUP BY 1, 2
+    FROM minutes GROUP BY 1, 2
 ), named AS MATERIALIZED (
     SELECT k.series_id, s.device_id, s.metric
-    FROM (SELECT DISTINCT series_id FROM staged) k
+    FROM (SELECT series_id FROM minutes UNION SELECT series_id FROM texts) k
     CROSS JOIN LATERAL (
         SELECT device_id, metric FROM series WHERE id = k.series_id LIMIT 1
     ) s
@@ -136,25 +160,27 @@ WITH staged AS MATERIALIZED (
         min = least(f.min, excluded.min), max = greatest(f.max, excluded.max)
 ), latest AS (
     INSERT INTO latest_readings AS l (device_id, metric, ts, value)
-    SELECT DISTINCT ON (n.device_id, n.metric) n.device_id, n.metric, t.last_ts, t.last_value
-    FROM staged t JOIN named n USING (series_id)
-    WHERE t.bucket IS NOT NULL
-    ORDER BY n.device_id, n.metric, t.last_ts DESC
+    SELECT DISTINCT ON (n.device_id, n.metric) n.device_id, n.metric, m.last_ts, m.last_value
+    FROM minutes m JOIN named n USING (series_id)
+    ORDER BY n.device_id, n.metric, m.last_ts DESC
     ON CONFLICT (device_id, metric) DO UPDATE SET ts = excluded.ts, value = excluded.value
     -- by device timestamp: a late or redelivered sample never replaces a newer one
     WHERE excluded.ts > l.ts
 ), latest_texts AS (
     INSERT INTO latest_text AS l (device_id, metric, ts, value)
     SELECT DISTINCT ON (n.device_id, n.metric) n.device_id, n.metric, t.last_ts, t.last_text
-    FROM staged t JOIN named n USING (series_id)
-    WHERE t.bucket IS NULL
+    FROM texts t JOIN named n USING (series_id)
     ORDER BY n.device_id, n.metric, t.last_ts DESC
     ON CONFLICT (device_id, metric) DO UPDATE SET ts = excluded.ts, value = excluded.value
     WHERE excluded.ts > l.ts
 ), seen AS (
     INSERT INTO devices AS d (device_id, first_seen, last_seen, last_ts)
     SELECT n.device_id, min(p.stored_at), max(p.stored_at), max(x.last_ts)
-    FROM staged x
+    FROM (
+        SELECT batch, series_id, last_ts FROM staged
+        UNION ALL SELECT batch, series_id, ts FROM batch_points
+        UNION ALL SELECT batch, series_id, ts FROM batch_texts
+    ) x
     JOIN unnest($1::bigint[], $2::timestamptz[]) AS p (batch, stored_at) USING (batch)
     JOIN named n USING (series_id)
     GROUP BY n.device_id ORDER BY n.device_id
@@ -162,55 +188,22 @@ WITH staged AS MATERIALIZED (
     SET last_seen = greatest(d.last_seen, excluded.last_seen),
         last_ts = greatest(d.last_ts, excluded.last_ts)
 )
-SELECT coalesce((SELECT sum(n) FROM staged), 0)
+SELECT coalesce((SELECT sum(n) FROM minutes), 0) + coalesce((SELECT sum(n) FROM texts), 0)
 """
 
 
 #: Run by the writer in a batch transaction before its rows: $1, $2 = the least and greatest
-#: device timestamps of the batch; returns the batch number, which its rows in
-#: ``dashboard_staged`` carry.
+#: device timestamps of the batch; returns the batch number, which the writer sends in every
+#: row it copies. ``set_config(..., true)`` (until commit) gives it to the column default of
+#: ``batch`` too, for rows inserted otherwise in that transaction.
 BEGIN_BATCH_SQL: Final = """
-    INSERT INTO dashboard_pending (batch, min_ts, max_ts)
-    VALUES (nextval('dashboard_batch_seq'), $1, $2)
-    RETURNING batch
+    WITH b AS (
+        INSERT INTO dashboard_pending (batch, min_ts, max_ts)
+        VALUES (nextval('dashboard_batch_seq'), $1, $2)
+        RETURNING batch
+    )
+    SELECT set_config('ingest.batch', batch::text, true) FROM b
 """
-
-
-def _staged_from(table: str, staging: str) -> str:
-    """Inserts the rows of the temporary ``staging`` table into ``table`` (``points`` or
-    ``text_points``) unless stored already, and their aggregates, from the rows it actually
-    inserted, into ``dashboard_staged`` for batch $1; returns how many rows were inserted. The
-    writer's conflict-safe path (and that of a batch holding values summed in numeric)."""
-    if table == "points":
-        columns = "batch, series_id, bucket, n, sum, min, max, last_ts, last_value"
-        aggregates = (
-            f"{_BUCKET}, count(*), {_saturating_sum('value')}, min(value), max(value), max(ts),"
-            " (array_agg(value ORDER BY ts DESC))[1] FROM ins GROUP BY 2, 3"
-        )
-    else:
-        columns = "batch, series_id, n, last_ts, last_text"
-        aggregates = "count(*), max(ts), (array_agg(value ORDER BY ts DESC))[1] FROM ins GROUP BY 2"
-    # Staging rows come back in COPY order, so inside one batch the first occurrence wins too.
-    return f"""
-WITH ins AS (
-    INSERT INTO {table} (series_id, ts, value)
-    SELECT series_id, ts, value FROM {staging}
-    ON CONFLICT (series_id, ts) DO NOTHING
-    RETURNING series_id, ts, value
-), staged AS (
-    INSERT INTO dashboard_staged ({columns})
-    SELECT $1::bigint, series_id, {aggregates}
-    RETURNING n
-)
-SELECT coalesce(sum(n), 0) FROM staged
-"""
-
-
-#: ``table`` -> its temporary staging table and the statement of :func:`_staged_from`.
-STAGED_FROM: Final = {
-    table: (staging, _staged_from(table, staging))
-    for table, staging in (("points", "ingest_staging"), ("text_points", "ingest_staging_text"))
-}
 
 # Committed batches only (a writer's pending row is invisible until it commits), oldest first;
 # a concurrent folder skips the ones this one holds instead of waiting for them. The CTE runs
@@ -244,6 +237,8 @@ _SET_ASIDE_SQL = """
 PENDING_COUNT_LIMIT: Final = 1_000_000
 _PENDING_SQL = f"SELECT count(*) FROM (SELECT FROM dashboard_pending LIMIT {PENDING_COUNT_LIMIT}) p"
 _APPLY_SQL = _apply_sql()
+# Which of the claimed batches handed over their aggregates (the others are read back).
+_STAGED_SQL = "SELECT DISTINCT batch FROM dashboard_staged WHERE batch = ANY ($1::bigint[])"
 #: For the fold's statement (:func:`_apply_sql`), scoped to its transaction.
 PLANNER_SETTINGS: Final = "SET LOCAL enable_nestloop = off; SET LOCAL enable_mergejoin = off"
 # Scoped to the fold's transaction: sorts of a fold's rows stay in memory, and the planner,
@@ -314,7 +309,17 @@ async def _fold_claimed(
         batches = [r["batch"] for r in rows]
         claimed.extend(batches)
         await conn.execute(_FOLD_SETTINGS)
-        count = await conn.fetchval(_APPLY_SQL, batches, [r["stored_at"] for r in rows])
+        staged = {r["batch"] for r in await conn.fetch(_STAGED_SQL, batches)}
+        count = await conn.fetchval(
+            _APPLY_SQL,
+            batches,
+            [r["stored_at"] for r in rows],
+            min(batches),
+            max(batches),
+            min(r["min_ts"] for r in rows),
+            max(r["max_ts"] for r in rows),
+            [b for b in batches if b not in staged],
+        )
     return FoldResult(batches=len(batches), rows=int(count))
 
 

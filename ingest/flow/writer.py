@@ -20,11 +20,11 @@ Contract of :meth:`Writer.write`:
 - Dashboard tables (``devices``, ``latest_readings``, ``latest_text``, ``readings_1m``,
   ``readings_fleet_1m``)
   come from the rows a batch actually inserted, exactly once (:mod:`ingest.db.dashboard`):
-  the batch's transaction records the batch and its aggregates per series and minute
-  (``dashboard_staged``: computed here, in the pass that encodes the COPY data, on the fast
-  path, where every row is inserted; by the server from the rows it inserted on the
-  conflict-safe one, which a batch holding a value of magnitude 1e290 or more also takes, since
-  the fold sums those in numeric); the dashboard tables are folded from them shortly after. A
+  the batch's transaction tags its rows with a batch number and records the batch; a batch
+  copied on the fast path (every row inserted) whose readings are at least two per series and
+  minute on average also hands over its aggregates per series and minute
+  (``dashboard_staged``, computed here in the pass that encodes the COPY data), which the fold
+  then reads instead of its points. The dashboard tables are folded shortly after. A
   rolled-back batch (a rejected row, bisection) leaves nothing behind.
 - Errors are sorted by :func:`ingest.flow.classify.classify`:
 
@@ -68,7 +68,7 @@ from urllib.parse import parse_qs, urlsplit
 import asyncpg
 
 from ingest.backoff import Backoff
-from ingest.db.dashboard import BEGIN_BATCH_SQL, STAGED_FROM
+from ingest.db.dashboard import BEGIN_BATCH_SQL
 from ingest.errors import ConfigError, DecodeError, FatalError
 from ingest.flow.classify import ErrorClass, classify, sqlstate_of
 from ingest.flow.pgcopy import (
@@ -114,15 +114,23 @@ SLOW_ATTEMPTS_ALONE = 3
 
 # In DeadLetter's field order: copy_records_to_table takes the records as they are.
 _DEAD_LETTER_COLUMNS = ("received_at", "topic", "payload", "error", "reason", "payload_size")
+_STAGING = {"points": "ingest_staging", "text_points": "ingest_staging_text"}
 # Temporary, so per connection and never seen by others; ON COMMIT DELETE ROWS empties them at
 # the end of every transaction that touched them (PostgreSQL skips that for transactions that
-# did not). The conflict-safe path copies a batch here, then inserts what is not stored yet
-# (ingest.db.dashboard.STAGED_FROM).
+# did not). Only the columns COPY fills, not LIKE points (which has more: batch, with its
+# default).
 _CREATE_STAGING = """
     CREATE TEMPORARY TABLE IF NOT EXISTS ingest_staging
-        (series_id integer, ts timestamptz, value double precision) ON COMMIT DELETE ROWS;
+        (series_id integer, ts timestamptz, value double precision, batch bigint)
+        ON COMMIT DELETE ROWS;
     CREATE TEMPORARY TABLE IF NOT EXISTS ingest_staging_text
-        (series_id integer, ts timestamptz, value text) ON COMMIT DELETE ROWS
+        (series_id integer, ts timestamptz, value text, batch bigint) ON COMMIT DELETE ROWS
+"""
+# Staging rows come back in COPY order, so inside one batch the first occurrence wins too.
+_INSERT_FROM_STAGING = """
+    INSERT INTO {table} (series_id, ts, value, batch)
+    SELECT series_id, ts, value, batch FROM {staging}
+    ON CONFLICT (series_id, ts) DO NOTHING
 """
 
 _TS = itemgetter(2)
@@ -724,26 +732,32 @@ async def store(
 
 
 async def _store_readings(conn: _Conn, batch: Batch, ids: list[int], *, conflict_safe: bool) -> int:
-    """The readings and texts of ``batch``, its ``dashboard_pending`` row and its staged
-    aggregates (module docstring); the rows inserted."""
+    """The readings and texts of ``batch``, its ``dashboard_pending`` row and, when they pay,
+    its staged aggregates (module docstring); the rows inserted."""
+    # Tags the rows below with a new batch, recorded for ingest.db.dashboard.fold.
     stamps = [*map(_TS, batch.rows), *map(_TS, batch.texts)]
     number = int(await conn.fetchval(BEGIN_BATCH_SQL, min(stamps), max(stamps)))
     texts_at = len(batch.rows)
-    points, rollups = encode_points(batch.rows, ids[:texts_at])
-    texts, text_rollups = encode_texts(batch.texts, ids[texts_at : texts_at + len(batch.texts)])
-    tables = [
-        (t, d)
-        for t, d, rows in (("points", points, batch.rows), ("text_points", texts, batch.texts))
-        if rows
-    ]
-    if conflict_safe or holds_huge(rollups):
+    points, rollups = encode_points(batch.rows, ids[:texts_at], number)
+    texts, text_rollups = encode_texts(
+        batch.texts, ids[texts_at : texts_at + len(batch.texts)], number
+    )
+    tables = [("points", points, batch.rows), ("text_points", texts, batch.texts)]
+    if conflict_safe:
         await conn.execute(_CREATE_STAGING)
-        return sum([await _copy_staged(conn, table, data, number) for table, data in tables])
-    # Every row is inserted (or the COPY fails): the aggregates computed here are those of the
-    # rows stored.
-    inserted = sum([await _copy(conn, table, data, POINT_COLUMNS) for table, data in tables])
-    staged = encode_staged(number, rollups, text_rollups)
-    await _copy(conn, "dashboard_staged", staged, STAGED_COLUMNS)
+    inserted = 0
+    for table, data, rows in tables:
+        if rows:
+            inserted += await _copy(conn, table, data, conflict_safe=conflict_safe)
+    # Every row was inserted (or the COPY failed): the aggregates computed here are those of
+    # the rows stored. Handed over only where they are fewer than the points (the fold then
+    # reads them instead), and never for values the fold sums in numeric.
+    aggregates = len(rollups) + len(text_rollups)
+    if not conflict_safe and aggregates <= inserted // 2 and not holds_huge(rollups):
+        staged = encode_staged(number, rollups, text_rollups)
+        await conn.copy_to_table(
+            "dashboard_staged", source=_one_chunk(staged), columns=STAGED_COLUMNS, format="binary"
+        )
     return inserted
 
 
@@ -765,21 +779,21 @@ def _unreadable_tls_file(dsn: str | None) -> str | None:
     return None
 
 
-async def _copy(conn: _Conn, table: str, data: bytes, columns: Sequence[str]) -> int:
-    """Binary COPY of ``data`` (ingest.flow.pgcopy) into ``table``; the rows copied."""
-    status = await conn.copy_to_table(
-        table, source=_one_chunk(data), columns=columns, format="binary"
+async def _copy(conn: _Conn, table: str, data: bytes, *, conflict_safe: bool) -> int:
+    """Binary COPY of ``data`` (ingest.flow.pgcopy) into ``table``, or, conflict-safe, into its
+    staging table and from there with ``ON CONFLICT DO NOTHING``; the rows inserted."""
+    if not conflict_safe:
+        status = await conn.copy_to_table(
+            table, source=_one_chunk(data), columns=POINT_COLUMNS, format="binary"
+        )
+        return _status_count(status)
+    staging = _STAGING[table]
+    await conn.copy_to_table(
+        staging, source=_one_chunk(data), columns=POINT_COLUMNS, format="binary"
     )
-    return _status_count(status)
-
-
-async def _copy_staged(conn: _Conn, table: str, data: bytes, batch: int) -> int:
-    """``data`` into ``table`` through its staging table, ``ON CONFLICT DO NOTHING``, with the
-    aggregates of the rows inserted for the fold (ingest.db.dashboard.STAGED_FROM); the rows
-    inserted."""
-    staging, insert = STAGED_FROM[table]
-    await _copy(conn, staging, data, POINT_COLUMNS)
-    return int(await conn.fetchval(insert, batch))
+    return _status_count(
+        await conn.execute(_INSERT_FROM_STAGING.format(table=table, staging=staging))
+    )
 
 
 async def _one_chunk(data: bytes) -> AsyncIterator[bytes]:

@@ -16,7 +16,6 @@ import anyio
 import asyncpg
 import pytest
 
-from ingest.db import migrate as migrate_module
 from ingest.db.dashboard import fold, fold_forever
 from ingest.db.migrate import apply_migrations, load_migrations, migrate_dsn
 from ingest.db.partitions import apply_retention, ensure_partitions, maintain
@@ -327,9 +326,11 @@ async def test_deferred_batches_are_folded_once(database_url: str) -> None:
             await writer.write(samples(range(4), T0 + timedelta(minutes=i), 3))
         before = await db.fetchval("SELECT count(*) FROM readings_1m")
         pending = await db.fetch("SELECT * FROM dashboard_pending ORDER BY batch")
-        # What each batch hands the fold: its readings counted per series and minute.
-        tags = await db.fetch(
-            "SELECT batch, sum(n)::integer AS n FROM dashboard_staged GROUP BY 1 ORDER BY 1"
+        tags = await db.fetch("SELECT batch, count(*) AS n FROM points GROUP BY 1 ORDER BY 1")
+        # Three readings per series and minute: each batch handed the fold its aggregates.
+        staged = await db.fetch(
+            "SELECT batch, sum(n)::integer AS n, count(*) AS rows FROM dashboard_staged"
+            " GROUP BY 1 ORDER BY 1"
         )
         folds = [await fold(db, max_batches=5) for _ in range(4)]
         staged_after = await db.fetchval("SELECT count(*) FROM dashboard_staged")
@@ -339,6 +340,7 @@ async def test_deferred_batches_are_folded_once(database_url: str) -> None:
     assert [(t["batch"], t["n"]) for t in tags] == [(p["batch"], 24) for p in pending]
     assert pending[0]["min_ts"] == T0 and pending[0]["max_ts"] == T0 + timedelta(seconds=14)
     assert [(f.batches, f.rows) for f in folds] == [(5, 120), (5, 120), (2, 48), (0, 0)]
+    assert [tuple(r) for r in staged] == [(p["batch"], 24, 8) for p in pending]
     assert staged_after == 0  # folded batches leave nothing behind
 
 
@@ -606,66 +608,24 @@ async def test_migrating_an_unpartitioned_installation_keeps_its_data(database_u
     assert (redelivered.inserted, redelivered.duplicates, fresh.inserted) == (0, 1, 1)
 
 
-async def test_batches_pending_at_the_upgrade_to_staged_aggregates_are_folded_once(
-    database_url: str, monkeypatch: pytest.MonkeyPatch
+async def test_batches_with_and_without_staged_aggregates_fold_together_exactly_once(
+    database_url: str,
 ) -> None:
-    """Before migration 0008 points carried their batch number and the fold read them back;
-    batches still pending then (or set aside) get their aggregates from their points."""
-    earlier = [m for m in load_migrations() if m.version < "0008"]
-    monkeypatch.setattr(migrate_module, "load_migrations", lambda: earlier)
-    db = await asyncpg.connect(database_url)
-    try:
-        await apply_migrations(db)
-        monkeypatch.undo()
-        await db.execute(
-            "INSERT INTO series (id, device_id, metric)"
-            " VALUES (1, 'd1', 't'), (2, 'd1', 's'), (3, 'd2', 't')"
+    """A batch of several readings per series and minute hands the fold its aggregates; one of
+    a reading per series, a batch redone conflict-safe and one holding a value summed in
+    numeric do not, and the fold reads their points. Folded together, each counts once."""
+    async with database(database_url) as db, quick_writer(database_url) as writer:
+        await writer.write(samples(range(3), T0, 4))  # 4 readings per series: staged
+        await writer.write(samples(range(3, 9), T0, 1))  # 1 per series: read back
+        redelivered = samples(range(2), T0, 4) + samples(range(9, 10), T0, 4)
+        await writer.write(redelivered)  # duplicates: conflict-safe, read back
+        # Four readings of one series, but summed in numeric: read back.
+        await writer.write(
+            [message("dev-100", ("temp", T0 + timedelta(seconds=i), 1e300)) for i in range(4)]
         )
-        await db.execute(
-            "INSERT INTO dashboard_pending (batch, min_ts, max_ts) VALUES (7, $1, $1), (8, $1, $1)",
-            T0,
-        )
-        await db.execute(
-            "INSERT INTO dashboard_failed (batch, stored_at, min_ts, max_ts, error)"
-            " VALUES (9, now(), $1, $1, 'x')",
-            T0,
-        )
-        points = [
-            (1, T0, 1.0, 7), (1, T0 + timedelta(seconds=1), 3.0, 7), (3, T0, 5.0, 7),
-            (1, T0 + timedelta(minutes=1), 9.0, 8),  # a later batch, another minute
-            (3, T0 + timedelta(seconds=2), 6.0, None),  # stored otherwise: never folded
-            (3, T0 + timedelta(seconds=3), 7.0, 9),  # set aside: kept for a later fold
-        ]  # fmt: skip
-        await db.copy_records_to_table(
-            "points", records=points, columns=("series_id", "ts", "value", "batch")
-        )
-        texts = [(2, T0, "a", 7), (2, T0 + timedelta(seconds=1), "b", 7)]
-        await db.copy_records_to_table(
-            "text_points", records=texts, columns=("series_id", "ts", "value", "batch")
-        )
-        assert await apply_migrations(db) == ["0008_dashboard_staged"]
-        columns = await db.fetchval(
-            "SELECT count(*) FROM pg_attribute WHERE attrelid IN ('points'::regclass,"
-            " 'text_points'::regclass) AND attname = 'batch' AND NOT attisdropped"
-        )
-        assert (await fold(db)).rows == 6  # 4 numeric, 2 text
-        rollups = await db.fetch(
-            "SELECT device_id, metric, bucket, n, sum, min, max FROM readings_1m ORDER BY 1, 2, 3"
-        )
-        latest = await db.fetch(
-            "SELECT device_id, metric, ts, value FROM latest_readings ORDER BY 1"
-        )
-        text = await db.fetch("SELECT device_id, metric, ts, value FROM latest_text")
-        set_aside = await db.fetchval("SELECT sum(n) FROM dashboard_staged WHERE batch = 9")
-    finally:
-        await db.close()
-    minute = T0 + timedelta(minutes=1)
-    assert columns == 0
-    assert [tuple(r) for r in rollups] == [
-        ("d1", "t", T0, 2, 4.0, 1.0, 3.0),
-        ("d1", "t", minute, 1, 9.0, 9.0, 9.0),
-        ("d2", "t", T0, 1, 5.0, 5.0, 5.0),
-    ]
-    assert [tuple(r) for r in latest] == [("d1", "t", minute, 9.0), ("d2", "t", T0, 5.0)]
-    assert [tuple(r) for r in text] == [("d1", "s", T0 + timedelta(seconds=1), "b")]
-    assert set_aside == 1
+        staged = await db.fetchval("SELECT count(DISTINCT batch) FROM dashboard_staged")
+        pending = await db.fetchval("SELECT count(*) FROM dashboard_pending")
+        assert await settle(db) == 4
+        left = await db.fetchval("SELECT count(*) FROM dashboard_staged")
+        await assert_consistent(db)
+    assert (staged, pending, left) == (1, 4, 0)
