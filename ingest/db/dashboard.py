@@ -88,53 +88,37 @@ def _saturating_add(a: str, b: str) -> str:
     )
 
 
-def _apply_sql() -> str:
+def _apply_points_sql() -> str:
     """The statement that folds the claimed batches ($1: their numbers, $2: when each was
     stored; $3..$6: their batch and time ranges, which let the BRIN index on batch and
-    partition pruning find their rows in ``points`` and ``text_points`` without a full scan;
-    $7: those of them that staged no aggregates).
+    partition pruning find their rows in ``points`` and ``text_points`` without a full scan).
 
-    A batch that staged its aggregates (``dashboard_staged``: a row per series and minute of
-    numeric readings, a row per series of text readings, written by the writer in the batch's
-    transaction) is folded from them, and they are deleted; any other from its rows, read back
-    once (``batch_points``), each standing for a minute of one reading. They are aggregated
-    per series and minute (from which the fleet rollups and the newest time of each series come
-    too), and read again to fetch the values at those newest times with a hash join on the key.
-    (Sorting every row for a ``DISTINCT ON`` instead was over half of a fold's time.) Everything is computed by series id,
-    and names are looked up once per series, not per row: ``named`` probes the primary key of
-    ``series`` for each series of the batches (a LATERAL subquery with LIMIT, so the planner
-    cannot turn it into a join that reads all of ``series``). Run it with ``enable_nestloop``
-    off (:data:`PLANNER_SETTINGS`): the planner cannot estimate the batches' rows and would
-    pick a nested loop, one pass over them per key. Every upsert reads its input grouped (no
-    key twice in one statement) and sorted by key (lock ordering); buckets are UTC minutes
-    whatever the session time zone. A device's first/last seen: when the first/last claimed
-    batch holding it (numeric or text values) was stored."""
-    where = "batch = ANY ($7::bigint[]) AND batch BETWEEN $3 AND $4 AND ts BETWEEN $5 AND $6"
+    Everything is computed by series id, and names are looked up once per series, not per row:
+    ``named`` probes the primary key of ``series`` for each series of the batches (a LATERAL
+    subquery with LIMIT, so the planner cannot turn it into a join that reads all of
+    ``series``). The rows are read once (``batch_points``), aggregated per series and minute
+    (from which the fleet rollups and the newest time of each series come too), and read again
+    to fetch the values at those newest times with a hash join on the key. (Sorting every row
+    for a ``DISTINCT ON`` instead was over half of a fold's time.) Run it with ``enable_nestloop``
+    off (:data:`PLANNER_SETTINGS`): the planner cannot estimate the batches' rows and would pick
+    a nested loop, one pass over them per key. Every upsert reads its input grouped (no key
+    twice in one statement) and sorted by key (lock ordering); buckets are UTC minutes whatever
+    the session time zone. A device's first/last seen: when the first/last claimed batch
+    holding it (numeric or text values) was stored."""
+    where = "batch = ANY ($1::bigint[]) AND batch BETWEEN $3 AND $4 AND ts BETWEEN $5 AND $6"
     return f"""
-WITH staged AS MATERIALIZED (
-    DELETE FROM dashboard_staged WHERE batch = ANY ($1::bigint[])
-    RETURNING batch, series_id, bucket, n, sum, min, max, last_ts, last_value, last_text
-), batch_points AS (
+WITH batch_points AS (
     SELECT series_id, ts, value, batch FROM points WHERE {where}
 ), batch_texts AS (
     SELECT series_id, ts, value, batch FROM text_points WHERE {where}
-), minutes AS (
-    -- A staged row per series and minute, or a row per point: the same columns.
-    SELECT series_id, bucket, n, sum, min, max, last_ts, last_value FROM staged
-    WHERE bucket IS NOT NULL
-    UNION ALL
-    SELECT series_id, {_BUCKET}, 1, value, value, value, ts, value FROM batch_points
-), texts AS (
-    SELECT batch, series_id, n, last_ts, last_text FROM staged WHERE bucket IS NULL
-    UNION ALL
-    SELECT batch, series_id, 1, ts, value FROM batch_texts
 ), by_series AS (
-    SELECT series_id, bucket, sum(n)::integer AS n, {_saturating_sum("sum")} AS sum,
-           min(min) AS min, max(max) AS max, max(last_ts) AS last_ts
-    FROM minutes GROUP BY 1, 2
+    SELECT series_id, {_BUCKET} AS bucket,
+           count(*)::integer AS n, {_saturating_sum("value")} AS sum,
+           min(value) AS min, max(value) AS max, max(ts) AS last_ts
+    FROM batch_points GROUP BY 1, 2
 ), named AS MATERIALIZED (
     SELECT k.series_id, s.device_id, s.metric
-    FROM (SELECT series_id FROM minutes UNION SELECT series_id FROM texts) k
+    FROM (SELECT series_id FROM by_series UNION SELECT series_id FROM batch_texts) k
     CROSS JOIN LATERAL (
         SELECT device_id, metric FROM series WHERE id = k.series_id LIMIT 1
     ) s
@@ -156,30 +140,104 @@ WITH staged AS MATERIALIZED (
         min = least(f.min, excluded.min), max = greatest(f.max, excluded.max)
 ), latest AS (
     INSERT INTO latest_readings AS l (device_id, metric, ts, value)
-    SELECT n.device_id, n.metric, m.last_ts, m.last_value
+    SELECT n.device_id, n.metric, p.ts, p.value
     FROM (SELECT series_id, max(last_ts) AS ts FROM by_series GROUP BY 1) newest
-    JOIN minutes m ON m.series_id = newest.series_id AND m.last_ts = newest.ts
+    JOIN batch_points p ON p.series_id = newest.series_id AND p.ts = newest.ts
     JOIN named n ON n.series_id = newest.series_id
-    -- (series_id, last_ts) is unique in minutes (the key of points): one row per series
+    -- (series_id, ts) is the key of points: one row per series
     ORDER BY n.device_id, n.metric
     ON CONFLICT (device_id, metric) DO UPDATE SET ts = excluded.ts, value = excluded.value
     -- by device timestamp: a late or redelivered sample never replaces a newer one
     WHERE excluded.ts > l.ts
 ), latest_texts AS (
     INSERT INTO latest_text AS l (device_id, metric, ts, value)
+    SELECT DISTINCT ON (n.device_id, n.metric) n.device_id, n.metric, t.ts, t.value
+    FROM batch_texts t JOIN named n USING (series_id)
+    ORDER BY n.device_id, n.metric, t.ts DESC
+    ON CONFLICT (device_id, metric) DO UPDATE SET ts = excluded.ts, value = excluded.value
+    WHERE excluded.ts > l.ts
+), seen AS (
+    INSERT INTO devices AS d (device_id, first_seen, last_seen, last_ts)
+    SELECT n.device_id, min(s.first_seen), max(s.last_seen), max(s.last_ts)
+    FROM (
+        SELECT x.series_id, min(p.stored_at) AS first_seen, max(p.stored_at) AS last_seen,
+               max(x.ts) AS last_ts
+        FROM (
+            SELECT series_id, batch, ts FROM batch_points
+            UNION ALL SELECT series_id, batch, ts FROM batch_texts
+        ) x
+        JOIN unnest($1::bigint[], $2::timestamptz[]) AS p (batch, stored_at) USING (batch)
+        GROUP BY x.series_id
+    ) s
+    JOIN named n USING (series_id)
+    GROUP BY n.device_id ORDER BY n.device_id
+    ON CONFLICT (device_id) DO UPDATE
+    SET last_seen = greatest(d.last_seen, excluded.last_seen),
+        last_ts = greatest(d.last_ts, excluded.last_ts)
+)
+SELECT coalesce((SELECT sum(n) FROM by_series), 0) + (SELECT count(*) FROM batch_texts)
+"""
+
+
+def _apply_staged_sql() -> str:
+    """The statement that folds claimed batches that staged their aggregates ($1: their
+    numbers, $2: when each was stored) from their rows in ``dashboard_staged``, which it
+    deletes: a row per series and minute of numeric readings (count, sum, min, max, and the
+    newest reading of the minute) and a row per series of text readings (count and the newest),
+    written with each batch (:func:`ingest.flow.writer.store`); their points are not read.
+    Otherwise as :func:`_apply_points_sql`: by series id, names looked up once per series,
+    upserts grouped and sorted by key."""
+    return f"""
+WITH staged AS MATERIALIZED (
+    DELETE FROM dashboard_staged WHERE batch = ANY ($1::bigint[])
+    RETURNING batch, series_id, bucket, n, sum, min, max, last_ts, last_value, last_text
+), by_series AS (
+    SELECT series_id, bucket, sum(n)::integer AS n, {_saturating_sum("sum")} AS sum,
+           min(min) AS min, max(max) AS max
+    FROM staged WHERE bucket IS NOT NULL GROUP BY 1, 2
+), named AS MATERIALIZED (
+    SELECT k.series_id, s.device_id, s.metric
+    FROM (SELECT DISTINCT series_id FROM staged) k
+    CROSS JOIN LATERAL (
+        SELECT device_id, metric FROM series WHERE id = k.series_id LIMIT 1
+    ) s
+), agg AS (
+    SELECT n.device_id, n.metric, a.bucket, a.n, a.sum, a.min, a.max
+    FROM by_series a JOIN named n USING (series_id)
+), rollup AS (
+    INSERT INTO readings_1m AS r (device_id, metric, bucket, n, sum, min, max)
+    SELECT device_id, metric, bucket, n, sum, min, max FROM agg ORDER BY 1, 2, 3
+    ON CONFLICT (device_id, metric, bucket) DO UPDATE
+    SET n = r.n + excluded.n, sum = {_saturating_add("r.sum", "excluded.sum")},
+        min = least(r.min, excluded.min), max = greatest(r.max, excluded.max)
+), fleet AS (
+    INSERT INTO readings_fleet_1m AS f (metric, bucket, n, sum, min, max)
+    SELECT metric, bucket, sum(n), {_saturating_sum("sum")}, min(min), max(max)
+    FROM agg GROUP BY 1, 2 ORDER BY 2, 1
+    ON CONFLICT (bucket, metric) DO UPDATE
+    SET n = f.n + excluded.n, sum = {_saturating_add("f.sum", "excluded.sum")},
+        min = least(f.min, excluded.min), max = greatest(f.max, excluded.max)
+), latest AS (
+    INSERT INTO latest_readings AS l (device_id, metric, ts, value)
+    SELECT DISTINCT ON (n.device_id, n.metric) n.device_id, n.metric, t.last_ts, t.last_value
+    FROM staged t JOIN named n USING (series_id)
+    WHERE t.bucket IS NOT NULL
+    ORDER BY n.device_id, n.metric, t.last_ts DESC
+    ON CONFLICT (device_id, metric) DO UPDATE SET ts = excluded.ts, value = excluded.value
+    -- by device timestamp: a late or redelivered sample never replaces a newer one
+    WHERE excluded.ts > l.ts
+), latest_texts AS (
+    INSERT INTO latest_text AS l (device_id, metric, ts, value)
     SELECT DISTINCT ON (n.device_id, n.metric) n.device_id, n.metric, t.last_ts, t.last_text
-    FROM texts t JOIN named n USING (series_id)
+    FROM staged t JOIN named n USING (series_id)
+    WHERE t.bucket IS NULL
     ORDER BY n.device_id, n.metric, t.last_ts DESC
     ON CONFLICT (device_id, metric) DO UPDATE SET ts = excluded.ts, value = excluded.value
     WHERE excluded.ts > l.ts
 ), seen AS (
     INSERT INTO devices AS d (device_id, first_seen, last_seen, last_ts)
     SELECT n.device_id, min(p.stored_at), max(p.stored_at), max(x.last_ts)
-    FROM (
-        SELECT batch, series_id, last_ts FROM staged
-        UNION ALL SELECT batch, series_id, ts FROM batch_points
-        UNION ALL SELECT batch, series_id, ts FROM batch_texts
-    ) x
+    FROM staged x
     JOIN unnest($1::bigint[], $2::timestamptz[]) AS p (batch, stored_at) USING (batch)
     JOIN named n USING (series_id)
     GROUP BY n.device_id ORDER BY n.device_id
@@ -187,7 +245,7 @@ WITH staged AS MATERIALIZED (
     SET last_seen = greatest(d.last_seen, excluded.last_seen),
         last_ts = greatest(d.last_ts, excluded.last_ts)
 )
-SELECT coalesce((SELECT sum(n) FROM by_series), 0) + coalesce((SELECT sum(n) FROM texts), 0)
+SELECT coalesce((SELECT sum(n) FROM staged), 0)
 """
 
 
@@ -235,7 +293,8 @@ _SET_ASIDE_SQL = """
 # it expensive.
 PENDING_COUNT_LIMIT: Final = 1_000_000
 _PENDING_SQL = f"SELECT count(*) FROM (SELECT FROM dashboard_pending LIMIT {PENDING_COUNT_LIMIT}) p"
-_APPLY_SQL = _apply_sql()
+_APPLY_POINTS_SQL = _apply_points_sql()
+_APPLY_STAGED_SQL = _apply_staged_sql()
 # Which of the claimed batches handed over their aggregates (the others are read back).
 _STAGED_SQL = "SELECT DISTINCT batch FROM dashboard_staged WHERE batch = ANY ($1::bigint[])"
 #: For the fold's statement (:func:`_apply_sql`), scoped to its transaction.
@@ -309,16 +368,26 @@ async def _fold_claimed(
         claimed.extend(batches)
         await conn.execute(_FOLD_SETTINGS)
         staged = {r["batch"] for r in await conn.fetch(_STAGED_SQL, batches)}
-        count = await conn.fetchval(
-            _APPLY_SQL,
-            batches,
-            [r["stored_at"] for r in rows],
-            min(batches),
-            max(batches),
-            min(r["min_ts"] for r in rows),
-            max(r["max_ts"] for r in rows),
-            [b for b in batches if b not in staged],
-        )
+        # Two statements, each made for its kind of batch, in one transaction: a key both
+        # touch is upserted by the first, then updated by the second.
+        count = 0
+        points = [r for r in rows if r["batch"] not in staged]
+        if points:
+            count += await conn.fetchval(
+                _APPLY_POINTS_SQL,
+                [r["batch"] for r in points],
+                [r["stored_at"] for r in points],
+                min(r["batch"] for r in points),
+                max(r["batch"] for r in points),
+                min(r["min_ts"] for r in points),
+                max(r["max_ts"] for r in points),
+            )
+        if staged:
+            count += await conn.fetchval(
+                _APPLY_STAGED_SQL,
+                [r["batch"] for r in rows if r["batch"] in staged],
+                [r["stored_at"] for r in rows if r["batch"] in staged],
+            )
     return FoldResult(batches=len(batches), rows=int(count))
 
 
