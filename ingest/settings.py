@@ -222,9 +222,9 @@ class Settings:
     )  # fmt: skip
     series_cache_size: int = _setting(
         "INGEST_SERIES_CACHE_SIZE", 1_000_000, group=FLOW, shown="1000000",
-        help="(device, metric) -> series id pairs each worker keeps in memory (about 90 MB at "
-        "a million for devices of 5 metrics, up to 3 times more per pair for devices of one); "
-        "when full, the devices cached longest ago are looked up again",
+        help="(device, metric) -> series id pairs each worker keeps in memory (at a million: "
+        "about 126 MB for devices of one metric, 89 MB for devices of 5, device ids of 14 "
+        "characters); when full, the devices cached longest ago are looked up again",
     )  # fmt: skip
     sparkplug_max_aliases: int = _setting(
         "INGEST_SPARKPLUG_MAX_ALIASES", 100_000, group=FLOW, shown="100000",

@@ -4,17 +4,22 @@ batch actually inserted into ``points`` and ``text_points``.
 
 Deferred, never in the batch's transaction: the batch's transaction only records the batch. The
   writer takes a number from ``dashboard_batch_seq`` that every row it inserts carries in
-  ``points.batch`` / ``text_points.batch``, and inserts
-  a ``dashboard_pending`` row with the batch's device-time range. :func:`fold` later claims
-  pending batches (``FOR UPDATE SKIP LOCKED``), reads their rows back (BRIN index on ``batch``,
-  partitions pruned by the time range), names their series (one probe of ``series`` per
-  series, not per row), upserts the dashboard tables and deletes the pending rows, all in one
-  transaction: each committed batch is applied once, a rolled-back batch (a rejected row,
-  bisection) never is, and duplicates were never inserted. A :class:`Folder` runs it every
-  ``INGEST_DASHBOARD_INTERVAL`` seconds in the daemon, so dashboards lag by about that much.
-  The write path pays a few percent; the upserts cost one row per (device, metric, minute),
-  (device, metric) and device *per fold*, not per batch (doing them in the batch's own
-  transaction instead cost several times the insert itself: benchmarks/dashboard.py).
+  ``points.batch`` / ``text_points.batch``, and inserts a ``dashboard_pending`` row with the
+  batch's device-time range. A batch copied straight into ``points`` (every row inserted)
+  whose readings are at least two per series and minute on average also writes its
+  aggregates into ``dashboard_staged``: a row per series and UTC minute of numeric readings
+  (count, sum, min, max, the newest reading) and a row per series of text readings (count,
+  the newest), computed by the writer. :func:`fold` later claims pending batches
+  (``FOR UPDATE SKIP LOCKED``), takes the staged rows of those that have them, reads the rows
+  of the others back (BRIN index on ``batch``, partitions pruned by the time range), names
+  their series (one probe of ``series`` per series, not per row), upserts the dashboard tables
+  and deletes the pending and staged rows, all in one transaction: each committed batch is
+  applied once, a rolled-back batch (a rejected row, bisection) never is, and duplicates were
+  never inserted. A :class:`Folder` runs it every ``INGEST_DASHBOARD_INTERVAL`` seconds in the
+  daemon, so dashboards lag by about that much. The write path pays a few percent; the
+  upserts cost one row per (device, metric, minute), (device, metric) and device *per fold*,
+  not per batch (doing them in the batch's own transaction instead cost several times the
+  insert itself: benchmarks/dashboard.py).
 
 The upserts read their input sorted by key, so concurrent writers and folders take
 row locks in one order and never deadlock on them.
@@ -23,7 +28,7 @@ No value can wedge the fold (docs/design.md, "Limits"): the rollups' sums satura
 +/-1.7976931348623157e308 instead of overflowing (values of magnitude 1e290 or more are summed in
 numeric, with the 15 significant digits PostgreSQL keeps of a double). A batch that still cannot
 be folded (a constraint or trigger added by hand rejects its rows) is set aside in
-``dashboard_failed`` and every other batch is folded; see :func:`fold`.
+``dashboard_failed`` (its staged rows kept) and every other batch is folded; see :func:`fold`.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from ingest.model import DashboardStatistics
 from ingest.settings import Settings
 
 __all__ = [
+    "BEGIN_BATCH_SQL",
     "PLANNER_SETTINGS",
     "FoldResult",
     "Folder",
@@ -82,7 +88,7 @@ def _saturating_add(a: str, b: str) -> str:
     )
 
 
-def _apply_sql() -> str:
+def _apply_points_sql() -> str:
     """The statement that folds the claimed batches ($1: their numbers, $2: when each was
     stored; $3..$6: their batch and time ranges, which let the BRIN index on batch and
     partition pruning find their rows in ``points`` and ``text_points`` without a full scan).
@@ -173,6 +179,76 @@ SELECT coalesce((SELECT sum(n) FROM by_series), 0) + (SELECT count(*) FROM batch
 """
 
 
+def _apply_staged_sql() -> str:
+    """The statement that folds claimed batches that staged their aggregates ($1: their
+    numbers, $2: when each was stored) from their rows in ``dashboard_staged``, which it
+    deletes: a row per series and minute of numeric readings (count, sum, min, max, and the
+    newest reading of the minute) and a row per series of text readings (count and the newest),
+    written with each batch (:func:`ingest.flow.writer.store`); their points are not read.
+    Otherwise as :func:`_apply_points_sql`: by series id, names looked up once per series,
+    upserts grouped and sorted by key."""
+    return f"""
+WITH staged AS MATERIALIZED (
+    DELETE FROM dashboard_staged WHERE batch = ANY ($1::bigint[])
+    RETURNING batch, series_id, bucket, n, sum, min, max, last_ts, last_value, last_text
+), by_series AS (
+    SELECT series_id, bucket, sum(n)::integer AS n, {_saturating_sum("sum")} AS sum,
+           min(min) AS min, max(max) AS max
+    FROM staged WHERE bucket IS NOT NULL GROUP BY 1, 2
+), named AS MATERIALIZED (
+    SELECT k.series_id, s.device_id, s.metric
+    FROM (SELECT DISTINCT series_id FROM staged) k
+    CROSS JOIN LATERAL (
+        SELECT device_id, metric FROM series WHERE id = k.series_id LIMIT 1
+    ) s
+), agg AS (
+    SELECT n.device_id, n.metric, a.bucket, a.n, a.sum, a.min, a.max
+    FROM by_series a JOIN named n USING (series_id)
+), rollup AS (
+    INSERT INTO readings_1m AS r (device_id, metric, bucket, n, sum, min, max)
+    SELECT device_id, metric, bucket, n, sum, min, max FROM agg ORDER BY 1, 2, 3
+    ON CONFLICT (device_id, metric, bucket) DO UPDATE
+    SET n = r.n + excluded.n, sum = {_saturating_add("r.sum", "excluded.sum")},
+        min = least(r.min, excluded.min), max = greatest(r.max, excluded.max)
+), fleet AS (
+    INSERT INTO readings_fleet_1m AS f (metric, bucket, n, sum, min, max)
+    SELECT metric, bucket, sum(n), {_saturating_sum("sum")}, min(min), max(max)
+    FROM agg GROUP BY 1, 2 ORDER BY 2, 1
+    ON CONFLICT (bucket, metric) DO UPDATE
+    SET n = f.n + excluded.n, sum = {_saturating_add("f.sum", "excluded.sum")},
+        min = least(f.min, excluded.min), max = greatest(f.max, excluded.max)
+), latest AS (
+    INSERT INTO latest_readings AS l (device_id, metric, ts, value)
+    SELECT DISTINCT ON (n.device_id, n.metric) n.device_id, n.metric, t.last_ts, t.last_value
+    FROM staged t JOIN named n USING (series_id)
+    WHERE t.bucket IS NOT NULL
+    ORDER BY n.device_id, n.metric, t.last_ts DESC
+    ON CONFLICT (device_id, metric) DO UPDATE SET ts = excluded.ts, value = excluded.value
+    -- by device timestamp: a late or redelivered sample never replaces a newer one
+    WHERE excluded.ts > l.ts
+), latest_texts AS (
+    INSERT INTO latest_text AS l (device_id, metric, ts, value)
+    SELECT DISTINCT ON (n.device_id, n.metric) n.device_id, n.metric, t.last_ts, t.last_text
+    FROM staged t JOIN named n USING (series_id)
+    WHERE t.bucket IS NULL
+    ORDER BY n.device_id, n.metric, t.last_ts DESC
+    ON CONFLICT (device_id, metric) DO UPDATE SET ts = excluded.ts, value = excluded.value
+    WHERE excluded.ts > l.ts
+), seen AS (
+    INSERT INTO devices AS d (device_id, first_seen, last_seen, last_ts)
+    SELECT n.device_id, min(p.stored_at), max(p.stored_at), max(x.last_ts)
+    FROM staged x
+    JOIN unnest($1::bigint[], $2::timestamptz[]) AS p (batch, stored_at) USING (batch)
+    JOIN named n USING (series_id)
+    GROUP BY n.device_id ORDER BY n.device_id
+    ON CONFLICT (device_id) DO UPDATE
+    SET last_seen = greatest(d.last_seen, excluded.last_seen),
+        last_ts = greatest(d.last_ts, excluded.last_ts)
+)
+SELECT coalesce((SELECT sum(n) FROM staged), 0)
+"""
+
+
 #: Run by the writer in a batch transaction before its rows: $1, $2 = the least and greatest
 #: device timestamps of the batch; returns the batch number, which the writer sends in every
 #: row it copies. ``set_config(..., true)`` (until commit) gives it to the column default of
@@ -217,7 +293,10 @@ _SET_ASIDE_SQL = """
 # it expensive.
 PENDING_COUNT_LIMIT: Final = 1_000_000
 _PENDING_SQL = f"SELECT count(*) FROM (SELECT FROM dashboard_pending LIMIT {PENDING_COUNT_LIMIT}) p"
-_APPLY_SQL = _apply_sql()
+_APPLY_POINTS_SQL = _apply_points_sql()
+_APPLY_STAGED_SQL = _apply_staged_sql()
+# Which of the claimed batches handed over their aggregates (the others are read back).
+_STAGED_SQL = "SELECT DISTINCT batch FROM dashboard_staged WHERE batch = ANY ($1::bigint[])"
 #: For the fold's statement (:func:`_apply_sql`), scoped to its transaction.
 PLANNER_SETTINGS: Final = "SET LOCAL enable_nestloop = off; SET LOCAL enable_mergejoin = off"
 # Scoped to the fold's transaction: sorts of a fold's rows stay in memory, and the planner,
@@ -288,15 +367,27 @@ async def _fold_claimed(
         batches = [r["batch"] for r in rows]
         claimed.extend(batches)
         await conn.execute(_FOLD_SETTINGS)
-        count = await conn.fetchval(
-            _APPLY_SQL,
-            batches,
-            [r["stored_at"] for r in rows],
-            min(batches),
-            max(batches),
-            min(r["min_ts"] for r in rows),
-            max(r["max_ts"] for r in rows),
-        )
+        staged = {r["batch"] for r in await conn.fetch(_STAGED_SQL, batches)}
+        # Two statements, each made for its kind of batch, in one transaction: a key both
+        # touch is upserted by the first, then updated by the second.
+        count = 0
+        points = [r for r in rows if r["batch"] not in staged]
+        if points:
+            count += await conn.fetchval(
+                _APPLY_POINTS_SQL,
+                [r["batch"] for r in points],
+                [r["stored_at"] for r in points],
+                min(r["batch"] for r in points),
+                max(r["batch"] for r in points),
+                min(r["min_ts"] for r in points),
+                max(r["max_ts"] for r in points),
+            )
+        if staged:
+            count += await conn.fetchval(
+                _APPLY_STAGED_SQL,
+                [r["batch"] for r in rows if r["batch"] in staged],
+                [r["stored_at"] for r in rows if r["batch"] in staged],
+            )
     return FoldResult(batches=len(batches), rows=int(count))
 
 

@@ -195,7 +195,8 @@ _PRUNE_DEVICES = """
     SELECT count(*) FROM gone
 """
 _PRUNE_SET_ASIDE = """
-    WITH gone AS (DELETE FROM dashboard_failed WHERE max_ts < $1 RETURNING 1)
+    WITH gone AS (DELETE FROM dashboard_failed WHERE max_ts < $1 RETURNING batch),
+    staged AS (DELETE FROM dashboard_staged s USING gone WHERE s.batch = gone.batch)
     SELECT count(*) FROM gone
 """
 

@@ -46,6 +46,7 @@ _WRITER_TABLES: Final = (
     "dashboard_pending",
     "dashboard_failed",
     "sparkplug_births",
+    "dashboard_staged",
 )
 _WRITER_READS: Final = ("schema_migrations",)
 # Series are created and given units, never deleted by the daemon; sessions are recorded,

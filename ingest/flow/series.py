@@ -1,17 +1,21 @@
 """Series ids and device updates for the writer (docs/design.md, "Database").
 
 :class:`SeriesCache` maps ``(device_id, metric)`` to the integer id of its ``series`` row, so
-that a batch is written as narrow ``(series_id, ts, value)`` rows. It holds one small dict of
-metric -> id per device (metric names interned: a fleet repeats a handful of them), bounded by
-``INGEST_SERIES_CACHE_SIZE`` entries; when full, the devices cached longest ago are dropped
-whole (counted in :attr:`SeriesCache.evicted`) and looked up again when they next send.
+that a batch is written as narrow ``(series_id, ts, value)`` rows. Per device it holds a small
+dict of metric -> id (metric names interned: a fleet repeats a handful of them), except for a
+device of one series so far, which holds a single int instead: the id and a code of the metric
+name packed together (a dict of one entry cost 184 bytes, two thirds of such a series). Measured
+(benchmarks/series_cache.py, device strings included): about 120 bytes a series for devices of
+one metric and 90 for devices of five. Bounded by ``INGEST_SERIES_CACHE_SIZE`` series; when
+full, the devices cached longest ago are dropped whole (their series counted in
+:attr:`SeriesCache.evicted`) and looked up again when they next send.
 
-:func:`resolve` finds the ids of a batch: from the cache, else from ``series``, else it creates
-the missing series in bulk (``INSERT ... ON CONFLICT DO NOTHING`` in key order, so workers racing
-on the same new series take their locks in one order and never deadlock) and reads them back.
-This runs in its own short transactions, before the batch's: a series, once cached, is
-committed, so a rolled-back batch never leaves the cache pointing at nothing. A series whose
-message is then rejected stays, with no points (harmless).
+:func:`resolve` finds the ids of a batch, one per row in row order: from the cache, else from
+``series``, else it creates the missing series in bulk (``INSERT ... ON CONFLICT DO NOTHING`` in
+key order, so workers racing on the same new series take their locks in one order and never
+deadlock) and reads them back. This runs in its own short transactions, before the batch's: a
+series, once cached, is committed, so a rolled-back batch never leaves the cache pointing at
+nothing. A series whose message is then rejected stays, with no points (harmless).
 
 :class:`DeviceMemory` remembers, bounded likewise, what the writer last stored of each device's
 tags, status and units, so a fleet whose every message repeats its tags costs nothing per
@@ -25,15 +29,19 @@ import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Protocol
+from types import MappingProxyType
+from typing import Any, Final, Protocol
 
 from ingest.flow.births import Birth, newest_births, store_births
 from ingest.model import DeviceUpdate
 
 __all__ = ["DeviceMemory", "DevicePlan", "SeriesCache", "apply_plan", "resolve"]
 
-#: Ids of one batch: device -> metric -> series id.
-SeriesIds = dict[str, dict[str, int]]
+# A device of one series is cached as (series id << _CODE_BITS) | the code of its metric name;
+# past _CODE_BITS distinct names such devices get a dict, as the others.
+_CODE_BITS: Final = 16
+_CODE_MASK: Final = (1 << _CODE_BITS) - 1
+_NOTHING: Final[Mapping[str, int]] = MappingProxyType({})
 
 
 class _Conn(Protocol):
@@ -48,53 +56,90 @@ class SeriesCache:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity!r}")
         self._capacity = capacity
-        self._devices: dict[str, dict[str, int]] = {}
+        # device -> {metric: id}, or an int for a device of one series (_CODE_BITS)
+        self._devices: dict[str, dict[str, int] | int] = {}
+        self._codes: dict[str, int] = {}  # metric name -> its code, and back
+        self._names: list[str] = []
         self._size = 0
+        #: Series dropped to make room.
         self.evicted = 0
 
     def __len__(self) -> int:
         return self._size
 
-    def device(self, device_id: str) -> dict[str, int] | None:
-        return self._devices.get(device_id)
+    def get(self, device_id: str, metric: str) -> int | None:
+        ids, _ = self.lookup([(device_id, metric)])
+        return ids[0] or None
 
     def add(self, device_id: str, metric: str, series_id: int) -> None:
-        metrics = self._devices.get(device_id)
-        if metrics is None:
+        metric = sys.intern(metric)
+        entry = self._devices.get(device_id)
+        if entry is None:
             while self._size >= self._capacity and self._devices:
                 self._evict_oldest()
-            metrics = self._devices[device_id] = {}
-        if metric not in metrics:
+            code = self._code(metric)
+            self._devices[device_id] = (
+                {metric: series_id} if code is None else series_id << _CODE_BITS | code
+            )
             self._size += 1
-        metrics[sys.intern(metric)] = series_id
+            return
+        if isinstance(entry, int):
+            name = self._names[entry & _CODE_MASK]
+            if name == metric:
+                self._devices[device_id] = series_id << _CODE_BITS | entry & _CODE_MASK
+                return
+            entry = self._devices[device_id] = {name: entry >> _CODE_BITS}
+        if metric not in entry:
+            self._size += 1
+        entry[metric] = series_id
+
+    def lookup(self, keys: Iterable[Sequence[Any]]) -> tuple[list[int], list[int]]:
+        """The ids of ``keys`` (rows whose first two fields are device_id and metric), one per
+        row, and the positions of those the cache lacks (0 there). The writer's hot path, once
+        per reading: the device is looked up once per run of rows of one device (a message),
+        then a probe of its small dict or a comparison; no object made per row."""
+        ids: list[int] = []
+        holes: list[int] = []
+        append = ids.append
+        devices = self._devices
+        last: str | None = None
+        metrics: Mapping[str, int] = _NOTHING
+        only: str | None = None  # the metric of a device of one series
+        only_id = 0
+        for row in keys:
+            device_id = row[0]
+            if device_id is not last:
+                last = device_id
+                entry = devices.get(device_id, _NOTHING)
+                if isinstance(entry, int):
+                    only, only_id = self._names[entry & _CODE_MASK], entry >> _CODE_BITS
+                else:
+                    only, metrics = None, entry
+            if only is None:
+                try:
+                    append(metrics[row[1]])
+                    continue
+                except KeyError:
+                    pass
+            elif row[1] == only:
+                append(only_id)
+                continue
+            holes.append(len(ids))
+            append(0)
+        return ids, holes
+
+    def _code(self, metric: str) -> int | None:
+        code = self._codes.get(metric)
+        if code is None and len(self._names) <= _CODE_MASK:
+            code = self._codes[metric] = len(self._names)
+            self._names.append(metric)
+        return code
 
     def _evict_oldest(self) -> None:
-        oldest = next(iter(self._devices))
-        self._size -= len(self._devices.pop(oldest))
-        self.evicted += 1
-
-
-def missing_keys(
-    cache: SeriesCache, keys: Iterable[Sequence[Any]], found: SeriesIds
-) -> set[tuple[str, str]]:
-    """The (device_id, metric) of ``keys`` (rows whose first two fields are those) that the
-    cache does not hold; ``found`` gets the cached metric dicts of the devices seen (or a new
-    dict for a device not cached). Once per row on the hot path: no tuple made per row."""
-    missing: set[tuple[str, str]] = set()
-    last: str | None = None
-    metrics: dict[str, int] = {}
-    for row in keys:
-        device_id = row[0]
-        metric = row[1]
-        if device_id is not last:
-            last = device_id
-            known = found.get(device_id)
-            if known is None:
-                known = found[device_id] = cache.device(device_id) or {}
-            metrics = known
-        if metric not in metrics:
-            missing.add((device_id, metric))
-    return missing
+        entry = self._devices.pop(next(iter(self._devices)))
+        dropped = 1 if isinstance(entry, int) else len(entry)
+        self._size -= dropped
+        self.evicted += dropped
 
 
 _SELECT_SERIES_SQL = """
@@ -113,36 +158,40 @@ _CREATE_SERIES_SQL = """
 
 
 async def resolve(
-    conn: _Conn, cache: SeriesCache, keys: Iterable[Sequence[Any]]
-) -> tuple[SeriesIds, int]:
+    conn: _Conn, cache: SeriesCache, keys: Sequence[Sequence[Any]]
+) -> tuple[list[int], int]:
     """The series ids of ``keys`` (rows whose first two fields are device_id and metric: readings,
-    text readings, (device_id, metric) pairs) and how many series were created.
-    Outside any transaction of the caller's: each statement commits on its own."""
-    found: SeriesIds = {}
-    missing = missing_keys(cache, keys, found)
-    if not missing:
-        return found, 0
+    text readings, (device_id, metric) pairs), one per row in row order, and how many series
+    were created. Outside any transaction of the caller's: each statement commits on its own."""
+    ids, holes = cache.lookup(keys)
+    if not holes:
+        return ids, 0
+    missing = {(keys[i][0], keys[i][1]) for i in holes}
     for device_id, metric in missing:
         # UnicodeEncodeError for a name PostgreSQL cannot hold (a lone surrogate), as the COPY
         # encoder raises it: the message becomes a dead letter that says so.
         device_id.encode()
         metric.encode()
+    found: dict[tuple[str, str], int] = {}
     created = 0
     for attempt in range(2):
-        devices, metrics = zip(*sorted(missing), strict=True)
+        devices, metrics = zip(*sorted(missing.difference(found)), strict=True)
         if attempt:
             status = await conn.execute(_CREATE_SERIES_SQL, list(devices), list(metrics))
             created = int(status.rsplit(" ", 1)[-1])
         for row in await conn.fetch(_SELECT_SERIES_SQL, list(devices), list(metrics)):
-            key = (row["device_id"], row["metric"])
-            cache.add(key[0], key[1], row["id"])
-            found[key[0]][key[1]] = row["id"]
-            missing.discard(key)
-        if not missing:
+            found[row["device_id"], row["metric"]] = row["id"]
+        if len(found) == len(missing):
             break
-    if missing:  # a series deleted by hand between the insert and the select
-        raise LookupError(f"series of {sorted(missing)[:3]} vanished while being created")
-    return found, created
+    if len(found) < len(missing):  # a series deleted by hand between the insert and the select
+        raise LookupError(f"series of {sorted(missing.difference(found))[:3]} vanished")
+    # The batch's own strings go into the cache: the readings of a message share one device
+    # string, and so do its series there.
+    for key in missing:
+        cache.add(key[0], key[1], found[key])
+    for i in holes:
+        ids[i] = found[keys[i][0], keys[i][1]]
+    return ids, created
 
 
 @dataclass(slots=True)
@@ -249,9 +298,9 @@ _UNITS_SQL = """
 """
 
 
-async def apply_plan(conn: _Conn, plan: DevicePlan, ids: Mapping[str, Mapping[str, int]]) -> None:
+async def apply_plan(conn: _Conn, plan: DevicePlan, ids: Mapping[tuple[str, str], int]) -> None:
     """Store ``plan`` in the caller's (the batch's) transaction; ``ids`` holds the series of
-    its units."""
+    its units by (device_id, metric)."""
     if plan.devices:
         await conn.execute(
             _DEVICES_SQL,
@@ -261,7 +310,7 @@ async def apply_plan(conn: _Conn, plan: DevicePlan, ids: Mapping[str, Mapping[st
             [a for _, _, _, a in plan.devices],
         )
     if plan.units:
-        pairs = sorted((ids[d][m], u) for d, m, u in plan.units)
+        pairs = sorted((ids[d, m], u) for d, m, u in plan.units)
         await conn.execute(_UNITS_SQL, [i for i, _ in pairs], [u for _, u in pairs])
     if plan.births:
         await store_births(conn, plan.births)

@@ -20,9 +20,12 @@ Contract of :meth:`Writer.write`:
 - Dashboard tables (``devices``, ``latest_readings``, ``latest_text``, ``readings_1m``,
   ``readings_fleet_1m``)
   come from the rows a batch actually inserted, exactly once (:mod:`ingest.db.dashboard`):
-  the batch's transaction only tags its rows with a batch number and records the batch, one
-  small statement; the dashboard tables are folded from it shortly after. A rolled-back batch
-  (a rejected row, bisection) leaves nothing behind.
+  the batch's transaction tags its rows with a batch number and records the batch; a batch
+  copied on the fast path (every row inserted) whose readings are at least two per series and
+  minute on average also hands over its aggregates per series and minute
+  (``dashboard_staged``, computed here in the pass that encodes the COPY data), which the fold
+  then reads instead of its points. The dashboard tables are folded shortly after. A
+  rolled-back batch (a rejected row, bisection) leaves nothing behind.
 - Errors are sorted by :func:`ingest.flow.classify.classify`:
 
   - TRANSIENT: the batch is retried forever with capped jittered backoff; the caller's bounded
@@ -54,10 +57,9 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
-from itertools import chain
 from operator import itemgetter
 from types import TracebackType
 from typing import TYPE_CHECKING, Self, TypeAlias, TypeVar
@@ -70,26 +72,41 @@ from ingest.db.dashboard import BEGIN_BATCH_SQL
 from ingest.errors import ConfigError, DecodeError, FatalError
 from ingest.flow.births import Birth, load_births
 from ingest.flow.classify import ErrorClass, classify, sqlstate_of
-from ingest.flow.pgcopy import POINT_COLUMNS, encode_points, encode_texts
+from ingest.flow.pgcopy import (
+    POINT_COLUMNS,
+    STAGED_COLUMNS,
+    encode_points,
+    encode_staged,
+    encode_texts,
+    holds_huge,
+)
 from ingest.flow.series import (
     DeviceMemory,
     DevicePlan,
     SeriesCache,
-    SeriesIds,
     apply_plan,
     resolve,
     unit_keys,
 )
-from ingest.model import DeadLetter, DeviceUpdate, Envelope, Reading, TextReading, WriterStatistics
+from ingest.model import (
+    DeadLetter,
+    Decoded,
+    DeviceUpdate,
+    Envelope,
+    Reading,
+    TextReading,
+    WriterStatistics,
+)
 
-__all__ = ["WriteResult", "Writer"]
+__all__ = ["Batch", "WriteResult", "Writer", "batch_series", "store"]
 
 _T = TypeVar("_T")
 if TYPE_CHECKING:
     from asyncpg.pool import PoolConnectionProxy
 
     # Generic only in the stubs; at run time the annotations below stay strings.
-    _Conn: TypeAlias = PoolConnectionProxy[asyncpg.Record]
+    # A pool's connection (the daemon), or one of its own (ingest replay).
+    _Conn: TypeAlias = PoolConnectionProxy[asyncpg.Record] | asyncpg.Connection[asyncpg.Record]
 
 REJECTED_BY_DATABASE = "rejected_by_database"
 #: Attempts a single message gets, alone, to be written within ``write_timeout`` while the
@@ -145,13 +162,27 @@ class _TooSlow(Exception):
 
 
 @dataclass(frozen=True, slots=True)
-class _Batch:
+class Batch:
     """What one transaction stores: numeric and text readings, device updates, dead letters."""
 
     rows: Sequence[Reading]
     texts: Sequence[TextReading]
     updates: Sequence[DeviceUpdate]
-    dead: Sequence[DeadLetter]
+    dead: Sequence[DeadLetter] = ()
+
+    @classmethod
+    def of(cls, messages: Iterable[Decoded], dead: Sequence[DeadLetter] = ()) -> Batch:
+        rows: list[Reading] = []
+        texts: list[TextReading] = []
+        updates: list[DeviceUpdate] = []
+        for decoded in messages:
+            rows.extend(decoded.readings)
+            texts.extend(decoded.texts)
+            updates.extend(decoded.updates)
+        return cls(rows, texts, updates, dead)
+
+    def __bool__(self) -> bool:
+        return bool(self.rows or self.texts or self.updates or self.dead)
 
 
 @dataclass(frozen=True, slots=True)
@@ -487,10 +518,8 @@ class Writer:
     async def _write_segment(
         self, segment: Sequence[Envelope], extra_dead: Sequence[DeadLetter], tally: _Tally
     ) -> None:
-        rows: list[Reading] = []
-        texts: list[TextReading] = []
-        updates: list[DeviceUpdate] = []
         dead: list[DeadLetter] = list(extra_dead)
+        decoded: list[Decoded] = []
         for envelope in segment:
             result = envelope.result
             if isinstance(result, DecodeError):
@@ -505,11 +534,9 @@ class Writer:
                     )
                 )
             else:
-                rows.extend(result.readings)
-                texts.extend(result.texts)
-                updates.extend(result.updates)
-        batch = _Batch(rows, texts, updates, dead)
-        if not (rows or texts or updates or dead):
+                decoded.append(result)
+        batch = Batch.of(decoded, dead)
+        if not batch:
             return
 
         async def attempt() -> int:
@@ -518,7 +545,7 @@ class Writer:
         inserted = await self._retrying(attempt, what="database write", tally=tally)
         self._last_commit = time.monotonic()
         tally.inserted += inserted
-        tally.duplicates += len(rows) + len(texts) - inserted
+        tally.duplicates += len(batch.rows) + len(batch.texts) - inserted
         tally.dead.update(d.reason for d in dead)
 
     async def _retrying(
@@ -555,14 +582,13 @@ class Writer:
 
     # -- one attempt on one connection ---------------------------------------------------------
 
-    async def _attempt(self, batch: _Batch, tally: _Tally) -> int:
+    async def _attempt(self, batch: Batch, tally: _Tally) -> int:
         async with self._connection() as conn:
             pid = conn.get_server_pid()
             try:
                 async with asyncio.timeout(self._write_timeout):
                     # Committed before the batch's transaction starts: see ingest.flow.series.
-                    keys = chain(batch.rows, batch.texts, unit_keys(batch.updates))
-                    ids, created = await resolve(conn, self._series, keys)
+                    ids, created = await batch_series(conn, self._series, batch)
                     self._series_created += created
                     plan = self._device_memory.plan(batch.updates)
                     inserted = await self._first_try(conn, batch, ids, plan, tally)
@@ -576,7 +602,7 @@ class Writer:
                 ) from exc
 
     async def _first_try(
-        self, conn: _Conn, batch: _Batch, ids: SeriesIds, plan: DevicePlan, tally: _Tally
+        self, conn: _Conn, batch: Batch, ids: list[int], plan: DevicePlan, tally: _Tally
     ) -> int:
         """The fast path (COPY straight into the tables), then, if the batch holds keys stored
         already, the conflict-safe one."""
@@ -591,8 +617,8 @@ class Writer:
     async def _transaction(
         self,
         conn: _Conn,
-        batch: _Batch,
-        ids: SeriesIds,
+        batch: Batch,
+        ids: list[int],
         plan: DevicePlan,
         *,
         conflict_safe: bool,
@@ -600,7 +626,7 @@ class Writer:
         transaction = conn.transaction()
         await transaction.start()
         try:
-            inserted = await self._store(conn, batch, ids, plan, conflict_safe=conflict_safe)
+            inserted = await store(conn, batch, ids, plan, conflict_safe=conflict_safe)
         except Exception as exc:
             # Refused data leaves a healthy connection: roll back and keep it. Anything else
             # (lost connection, timeout, cancellation) leaves it in an unknown state, and a
@@ -609,42 +635,6 @@ class Writer:
                 await transaction.rollback()
             raise
         await transaction.commit()
-        return inserted
-
-    async def _store(
-        self,
-        conn: _Conn,
-        batch: _Batch,
-        ids: SeriesIds,
-        plan: DevicePlan,
-        *,
-        conflict_safe: bool,
-    ) -> int:
-        """All the SQL that stores a batch, inside the caller's transaction.
-
-        Returns how many of its numeric and text readings were inserted (the rest were
-        duplicates). Anything else that must change with the batch, in the same transaction
-        (its record for the dashboard fold, its device updates), belongs here.
-        """
-        inserted = 0
-        if batch.rows or batch.texts:
-            # Tags the rows below with a new batch, recorded for ingest.db.dashboard.fold.
-            stamps = [*map(_TS, batch.rows), *map(_TS, batch.texts)]
-            number = int(await conn.fetchval(BEGIN_BATCH_SQL, min(stamps), max(stamps)))
-            if conflict_safe:
-                await conn.execute(_CREATE_STAGING)
-            for table, data in (
-                ("points", encode_points(batch.rows, ids, number) if batch.rows else None),
-                ("text_points", encode_texts(batch.texts, ids, number) if batch.texts else None),
-            ):
-                if data is not None:
-                    inserted += await _copy(conn, table, data, conflict_safe=conflict_safe)
-        if plan:
-            await apply_plan(conn, plan, ids)
-        if batch.dead:
-            await conn.copy_records_to_table(
-                "dead_letters", records=batch.dead, columns=_DEAD_LETTER_COLUMNS
-            )
         return inserted
 
     async def _database_answers(self, pid: int) -> bool:
@@ -713,6 +703,76 @@ class Writer:
         if self._pool is None:
             raise RuntimeError("Writer is not open: use it as `async with Writer(...)`")
         return self._pool
+
+
+async def batch_series(conn: _Conn, cache: SeriesCache, batch: Batch) -> tuple[list[int], int]:
+    """The series ids of ``batch`` for :func:`store` (the readings', the texts', then the
+    units', in order) and how many series were created, committed outside any transaction
+    (:func:`ingest.flow.series.resolve`)."""
+    keys: list[Sequence[object]] = [*batch.rows, *batch.texts, *unit_keys(batch.updates)]
+    return await resolve(conn, cache, keys)
+
+
+async def store(
+    conn: _Conn,
+    batch: Batch,
+    ids: list[int],
+    plan: DevicePlan,
+    *,
+    conflict_safe: bool,
+) -> int:
+    """All the SQL that stores a batch, inside the caller's transaction: ``ids`` from
+    :func:`batch_series` (before that transaction), ``plan`` what its device updates change.
+    Conflict-safe or not: see the module docstring (fast path). ``ingest replay`` stores
+    through this too.
+
+    Returns how many of its numeric and text readings were inserted (the rest were
+    duplicates). Anything else that must change with the batch, in the same transaction
+    (its record for the dashboard fold, its device updates), belongs here.
+    """
+    inserted = 0
+    # ids: the readings', the texts', then the units' (batch_series)
+    units_at = len(batch.rows) + len(batch.texts)
+    if units_at:
+        inserted = await _store_readings(conn, batch, ids, conflict_safe=conflict_safe)
+    if plan:
+        units = unit_keys(batch.updates)
+        await apply_plan(conn, plan, dict(zip(units, ids[units_at:], strict=True)))
+    if batch.dead:
+        await conn.copy_records_to_table(
+            "dead_letters", records=batch.dead, columns=_DEAD_LETTER_COLUMNS
+        )
+    return inserted
+
+
+async def _store_readings(conn: _Conn, batch: Batch, ids: list[int], *, conflict_safe: bool) -> int:
+    """The readings and texts of ``batch``, its ``dashboard_pending`` row and, when they pay,
+    its staged aggregates (module docstring); the rows inserted."""
+    # Tags the rows below with a new batch, recorded for ingest.db.dashboard.fold.
+    stamps = [*map(_TS, batch.rows), *map(_TS, batch.texts)]
+    number = int(await conn.fetchval(BEGIN_BATCH_SQL, min(stamps), max(stamps)))
+    texts_at = len(batch.rows)
+    points, rollups = encode_points(batch.rows, ids[:texts_at], number)
+    texts, text_rollups = encode_texts(
+        batch.texts, ids[texts_at : texts_at + len(batch.texts)], number
+    )
+    tables = [("points", points, batch.rows), ("text_points", texts, batch.texts)]
+    if conflict_safe:
+        await conn.execute(_CREATE_STAGING)
+    inserted = 0
+    for table, data, rows in tables:
+        if rows:
+            inserted += await _copy(conn, table, data, conflict_safe=conflict_safe)
+    # Every row was inserted (or the COPY failed): the aggregates computed here are those of
+    # the rows stored. Handed over only where they are fewer than the points (the fold then
+    # reads them instead), and never for values the fold sums in numeric.
+    aggregates = len(rollups) + len(text_rollups)
+    if not conflict_safe and aggregates <= inserted // 2 and not holds_huge(rollups):
+        staged = encode_staged(number, rollups, text_rollups)
+        await conn.copy_to_table(
+            "dashboard_staged", source=_one_chunk(staged), columns=STAGED_COLUMNS, format="binary"
+        )
+    return inserted
 
 
 def _unreadable_tls_file(dsn: str | None) -> str | None:

@@ -163,7 +163,8 @@ def _messages(f: _Families, s: Snapshot) -> Iterator[Metric]:
     )
     yield f.counter(
         "ingest_series_cache_evictions",
-        "Devices dropped from the full series cache (looked up again when they next send).",
+        "Series dropped from the full series cache, whole devices at a time (looked up again "
+        "when they next send).",
         s.writer.series_evicted,
     )
     yield f.counter(

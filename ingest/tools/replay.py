@@ -1,14 +1,19 @@
-"""``ingest replay``: re-decode dead letters and move those that decode now into ``readings``.
+"""``ingest replay``: re-decode dead letters and store those that decode now, as the daemon would.
 
-After a decoder fix or a topic template change (``INGEST_TOPIC``), dead letters are decoded
-again, oldest first (by id), in batches. Per batch, one transaction:
+After a decoder fix or a route change, dead letters are decoded again, oldest first (by id), in
+batches, and those that decode now are written through the daemon's writer code
+(:func:`ingest.flow.writer.store`): their numeric readings into ``points``, text readings into
+``text_points``, their tags, status and units on ``devices`` and ``series``, and a dashboard
+batch, so the dashboard tables see them after the next fold. Per batch:
 
-1. ``DELETE FROM dead_letters WHERE id = ANY(...) RETURNING id`` for the ones that decode now:
-   only the rows this transaction deleted go on (a concurrent replay that got there first
-   holds the row lock, and this one then sees nothing to move);
-2. the series of their readings created when new, then ``INSERT INTO points ... ON CONFLICT
-   (series_id, ts) DO NOTHING``: readings already stored stay as they are (the first write
-   wins) and are counted as already present.
+1. the series of every candidate's readings, texts and units are found or created first
+   (:func:`ingest.flow.writer.batch_series`, committed on their own, as the writer does: a
+   series never points at a rolled-back row);
+2. one transaction: ``DELETE FROM dead_letters WHERE id = ANY(...) RETURNING id`` for the ones
+   that decode now, and only the messages of the rows this transaction deleted are stored (a
+   concurrent replay that got there first holds the row lock, and this one then sees nothing to
+   move), conflict-safe (``ON CONFLICT (series_id, ts) DO NOTHING``): readings already stored
+   stay as they are (the first write wins) and are counted as already present.
 
 Dead letters that still fail to decode are never touched (error text and reason kept). When
 the database rejects a batch's rows (SQLSTATE class 22/23/54, ``ingest.flow.classify`` ROW), that
@@ -20,11 +25,6 @@ already stored; what the database would still reject is only found by a real run
 
 Sparkplug: the births stored in ``sparkplug_births`` (``ingest.flow.births``) are decoded
 first, so an ``unknown_alias`` dead letter decodes by the tables of its node's newest birth.
-
-Known limits: readings are inserted with plain SQL, not through the daemon's writer, so
-anything the writer maintains alongside ``points`` in its own transaction (the dashboard
-batch, device tags and status) is not updated by a replay; text readings of a replayed message
-are not moved (only numeric ones).
 """
 
 from __future__ import annotations
@@ -45,9 +45,11 @@ import asyncpg
 from ingest.errors import ConfigError, DecodeError
 from ingest.flow.births import restore_births
 from ingest.flow.classify import ErrorClass, classify
+from ingest.flow.series import DeviceMemory, SeriesCache
+from ingest.flow.writer import Batch, batch_series, store
 from ingest.formats.decode import RouteTable, decode, load_routes
 from ingest.formats.limits import DEFAULT_LIMITS, Limits
-from ingest.model import Reading
+from ingest.model import Decoded, Reading, TextReading
 from ingest.settings import Settings
 from ingest.tools.audit import parse_time
 from ingest.tools.audit.output import visible
@@ -65,26 +67,12 @@ GONE: Final = "gone (moved by another replay)"
 #: Rejections whose database message is kept for the summary.
 _KEEP_ERRORS: Final = 5
 
-# The series of the readings first (in key order, as the daemon's writer creates them:
-# ingest.flow.series), then the points, the first write winning.
-_SERIES_SQL = """
-    INSERT INTO series (device_id, metric)
-    SELECT DISTINCT device_id, metric FROM unnest($1::text[], $2::text[]) AS k (device_id, metric)
-    ORDER BY 1, 2
-    ON CONFLICT (device_id, metric) DO NOTHING
-"""
-_INSERT_SQL = """
-    INSERT INTO points (series_id, ts, value)
-    SELECT s.id, u.ts, u.value
-    FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::float8[])
-        AS u (device_id, metric, ts, value)
-    JOIN series s ON s.device_id = u.device_id AND s.metric = u.metric
-    ON CONFLICT (series_id, ts) DO NOTHING
-"""
+#: Series ids a replay keeps in memory (ingest.flow.series.SeriesCache).
+_SERIES_CACHE: Final = 100_000
 _DELETE_SQL = "DELETE FROM dead_letters WHERE id = ANY($1::bigint[]) RETURNING id"
 _PRESENT_SQL = """
     SELECT count(*) FROM unnest($1::text[], $2::text[], $3::timestamptz[]) AS u(device_id, metric, ts)
-    JOIN readings r USING (device_id, metric, ts)
+    JOIN {view} r USING (device_id, metric, ts)
 """
 
 
@@ -93,7 +81,7 @@ class _Candidate(NamedTuple):
 
     id: int
     reason: str
-    readings: list[Reading]
+    decoded: Decoded
 
 
 @dataclass(slots=True)
@@ -154,27 +142,30 @@ class ReplaySummary:
         return "\n".join(visible(line) for line in lines)
 
 
-def _columns(readings: Sequence[Reading]) -> tuple[list[str], list[str], list[datetime]]:
+def _columns(
+    readings: Sequence[Reading | TextReading],
+) -> tuple[list[str], list[str], list[datetime]]:
     return [r.device_id for r in readings], [r.metric for r in readings], [r.ts for r in readings]
 
 
 async def _move(
-    conn: asyncpg.Connection[asyncpg.Record], batch: Sequence[_Candidate]
+    conn: asyncpg.Connection[asyncpg.Record], cache: SeriesCache, batch: Sequence[_Candidate]
 ) -> tuple[set[int], int, int]:
-    """One transaction: delete the dead letters, insert their readings. Returns (ids of the
-    dead letters moved, readings inserted, readings already present)."""
+    """Delete the dead letters and store their messages, in one transaction, as the daemon's
+    writer stores a batch (module docstring). Returns (ids of the dead letters moved, readings
+    inserted, readings already present), text readings counted as readings."""
+    # Committed before the transaction, as the writer does (ingest.flow.series).
+    await batch_series(conn, cache, Batch.of(c.decoded for c in batch))
     async with conn.transaction():
         deleted = {r["id"] for r in await conn.fetch(_DELETE_SQL, [c.id for c in batch])}
-        readings = [r for c in batch if c.id in deleted for r in c.readings]
-        inserted = 0
-        if readings:
-            devices, metrics, stamps = _columns(readings)
-            await conn.execute(_SERIES_SQL, devices, metrics)
-            status = await conn.execute(
-                _INSERT_SQL, devices, metrics, stamps, [r.value for r in readings]
-            )
-            inserted = int(status.rsplit(" ", 1)[-1])  # "INSERT 0 n"
-    return deleted, inserted, len(readings) - inserted
+        moving = Batch.of(c.decoded for c in batch if c.id in deleted)
+        if not moving:
+            return deleted, 0, 0
+        ids, _ = await batch_series(conn, cache, moving)  # the cache has them now
+        # A memory of its own: every tag, status and unit of the messages is written.
+        plan = DeviceMemory(1).plan(moving.updates)
+        inserted = await store(conn, moving, ids, plan, conflict_safe=True)
+    return deleted, inserted, len(moving.rows) + len(moving.texts) - inserted
 
 
 async def replay(
@@ -194,7 +185,8 @@ async def replay(
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
     summary = ReplaySummary(dry_run=dry_run)
-    seen_keys: set[tuple[str, str, datetime]] = set()  # dry run: readings counted already
+    seen_keys: set[tuple[str, str, str, datetime]] = set()  # dry run: readings counted already
+    cache = SeriesCache(_SERIES_CACHE)
     conn = await asyncpg.connect(dsn, timeout=connect_timeout)
     try:
         await restore_births(conn, routes, limits)  # Sparkplug: data by alias decodes
@@ -212,7 +204,7 @@ async def replay(
                 if dry_run:
                     await _dry_run(conn, candidates, summary, seen_keys)
                 else:
-                    await _move_batch(conn, candidates, summary)
+                    await _move_batch(conn, cache, candidates, summary)
             if on_batch is not None:
                 on_batch(summary)
     finally:
@@ -246,13 +238,8 @@ def _decode(
         if isinstance(result, DecodeError):
             summary.still_failing += 1
             summary.outcomes[(r["reason"], result.reason)] += 1
-        elif result.texts:
-            # Replay moves numeric readings only: a dead letter holding text readings stays,
-            # rather than being deleted with its texts unstored.
-            summary.still_failing += 1
-            summary.outcomes[(r["reason"], "holds_text")] += 1
         else:
-            candidates.append(_Candidate(r["id"], r["reason"], result.readings))
+            candidates.append(_Candidate(r["id"], r["reason"], result))
     return candidates
 
 
@@ -260,34 +247,38 @@ async def _dry_run(
     conn: asyncpg.Connection[asyncpg.Record],
     candidates: Sequence[_Candidate],
     summary: ReplaySummary,
-    seen: set[tuple[str, str, datetime]],
+    seen: set[tuple[str, str, str, datetime]],
 ) -> None:
-    fresh: list[Reading] = []
-    repeated = 0
     for c in candidates:
         summary.moved += 1
         summary.outcomes[(c.reason, MOVED)] += 1
-        for r in c.readings:
-            key = (r.device_id, r.metric, r.ts)
+    for view, rows in (
+        ("readings", [r for c in candidates for r in c.decoded.readings]),
+        ("text_readings", [r for c in candidates for r in c.decoded.texts]),
+    ):
+        fresh: list[Reading | TextReading] = []
+        for r in rows:
+            key = (view, r.device_id, r.metric, r.ts)
             if key in seen:
-                repeated += 1  # an earlier dead letter of this run would insert it first
+                summary.readings_present += 1  # an earlier dead letter of this run stores it
             else:
                 seen.add(key)
                 fresh.append(r)
-    present = 0
-    if fresh:
-        present = await conn.fetchval(_PRESENT_SQL, *_columns(fresh))
-    summary.readings_inserted += len(fresh) - present
-    summary.readings_present += present + repeated
+        present = 0
+        if fresh:
+            present = await conn.fetchval(_PRESENT_SQL.format(view=view), *_columns(fresh))
+        summary.readings_inserted += len(fresh) - present
+        summary.readings_present += present
 
 
 async def _move_batch(
     conn: asyncpg.Connection[asyncpg.Record],
+    cache: SeriesCache,
     candidates: Sequence[_Candidate],
     summary: ReplaySummary,
 ) -> None:
     try:
-        outcomes = [(candidates, await _move(conn, candidates))]
+        outcomes = [(candidates, await _move(conn, cache, candidates))]
     except Exception as exc:
         if classify(exc) is not ErrorClass.ROW:
             raise
@@ -295,7 +286,7 @@ async def _move_batch(
         outcomes = []
         for c in candidates:
             try:
-                outcomes.append(([c], await _move(conn, [c])))
+                outcomes.append(([c], await _move(conn, cache, [c])))
             except Exception as one_exc:
                 if classify(one_exc) is not ErrorClass.ROW:
                     raise
@@ -332,11 +323,11 @@ def register(
     """Add the ``replay`` subcommand; ``ingest.cli`` calls ``args.handler(args, settings)``."""
     p = sub.add_parser(
         "replay",
-        help="re-decode dead letters and move those that decode now into readings",
-        description="Re-decode dead letters with the current decoder and topic template; "
-        "move those that decode into readings (ON CONFLICT DO NOTHING) and delete them, one "
-        "transaction per batch. Dead letters that still fail are left as they are. "
-        "Idempotent.",
+        help="re-decode dead letters and store those that decode now, as the daemon would",
+        description="Re-decode dead letters with the current decoder and route table; store "
+        "those that decode (readings, text readings, device tags/status/units, the dashboard "
+        "batch; readings already stored keep their value) and delete them, one transaction "
+        "per batch. Dead letters that still fail are left as they are. Idempotent.",
     )
     p.add_argument("--dry-run", action="store_true", help="show what would happen, change nothing")
     p.add_argument("--since", metavar="TIME", help="only dead letters received since TIME")

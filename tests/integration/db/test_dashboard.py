@@ -327,13 +327,21 @@ async def test_deferred_batches_are_folded_once(database_url: str) -> None:
         before = await db.fetchval("SELECT count(*) FROM readings_1m")
         pending = await db.fetch("SELECT * FROM dashboard_pending ORDER BY batch")
         tags = await db.fetch("SELECT batch, count(*) AS n FROM points GROUP BY 1 ORDER BY 1")
+        # Three readings per series and minute: each batch handed the fold its aggregates.
+        staged = await db.fetch(
+            "SELECT batch, sum(n)::integer AS n, count(*) AS rows FROM dashboard_staged"
+            " GROUP BY 1 ORDER BY 1"
+        )
         folds = [await fold(db, max_batches=5) for _ in range(4)]
+        staged_after = await db.fetchval("SELECT count(*) FROM dashboard_staged")
         await assert_consistent(db)
 
     assert before == 0, "deferred: nothing before the fold"
     assert [(t["batch"], t["n"]) for t in tags] == [(p["batch"], 24) for p in pending]
     assert pending[0]["min_ts"] == T0 and pending[0]["max_ts"] == T0 + timedelta(seconds=14)
     assert [(f.batches, f.rows) for f in folds] == [(5, 120), (5, 120), (2, 48), (0, 0)]
+    assert [tuple(r) for r in staged] == [(p["batch"], 24, 8) for p in pending]
+    assert staged_after == 0  # folded batches leave nothing behind
 
 
 async def test_fold_forever_folds_and_survives_an_unreachable_database(
@@ -598,3 +606,26 @@ async def test_migrating_an_unpartitioned_installation_keeps_its_data(database_u
     assert f"points_p{tomorrow:%Y%m%d}" in created
     assert f"points_p{now:%Y%m%d}" not in created
     assert (redelivered.inserted, redelivered.duplicates, fresh.inserted) == (0, 1, 1)
+
+
+async def test_batches_with_and_without_staged_aggregates_fold_together_exactly_once(
+    database_url: str,
+) -> None:
+    """A batch of several readings per series and minute hands the fold its aggregates; one of
+    a reading per series, a batch redone conflict-safe and one holding a value summed in
+    numeric do not, and the fold reads their points. Folded together, each counts once."""
+    async with database(database_url) as db, quick_writer(database_url) as writer:
+        await writer.write(samples(range(3), T0, 4))  # 4 readings per series: staged
+        await writer.write(samples(range(3, 9), T0, 1))  # 1 per series: read back
+        redelivered = samples(range(2), T0, 4) + samples(range(9, 10), T0, 4)
+        await writer.write(redelivered)  # duplicates: conflict-safe, read back
+        # Four readings of one series, but summed in numeric: read back.
+        await writer.write(
+            [message("dev-100", ("temp", T0 + timedelta(seconds=i), 1e300)) for i in range(4)]
+        )
+        staged = await db.fetchval("SELECT count(DISTINCT batch) FROM dashboard_staged")
+        pending = await db.fetchval("SELECT count(*) FROM dashboard_pending")
+        assert await settle(db) == 4
+        left = await db.fetchval("SELECT count(*) FROM dashboard_staged")
+        await assert_consistent(db)
+    assert (staged, pending, left) == (1, 4, 0)

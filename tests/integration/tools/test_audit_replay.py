@@ -17,6 +17,10 @@ import asyncpg
 import pytest
 
 from ingest.cli import main
+from ingest.db.dashboard import fold
+from ingest.flow.series import SeriesCache
+from ingest.model import Decoded, DeviceUpdate, Reading
+from ingest.tools import replay as replay_module
 from tests.integration.support import Daemon, migrate, query, unique_topic, wait_until
 
 T0 = datetime(2024, 5, 1, tzinfo=UTC)
@@ -432,15 +436,14 @@ def test_replay_with_a_new_topic_template(
     assert audit["unmatched_dead_letters"]["count"] == 1
 
 
-def test_replay_with_routes_keeps_dead_letters_holding_text(
+def test_replay_with_routes_stores_numbers_and_texts(
     database_url: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     """Dead letters of a topic no route matched, replayed once a value route takes it: a
-    number moves into readings; a text value stays a dead letter (replay moves numbers only),
-    never deleted with its text unstored."""
+    number moves into readings, a text value into text_readings."""
     migrate(database_url)
     now = datetime.now(UTC)
-    ids = _load(
+    _load(
         database_url,
         dead=[
             (
@@ -457,10 +460,92 @@ def test_replay_with_routes_keeps_dead_letters_holding_text(
     status, data = _run_json(
         capsys, "replay", "--database-url", database_url, "--config", str(config)
     )
-    assert (status, data["moved"], data["readings_inserted"], data["still_failing"]) == (0, 1, 1, 1)
-    assert [r["id"] for r in query(database_url, "SELECT id FROM dead_letters")] == [ids[1]]
+    assert (status, data["moved"], data["readings_inserted"], data["still_failing"]) == (0, 2, 2, 0)
+    assert query(database_url, "SELECT id FROM dead_letters") == []
     rows = query(database_url, "SELECT device_id, metric, ts, value FROM readings")
     assert [tuple(r) for r in rows] == [("plug1", "POWER", T0, 42.0)]
+    texts = query(database_url, "SELECT device_id, metric, value FROM text_readings")
+    assert [tuple(r) for r in texts] == [("plug1", "STATE", "idle")]
+
+
+def test_replay_stores_texts_and_tags_and_the_dashboard_sees_them(
+    database_url: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """What the daemon's writer would have stored of a message, replay stores: numeric and
+    text readings, tags from the topic and from tag fields, and a dashboard batch, so the
+    dashboard tables count the replayed readings (once) after a fold."""
+    migrate(database_url)
+    t1 = T0 + timedelta(minutes=1)
+    payload = json.dumps(
+        [
+            {"ts": _ms(T0), "temp": 20.0, "state": "open", "model": "x1"},
+            {"ts": _ms(T0 + timedelta(seconds=1)), "temp": 22.0, "state": "closed"},
+            {"ts": _ms(t1), "temp": 30.0, "model": "x2"},
+        ]
+    ).encode()
+    _load(database_url, dead=[(datetime.now(UTC), "plant/north/dev-7/data", payload, "bad_topic")])
+    config = tmp_path / "ingest.toml"
+    config.write_text(
+        '[[routes]]\ntopic = "plant/{site}/{device_id}/data"\nformat = "json"\n'
+        '[routes.json]\ntag_fields = ["model"]\n'
+    )
+    argv = ["replay", "--database-url", database_url, "--config", str(config)]
+    status, data = _run_json(capsys, *argv)
+    assert (status, data["moved"], data["readings_inserted"]) == (0, 1, 5)
+    assert _run_json(capsys, *argv)[1]["moved"] == 0  # nothing left: idempotent
+
+    async def fold_all() -> None:
+        conn = await asyncpg.connect(database_url)
+        try:
+            while (await fold(conn)).batches:
+                pass
+        finally:
+            await conn.close()
+
+    asyncio.run(fold_all())
+    texts = query(database_url, "SELECT metric, ts, value FROM text_readings ORDER BY ts")
+    assert [tuple(r) for r in texts] == [
+        ("state", T0, "open"),
+        ("state", T0 + timedelta(seconds=1), "closed"),
+    ]
+    device = query(database_url, "SELECT tags, last_ts FROM devices WHERE device_id = 'dev-7'")
+    assert [(json.loads(d["tags"]), d["last_ts"]) for d in device] == [
+        ({"site": "north", "model": "x2"}, t1)  # the newest tag value wins
+    ]
+    rollups = query(
+        database_url, "SELECT bucket, n, sum, min, max FROM readings_1m ORDER BY bucket"
+    )
+    assert [tuple(r) for r in rollups] == [(T0, 2, 42.0, 20.0, 22.0), (t1, 1, 30.0, 30.0, 30.0)]
+    latest = query(database_url, "SELECT metric, ts, value FROM latest_readings")
+    assert [tuple(r) for r in latest] == [("temp", t1, 30.0)]
+    latest_text = query(database_url, "SELECT metric, ts, value FROM latest_text")
+    assert [tuple(r) for r in latest_text] == [("state", T0 + timedelta(seconds=1), "closed")]
+
+
+def test_replay_stores_the_units_a_message_gives(database_url: str) -> None:
+    """No route format of this version reads units yet; replay stores those a decoded message
+    carries as the writer does (on its series), exercised here through its move step."""
+    migrate(database_url)
+    ids = _load(database_url, dead=[(datetime.now(UTC), "t/dev-u", b"{}", "bad_topic")])
+    decoded = Decoded(
+        [Reading("dev-u", "temp", T0, 21.5)],
+        0,
+        updates=[DeviceUpdate("dev-u", units={"temp": "Cel"})],
+    )
+
+    async def move() -> tuple[set[int], int, int]:
+        conn = await asyncpg.connect(database_url)
+        try:
+            return await replay_module._move(
+                conn, SeriesCache(10), [replay_module._Candidate(ids[0], "bad_topic", decoded)]
+            )
+        finally:
+            await conn.close()
+
+    assert asyncio.run(move()) == ({ids[0]}, 1, 0)
+    series = query(database_url, "SELECT device_id, metric, unit FROM series")
+    assert [tuple(r) for r in series] == [("dev-u", "temp", "Cel")]
+    assert query(database_url, "SELECT id FROM dead_letters") == []
 
 
 def test_replay_takes_a_dead_letter_of_a_limit_back_after_the_setting_changed(
