@@ -75,6 +75,8 @@ from ingest.flow.classify import ErrorClass, classify, sqlstate_of
 from ingest.flow.pgcopy import (
     POINT_COLUMNS,
     STAGED_COLUMNS,
+    Rollups,
+    TextRollups,
     encode_points,
     encode_staged,
     encode_texts,
@@ -135,6 +137,10 @@ _INSERT_FROM_STAGING = """
 """
 
 _TS = itemgetter(2)
+# Encoding a batch for COPY is CPU work in proportion to its rows (~3 us a row): from this many
+# rows on (a message of thousands of readings, a full batch) it runs in a worker thread, so the
+# loop keeps its turns, as the source decodes a large payload apart.
+_ENCODE_APART_ROWS = 2000
 _TLS_FILE_PARAMETERS = ("sslrootcert", "sslcert", "sslkey", "sslcrl")
 # Allowed on a process of one's own role; false when it is gone already.
 _TERMINATE = "SELECT pg_terminate_backend($1)"
@@ -751,11 +757,11 @@ async def _store_readings(conn: _Conn, batch: Batch, ids: list[int], *, conflict
     # Tags the rows below with a new batch, recorded for ingest.db.dashboard.fold.
     stamps = [*map(_TS, batch.rows), *map(_TS, batch.texts)]
     number = int(await conn.fetchval(BEGIN_BATCH_SQL, min(stamps), max(stamps)))
-    texts_at = len(batch.rows)
-    points, rollups = encode_points(batch.rows, ids[:texts_at], number)
-    texts, text_rollups = encode_texts(
-        batch.texts, ids[texts_at : texts_at + len(batch.texts)], number
-    )
+    if len(batch.rows) + len(batch.texts) >= _ENCODE_APART_ROWS:
+        encoded = await asyncio.to_thread(_encode, batch, ids, number)
+    else:
+        encoded = _encode(batch, ids, number)
+    (points, rollups), (texts, text_rollups) = encoded
     tables = [("points", points, batch.rows), ("text_points", texts, batch.texts)]
     if conflict_safe:
         await conn.execute(_CREATE_STAGING)
@@ -773,6 +779,17 @@ async def _store_readings(conn: _Conn, batch: Batch, ids: list[int], *, conflict
             "dashboard_staged", source=_one_chunk(staged), columns=STAGED_COLUMNS, format="binary"
         )
     return inserted
+
+
+def _encode(
+    batch: Batch, ids: list[int], number: int
+) -> tuple[tuple[bytes, Rollups], tuple[bytes, TextRollups]]:
+    """The COPY data of ``batch``'s points and texts, with their dashboard aggregates."""
+    texts_at = len(batch.rows)
+    return (
+        encode_points(batch.rows, ids[:texts_at], number),
+        encode_texts(batch.texts, ids[texts_at : texts_at + len(batch.texts)], number),
+    )
 
 
 def _unreadable_tls_file(dsn: str | None) -> str | None:
