@@ -55,9 +55,10 @@ class Daemon:
 
     async def run(self) -> int:
         if os.environ.get("INGEST_ASYNCIO_DEBUG") == "1":
+            # A test hook: asyncio logs every step of the loop longer than this many seconds.
             loop = asyncio.get_running_loop()
             loop.set_debug(True)
-            loop.slow_callback_duration = 0.1
+            loop.slow_callback_duration = float(os.environ.get("INGEST_ASYNCIO_SLOW", "0.1"))
         # Bound before any task group, so a taken port is a plain ConfigError (exit 2).
         metrics_listener = await self.observability.listen()
         try:
