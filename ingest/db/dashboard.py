@@ -88,37 +88,13 @@ def _saturating_add(a: str, b: str) -> str:
     )
 
 
-def _apply_points_sql() -> str:
-    """The statement that folds the claimed batches ($1: their numbers, $2: when each was
-    stored; $3..$6: their batch and time ranges, which let the BRIN index on batch and
-    partition pruning find their rows in ``points`` and ``text_points`` without a full scan).
-
-    Everything is computed by series id, and names are looked up once per series, not per row:
-    ``named`` probes the primary key of ``series`` for each series of the batches (a LATERAL
-    subquery with LIMIT, so the planner cannot turn it into a join that reads all of
-    ``series``). The rows are read once (``batch_points``), aggregated per series and minute
-    (from which the fleet rollups and the newest time of each series come too), and read again
-    to fetch the values at those newest times with a hash join on the key. (Sorting every row
-    for a ``DISTINCT ON`` instead was over half of a fold's time.) Run it with ``enable_nestloop``
-    off (:data:`PLANNER_SETTINGS`): the planner cannot estimate the batches' rows and would pick
-    a nested loop, one pass over them per key. Every upsert reads its input grouped (no key
-    twice in one statement) and sorted by key (lock ordering); buckets are UTC minutes whatever
-    the session time zone. A device's first/last seen: when the first/last claimed batch
-    holding it (numeric or text values) was stored."""
-    where = "batch = ANY ($1::bigint[]) AND batch BETWEEN $3 AND $4 AND ts BETWEEN $5 AND $6"
-    return f"""
-WITH batch_points AS (
-    SELECT series_id, ts, value, batch FROM points WHERE {where}
-), batch_texts AS (
-    SELECT series_id, ts, value, batch FROM text_points WHERE {where}
-), by_series AS (
-    SELECT series_id, {_BUCKET} AS bucket,
-           count(*)::integer AS n, {_saturating_sum("value")} AS sum,
-           min(value) AS min, max(value) AS max, max(ts) AS last_ts
-    FROM batch_points GROUP BY 1, 2
-), named AS MATERIALIZED (
+def _named_and_rolled_up(series: str) -> str:
+    """The CTEs both fold statements share, given their ``by_series`` (per series and minute:
+    n, sum, min, max): ``named`` (the device and metric of each series ``series`` selects,
+    one probe of ``series`` each), ``agg``, and the upserts of the two rollup tables."""
+    return f"""named AS MATERIALIZED (
     SELECT k.series_id, s.device_id, s.metric
-    FROM (SELECT series_id FROM by_series UNION SELECT series_id FROM batch_texts) k
+    FROM ({series}) k
     CROSS JOIN LATERAL (
         SELECT device_id, metric FROM series WHERE id = k.series_id LIMIT 1
     ) s
@@ -137,7 +113,39 @@ WITH batch_points AS (
     FROM agg GROUP BY 1, 2 ORDER BY 2, 1
     ON CONFLICT (bucket, metric) DO UPDATE
     SET n = f.n + excluded.n, sum = {_saturating_add("f.sum", "excluded.sum")},
-        min = least(f.min, excluded.min), max = greatest(f.max, excluded.max)
+        min = least(f.min, excluded.min), max = greatest(f.max, excluded.max)"""
+
+
+def _apply_points_sql() -> str:
+    """The statement that folds the claimed batches ($1: their numbers, $2: when each was
+    stored; $3..$6: their batch and time ranges, which let the BRIN index on batch and
+    partition pruning find their rows in ``points`` and ``text_points`` without a full scan).
+
+    Everything is computed by series id, and names are looked up once per series, not per row:
+    ``named`` probes the primary key of ``series`` for each series of the batches (a LATERAL
+    subquery with LIMIT, so the planner cannot turn it into a join that reads all of
+    ``series``). The rows are read once (``batch_points``), aggregated per series and minute
+    (from which the fleet rollups and the newest time of each series come too), and read again
+    to fetch the values at those newest times with a hash join on the key. (Sorting every row
+    for a ``DISTINCT ON`` instead was over half of a fold's time.) Run it with ``enable_nestloop``
+    off (:data:`PLANNER_SETTINGS`): the planner cannot estimate the batches' rows and would pick
+    a nested loop, one pass over them per key. Every upsert reads its input grouped (no key
+    twice in one statement) and sorted by key (lock ordering); buckets are UTC minutes whatever
+    the session time zone. A device's first/last seen: when the first/last claimed batch
+    holding it (numeric or text values) was stored."""
+    where = "batch = ANY ($1::bigint[]) AND batch BETWEEN $3 AND $4 AND ts BETWEEN $5 AND $6"
+    series = "SELECT series_id FROM by_series UNION SELECT series_id FROM batch_texts"
+    return f"""
+WITH batch_points AS (
+    SELECT series_id, ts, value, batch FROM points WHERE {where}
+), batch_texts AS (
+    SELECT series_id, ts, value, batch FROM text_points WHERE {where}
+), by_series AS (
+    SELECT series_id, {_BUCKET} AS bucket,
+           count(*)::integer AS n, {_saturating_sum("value")} AS sum,
+           min(value) AS min, max(value) AS max, max(ts) AS last_ts
+    FROM batch_points GROUP BY 1, 2
+), {_named_and_rolled_up(series)}
 ), latest AS (
     INSERT INTO latest_readings AS l (device_id, metric, ts, value)
     SELECT n.device_id, n.metric, p.ts, p.value
@@ -195,28 +203,7 @@ WITH staged AS MATERIALIZED (
     SELECT series_id, bucket, sum(n)::integer AS n, {_saturating_sum("sum")} AS sum,
            min(min) AS min, max(max) AS max
     FROM staged WHERE bucket IS NOT NULL GROUP BY 1, 2
-), named AS MATERIALIZED (
-    SELECT k.series_id, s.device_id, s.metric
-    FROM (SELECT DISTINCT series_id FROM staged) k
-    CROSS JOIN LATERAL (
-        SELECT device_id, metric FROM series WHERE id = k.series_id LIMIT 1
-    ) s
-), agg AS (
-    SELECT n.device_id, n.metric, a.bucket, a.n, a.sum, a.min, a.max
-    FROM by_series a JOIN named n USING (series_id)
-), rollup AS (
-    INSERT INTO readings_1m AS r (device_id, metric, bucket, n, sum, min, max)
-    SELECT device_id, metric, bucket, n, sum, min, max FROM agg ORDER BY 1, 2, 3
-    ON CONFLICT (device_id, metric, bucket) DO UPDATE
-    SET n = r.n + excluded.n, sum = {_saturating_add("r.sum", "excluded.sum")},
-        min = least(r.min, excluded.min), max = greatest(r.max, excluded.max)
-), fleet AS (
-    INSERT INTO readings_fleet_1m AS f (metric, bucket, n, sum, min, max)
-    SELECT metric, bucket, sum(n), {_saturating_sum("sum")}, min(min), max(max)
-    FROM agg GROUP BY 1, 2 ORDER BY 2, 1
-    ON CONFLICT (bucket, metric) DO UPDATE
-    SET n = f.n + excluded.n, sum = {_saturating_add("f.sum", "excluded.sum")},
-        min = least(f.min, excluded.min), max = greatest(f.max, excluded.max)
+), {_named_and_rolled_up("SELECT DISTINCT series_id FROM staged")}
 ), latest AS (
     INSERT INTO latest_readings AS l (device_id, metric, ts, value)
     SELECT DISTINCT ON (n.device_id, n.metric) n.device_id, n.metric, t.last_ts, t.last_value
