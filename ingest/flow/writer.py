@@ -106,6 +106,8 @@ _T = TypeVar("_T")
 if TYPE_CHECKING:
     from asyncpg.pool import PoolConnectionProxy
 
+    from ingest.settings import Settings
+
     # Generic only in the stubs; at run time the annotations below stay strings.
     # A pool's connection (the daemon), or one of its own (ingest replay).
     _Conn: TypeAlias = PoolConnectionProxy[asyncpg.Record] | asyncpg.Connection[asyncpg.Record]
@@ -283,6 +285,19 @@ class Writer:
     asyncpg's error would say neither which nor that it is no outage); exiting closes the pool,
     terminating it when a graceful close takes longer than ``close_timeout``.
     """
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> Self:
+        """The writer of a daemon (or of a retire) configured by ``s``."""
+        return cls(
+            dsn=s.database_url,
+            pool_size=s.db_pool_size,
+            connect_timeout=s.db_connect_timeout,
+            write_timeout=s.db_write_timeout,
+            backoff_max=s.retry_max_delay,
+            series_cache_size=s.series_cache_size,
+            logger=logging.getLogger("ingest.writer"),
+        )
 
     def __init__(
         self,

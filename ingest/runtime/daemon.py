@@ -163,16 +163,7 @@ class Daemon:
         )
 
     def _open_writer(self) -> Writer:
-        s = self.settings
-        return Writer(
-            dsn=s.database_url,
-            pool_size=s.db_pool_size,
-            connect_timeout=s.db_connect_timeout,
-            write_timeout=s.db_write_timeout,
-            backoff_max=s.retry_max_delay,
-            series_cache_size=s.series_cache_size,
-            logger=logging.getLogger("ingest.writer"),
-        )
+        return Writer.from_settings(self.settings)
 
     async def _prepare_database(self) -> None:
         """Pending migrations (unless disabled), then partitions ahead: a failed migration is

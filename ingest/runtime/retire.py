@@ -298,15 +298,7 @@ async def _drain(
         return sources[0]
 
     s = settings
-    async with Writer(
-        dsn=s.database_url,
-        pool_size=s.db_pool_size,
-        connect_timeout=s.db_connect_timeout,
-        write_timeout=s.db_write_timeout,
-        backoff_max=s.retry_max_delay,
-        series_cache_size=s.series_cache_size,
-        logger=logging.getLogger("ingest.writer"),
-    ) as writer:
+    async with Writer.from_settings(s) as writer:
         pipeline = Pipeline(s, writer, source=source, log=log)
         async with anyio.create_task_group() as tg:
             tg.start_soon(_until_idle, pipeline, s.client_id, idle, stop, log, quiet_at)
