@@ -25,8 +25,10 @@ from ingest.model import Reading, TextReading
 __all__ = [
     "POINT_COLUMNS",
     "STAGED_COLUMNS",
+    "PointsCopy",
     "Rollups",
     "TextRollups",
+    "TextsCopy",
     "encode_points",
     "encode_staged",
     "encode_texts",
@@ -70,67 +72,109 @@ _STAGED = struct.Struct("!hiqiiiqiiidididiqidi")
 _STAGED_TEXT = struct.Struct("!hiqiiiiiiiiiqii")
 
 
-def encode_points(rows: Iterable[Reading], ids: Iterable[int], batch: int) -> tuple[bytes, Rollups]:
-    """The COPY ... (FORMAT binary) data of ``rows`` for :data:`POINT_COLUMNS`, each row's
-    device and metric replaced by its series id (``ids``: one per row, in order,
-    ingest.flow.series.resolve), stored by write ``batch``; and their :data:`Rollups`,
-    computed in the same pass (what the dashboard fold needs of them, when every row is
-    inserted)."""
-    out = bytearray(_HEADER)
-    pack = _POINT.pack
-    rollups: Rollups = {}
-    get = rollups.get
-    last_ts: datetime | None = None
-    micros = minute = 0
-    for (_, _, ts, value), series_id in zip(rows, ids, strict=True):
-        if ts is not last_ts:  # the readings of a message share their datetime object
-            last_ts = ts
+class PointsCopy:
+    """The COPY ... (FORMAT binary) data of numeric rows for :data:`POINT_COLUMNS`, built a
+    chunk at a time (:meth:`add`; the writer lets the loop turn between chunks), each row's
+    device and metric replaced by its series id, stored by write ``batch``; and their
+    :data:`Rollups`, computed in the same pass (what the dashboard fold needs of them, when
+    every row is inserted)."""
+
+    def __init__(self, batch: int) -> None:
+        self.batch = batch
+        self.rollups: Rollups = {}
+        self._out = bytearray(_HEADER)
+        self._last_ts: datetime | None = None
+        self._micros = self._minute = 0
+
+    def add(self, rows: Iterable[Reading], ids: Iterable[int]) -> None:
+        """Append ``rows`` (``ids``: one per row, in order, ingest.flow.series.resolve)."""
+        out, batch = self._out, self.batch
+        pack = _POINT.pack
+        rollups = self.rollups
+        get = rollups.get
+        last_ts, micros, minute = self._last_ts, self._micros, self._minute
+        for (_, _, ts, value), series_id in zip(rows, ids, strict=True):
+            if ts is not last_ts:  # the readings of a message share their datetime object
+                last_ts = ts
+                micros = (ts - _PG_EPOCH) // _ONE_US
+                minute = micros // _MINUTE_US << 32
+            out += pack(4, 4, series_id, 8, micros, 8, value, 8, batch)
+            rollup = get(minute | series_id)
+            if rollup is None:
+                rollups[minute | series_id] = [1, value, value, value, micros, value]
+                continue
+            rollup[0] += 1
+            rollup[1] += value
+            if value < rollup[2]:
+                rollup[2] = value
+            elif value > rollup[3]:
+                rollup[3] = value
+            if micros > rollup[4]:
+                rollup[4] = micros
+                rollup[5] = value
+        self._last_ts, self._micros, self._minute = last_ts, micros, minute
+
+    def data(self) -> bytes:
+        """The whole COPY data of the rows added."""
+        return _finished(self._out)
+
+
+class TextsCopy:
+    """As :class:`PointsCopy`, for text values (their UTF-8 bytes), with :data:`TextRollups`.
+    :meth:`add` raises ``UnicodeEncodeError`` for a value PostgreSQL could not hold (a lone
+    surrogate), as asyncpg's encoder does; a NUL character is left to the server to refuse."""
+
+    def __init__(self, batch: int) -> None:
+        self.batch = batch
+        self.rollups: TextRollups = {}
+        self._out = bytearray(_HEADER)
+
+    def add(self, rows: Iterable[TextReading], ids: Iterable[int]) -> None:
+        out = self._out
+        pack = _TEXT_HEAD.pack
+        tail = _TEXT_TAIL.pack(8, self.batch)
+        rollups = self.rollups
+        for (_, _, ts, value), series_id in zip(rows, ids, strict=True):
+            raw = value.encode()
             micros = (ts - _PG_EPOCH) // _ONE_US
-            minute = micros // _MINUTE_US << 32
-        out += pack(4, 4, series_id, 8, micros, 8, value, 8, batch)
-        rollup = get(minute | series_id)
-        if rollup is None:
-            rollups[minute | series_id] = [1, value, value, value, micros, value]
-            continue
-        rollup[0] += 1
-        rollup[1] += value
-        if value < rollup[2]:
-            rollup[2] = value
-        elif value > rollup[3]:
-            rollup[3] = value
-        if micros > rollup[4]:
-            rollup[4] = micros
-            rollup[5] = value
+            out += pack(4, 4, series_id, 8, micros, len(raw))
+            out += raw
+            out += tail
+            rollup = rollups.get(series_id)
+            if rollup is None:
+                rollups[series_id] = [1, micros, raw]
+                continue
+            rollup[0] += 1
+            if micros > rollup[1]:
+                rollup[1] = micros
+                rollup[2] = raw
+
+    def data(self) -> bytes:
+        return _finished(self._out)
+
+
+def _finished(out: bytearray) -> bytes:
     out += _TRAILER
-    return bytes(out), rollups
+    try:
+        return bytes(out)
+    finally:
+        del out[-len(_TRAILER) :]
+
+
+def encode_points(rows: Iterable[Reading], ids: Iterable[int], batch: int) -> tuple[bytes, Rollups]:
+    """:class:`PointsCopy` of ``rows`` in one go: their COPY data and rollups."""
+    copy = PointsCopy(batch)
+    copy.add(rows, ids)
+    return copy.data(), copy.rollups
 
 
 def encode_texts(
     rows: Iterable[TextReading], ids: Iterable[int], batch: int
 ) -> tuple[bytes, TextRollups]:
-    """As :func:`encode_points`, for text values (their UTF-8 bytes). Raises
-    ``UnicodeEncodeError`` for a value PostgreSQL could not hold (a lone surrogate), as
-    asyncpg's encoder does; a NUL character is left to the server to refuse."""
-    out = bytearray(_HEADER)
-    pack = _TEXT_HEAD.pack
-    tail = _TEXT_TAIL.pack(8, batch)
-    rollups: TextRollups = {}
-    for (_, _, ts, value), series_id in zip(rows, ids, strict=True):
-        raw = value.encode()
-        micros = (ts - _PG_EPOCH) // _ONE_US
-        out += pack(4, 4, series_id, 8, micros, len(raw))
-        out += raw
-        out += tail
-        rollup = rollups.get(series_id)
-        if rollup is None:
-            rollups[series_id] = [1, micros, raw]
-            continue
-        rollup[0] += 1
-        if micros > rollup[1]:
-            rollup[1] = micros
-            rollup[2] = raw
-    out += _TRAILER
-    return bytes(out), rollups
+    """:class:`TextsCopy` of ``rows`` in one go: their COPY data and rollups."""
+    copy = TextsCopy(batch)
+    copy.add(rows, ids)
+    return copy.data(), copy.rollups
 
 
 def holds_huge(rollups: Rollups) -> bool:
