@@ -143,8 +143,8 @@ def make_backlog(
     fmt: str = "json",
 ) -> Backlog:
     """``messages`` spread round-robin over ``devices``; every sample has a ``ts`` (epoch ms)
-    and ``seq`` unique per device. A string field (``fw``: counted by the daemon, not stored)
-    pads single-sample payloads to about ``payload_bytes`` (0: ``fw`` is ``bench-1.4.2``, as in
+    and ``seq`` unique per device. A string field (``fw``: a text reading, stored since storage v2;
+    counted and skipped before, and with ``INGEST_MAX_TEXT_BYTES=1``) pads single-sample payloads to about ``payload_bytes`` (0: ``fw`` is ``bench-1.4.2``, as in
     the other formats' samples)."""
     if fmt == "value":
         return _value_backlog(messages=messages, devices=devices, readings=readings)

@@ -338,7 +338,19 @@ def measure_ingest(
         f"exit {status}, broker has {left} left for the session"
     )
     r["ok"] = stored == rows and dead == 0 and acked == n and status == 0 and left == 0
-    return _finish(r, messages=n, rows=rows)
+    # Text values (the backlog's `fw`) are stored since storage v2: rows too, of the same work.
+    texts = fetchval(dsn, "SELECT count(*) FROM text_readings") if _has_texts(dsn) else 0
+    r["text_rows"] = texts
+    r = _finish(r, messages=n, rows=rows)
+    r["all_rows_per_s"] = _rate(rows + texts, r.get("seconds"))
+    for key, cpu in (("consumer_us_per_row", "cpu_s"), ("postgres_us_per_row", "postgres_cpu_s")):
+        if r.get(cpu) is not None:
+            r[key] = round(r[cpu] * 1e6 / (rows + texts), 3)
+    return r
+
+
+def _has_texts(dsn: str) -> bool:
+    return bool(fetchval(dsn, "SELECT to_regclass('text_readings')"))
 
 
 # --- one run and the report -----------------------------------------------------------------
@@ -453,6 +465,10 @@ _ROWS: list[tuple[str, str, str]] = [
     ("consumer peak RSS, MiB", "peak_rss_mb", "{:.1f}"),
     ("broker CPU, s", "broker_cpu_s", "{:.2f}"),
     ("Postgres CPU, s", "postgres_cpu_s", "{:.2f}"),
+    ("text rows stored (fw)", "text_rows", "{:,.0f}"),
+    ("rows/s, text rows included", "all_rows_per_s", "{:,.0f}"),
+    ("consumer CPU per stored row, us", "consumer_us_per_row", "{:.2f}"),
+    ("Postgres CPU per stored row, us", "postgres_us_per_row", "{:.2f}"),
 ]
 _TITLES = {
     "bare": "bare aiomqtt",
