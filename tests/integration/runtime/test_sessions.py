@@ -306,6 +306,14 @@ def test_a_session_that_cannot_be_recorded_never_stops_the_flow(
     assert scalar(database_url, "SELECT count(*) FROM sessions") == 0
 
 
+_SLOW_INSERTS = (
+    "CREATE FUNCTION test_hold_5ms() RETURNS trigger LANGUAGE plpgsql AS"
+    " $$ BEGIN PERFORM pg_sleep(0.005); RETURN NULL; END $$",
+    "CREATE TRIGGER slow_inserts AFTER INSERT ON points FOR EACH STATEMENT"
+    " EXECUTE FUNCTION test_hold_5ms()",
+)
+
+
 def test_an_interrupted_retire_keeps_the_session_and_runs_again(
     database_url: str, mosquitto_factory: MosquittoFactory, tmp_path: Path
 ) -> None:
@@ -324,7 +332,10 @@ def test_an_interrupted_retire_keeps_the_session_and_runs_again(
     with Publisher(broker.url) as pub:
         pub.publish_many(msgs)
 
-    # One message a transaction, one transaction at a time: slow enough to be interrupted.
+    # One message a transaction, one transaction at a time, each held 5 ms by the server: at
+    # least 15 s for the lot on any machine, so the SIGTERM comes mid-drain.
+    for statement in _SLOW_INSERTS:
+        query(database_url, statement)
     slow = ["--batch-max-rows", "5", "--db-pool-size", "1", "--topic", topic]
     command = [sys.executable, "-m", "ingest", "sessions", "retire", d.client_id, "--json"]
     command += [*slow, "--idle", "2", "--database-url", database_url]
@@ -344,6 +355,7 @@ def test_an_interrupted_retire_keeps_the_session_and_runs_again(
     assert 0 < outcome["drained"] < len(msgs)
     assert scalar(database_url, "SELECT count(*) FROM readings") == outcome["drained"] * 5
 
+    query(database_url, "DROP TRIGGER slow_inserts ON points")
     again = sessions_cli(
         "retire", d.client_id, "--idle", "2", database_url=database_url, topic=topic
     )
