@@ -38,7 +38,12 @@ Decision table, first match wins (after Telegraf's ``outputs/postgresql`` ``isTe
     asyncpg InternalClientError (protocol error,         TRANSIENT
       outdated schema cache, target_session_attrs)
     asyncpg InterfaceError saying the connection or      TRANSIENT
-      pool is closed/closing; any other InterfaceError   FATAL      (client misuse, config)
+      pool is closed/closing, or that the connection
+      was released back to the pool (asyncpg hands a
+      connection the server dropped back to its pool
+      at once, and its proxy refuses every later call;
+      the daemon never uses one it released itself);
+      any other InterfaceError                           FATAL      (client misuse, config)
     ssl.SSLCertVerificationError (wrong root             FATAL      (an OSError, but a setup one)
       certificate, hostname mismatch), any other
       ssl.SSLError (a protocol or cipher the server
@@ -98,7 +103,7 @@ def classify(exc: BaseException) -> ErrorClass:
         return ErrorClass.TRANSIENT
     if isinstance(exc, asyncpg.InterfaceError):
         message = str(exc).lower()
-        if "closed" in message or "closing" in message:
+        if "closed" in message or "closing" in message or "released back to the pool" in message:
             return ErrorClass.TRANSIENT
         return ErrorClass.FATAL
     if isinstance(exc, ssl.SSLError):

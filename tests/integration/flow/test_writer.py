@@ -17,6 +17,7 @@ import pytest
 
 from ingest.db.migrate import migrate_dsn
 from ingest.errors import DecodeError, FatalError
+from ingest.flow.classify import ErrorClass, classify
 from ingest.flow.writer import Writer
 from ingest.model import Decoded, Envelope, Reading
 
@@ -276,6 +277,26 @@ async def test_connection_terminated_mid_write_is_retried_exactly_once(database_
     assert result.retries >= 1 and stats.retries_by_class.get("transient", 0) >= 1
     assert result.inserted + result.duplicates == 100
     assert count == 100 + 2
+
+
+async def test_a_connection_dropped_while_checked_out_is_transient(database_url: str) -> None:
+    """asyncpg hands a connection the server dropped back to its pool at once, and the proxy
+    still held refuses every later call with an InterfaceError: the writer met it when
+    PostgreSQL restarted between two of its statements, and stopped as on a fatal error."""
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=1)
+    try:
+        async with database(database_url) as db:
+            conn = await pool.acquire()
+            lost = asyncio.Event()
+            conn.add_termination_listener(lambda _conn: lost.set())
+            assert await db.fetchval("SELECT pg_terminate_backend($1)", conn.get_server_pid())
+            async with asyncio.timeout(10):
+                await lost.wait()
+            with pytest.raises(asyncpg.InterfaceError, match="released back to the pool") as caught:
+                conn.transaction()
+        assert classify(caught.value) is ErrorClass.TRANSIENT
+    finally:
+        pool.terminate()
 
 
 async def test_start_waits_while_the_server_is_unreachable(

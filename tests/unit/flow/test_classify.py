@@ -27,6 +27,13 @@ T, R, F = ErrorClass.TRANSIENT, ErrorClass.ROW, ErrorClass.FATAL
         (asyncpg.ConnectionFailureError("connection failure"), T),
         (asyncpg.InterfaceError("connection is closed"), T),
         (asyncpg.InterfaceError("pool is closing"), T),
+        (
+            asyncpg.InterfaceError(
+                "cannot call Connection.transaction(): connection has been released back to "
+                "the pool"
+            ),
+            T,
+        ),
         (asyncpg.InternalClientError("protocol confusion"), T),
         (asyncpg.exceptions.OutdatedSchemaCacheError("cache outdated"), T),
         # the server says "not now"
