@@ -56,6 +56,16 @@ def fetchval(dsn: str, sql: str, *args: Any) -> Any:
     return rows[0][0] if rows else None
 
 
+def stored_rows(dsn: str) -> int:
+    """Numeric rows stored so far, for a harness that polls while a daemon drains: counted in
+    ``points``, not through the ``readings`` view, whose join with ``series`` makes every poll a
+    hash join of all the rows (PostgreSQL CPU the daemon then lacks); 0 before it migrated."""
+    try:
+        return int(fetchval(dsn, "SELECT count(*) FROM points") or 0)
+    except asyncpg.UndefinedTableError:
+        return 0
+
+
 def _with_db(dsn: str, db: str) -> str:
     parts = urlsplit(dsn)
     return urlunsplit((parts.scheme, parts.netloc, f"/{db}", parts.query, parts.fragment))

@@ -27,7 +27,7 @@ from typing import Any
 
 from benchmarks._backlog import make_backlog, publish, register_sessions
 from benchmarks._daemon import IngestProcess
-from benchmarks._env import fetch, fetchval
+from benchmarks._env import fetch, stored_rows
 from benchmarks._procstat import descendants
 from ingest.devservers.throwaway import Mosquitto, PostgresCluster
 
@@ -82,7 +82,7 @@ class Sampler:
 
 
 def rows(dsn: str) -> int:
-    return int(fetchval(dsn, "SELECT count(*) FROM readings") or 0)
+    return stored_rows(dsn)
 
 
 def wait_rows(dsn: str, target: int, timeout: float) -> float:

@@ -27,12 +27,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import paho.mqtt.client as paho
 
 from benchmarks._backlog import Backlog, broker_address, make_backlog, publish
 from benchmarks._daemon import IngestProcess
-from benchmarks._env import fetchval, open_environment
+from benchmarks._env import open_environment, stored_rows
 from benchmarks._procstat import CpuSnapshot, descendants, peak_rss_mb
 from ingest.runtime.supervisor import worker_client_id
 
@@ -60,10 +59,7 @@ def register_shared(url: str, workers: int, broker_index: int | None = None) -> 
 
 
 def rows(dsn: str) -> int:
-    try:
-        return int(fetchval(dsn, "SELECT count(*) FROM readings") or 0)
-    except asyncpg.UndefinedTableError:  # the daemon has not migrated yet
-        return 0
+    return stored_rows(dsn)
 
 
 def shard(backlog: Backlog, brokers: int) -> list[Backlog]:

@@ -22,11 +22,9 @@ import sys
 import time
 from typing import Any
 
-import asyncpg
-
 from benchmarks._backlog import make_backlog, publish, queued_for
 from benchmarks._daemon import IngestProcess
-from benchmarks._env import fetchval, open_environment
+from benchmarks._env import open_environment, stored_rows
 
 CLIENT_ID = "bench-sessions"
 _DRAINED = re.compile(r"^retired \S+ at \S+: (\d+) messages drained in ([\d.]+)s")
@@ -34,10 +32,7 @@ _RETIRED = re.compile(r"surplus sessions retired: (\d+) of (\d+) .*, (\d+) messa
 
 
 def rows(dsn: str) -> int:
-    try:
-        return int(fetchval(dsn, "SELECT count(*) FROM readings") or 0)
-    except asyncpg.UndefinedTableError:
-        return 0
+    return stored_rows(dsn)
 
 
 def subscribed(p: IngestProcess) -> int:
