@@ -8,7 +8,14 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from ingest.flow.pgcopy import encode_points, encode_staged, encode_texts, holds_huge
+from ingest.flow.pgcopy import (
+    PointsCopy,
+    TextsCopy,
+    encode_points,
+    encode_staged,
+    encode_texts,
+    holds_huge,
+)
 from ingest.model import Reading, TextReading
 
 HEADER = b"PGCOPY\n\xff\r\n\x00" + bytes(8)
@@ -93,6 +100,24 @@ def test_rollups_per_series_and_minute_and_the_newest_of_each() -> None:
         1,
     )
     assert texts == {5: [2, second, b"new"]}
+
+
+def test_chunks_add_up_to_the_whole() -> None:
+    # The writer adds a batch a chunk at a time; a chunk may split a message's readings (which
+    # share one datetime object) and a series' minute.
+    t0 = datetime(2024, 1, 1, tzinfo=UTC)
+    stamps = [t0 + timedelta(seconds=7 * i) for i in range(40)]
+    rows = [Reading("d", m, ts, float(i % 11)) for i, ts in enumerate(stamps) for m in "abc"]
+    ids = [ord(r.metric) for r in rows]
+    texts = [TextReading("d", "s", ts, f"v{i}") for i, ts in enumerate(stamps)]
+    points, words = PointsCopy(9), TextsCopy(9)
+    for start in range(0, len(rows), 7):
+        points.add(rows[start : start + 7], ids[start : start + 7])
+    for start in range(0, len(texts), 3):
+        words.add(texts[start : start + 3], [5] * len(texts[start : start + 3]))
+    assert (points.data(), points.rollups) == encode_points(rows, ids, 9)
+    assert (words.data(), words.rollups) == encode_texts(texts, [5] * len(texts), 9)
+    assert points.data() == points.data()  # asking twice gives the same data
 
 
 def test_staged_row_layout() -> None:
