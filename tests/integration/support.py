@@ -264,3 +264,35 @@ def migrate(database_url: str) -> None:
     from ingest.db.migrate import migrate_dsn
 
     asyncio.run(migrate_dsn(database_url))
+
+
+def audit_reconciled(
+    database_url: str,
+    config: Path,
+    report: dict[str, Any],
+    *,
+    devices: Sequence[str] = (),
+    timeout: float = 60.0,
+) -> dict[str, Any]:
+    """``ingest audit --json`` of a simulator ``report`` against the database, retried until it
+    reconciles (what is in flight lands meanwhile) or ``timeout``; its result. ``devices``: audit
+    only these (fleets sharing the database). On a timeout the assertion shows the verdict."""
+    argv = ["audit", "--database-url", database_url, "--config", str(config), "--report", "-"]
+    if devices:
+        argv += ["--device", *devices]
+    result: dict[str, Any] = {}
+
+    def done() -> bool:
+        proc = subprocess.run(
+            [sys.executable, "-m", "ingest", *argv, "--json"],
+            input=json.dumps(report), capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert proc.returncode in (0, 1), proc.stderr
+        result.update(json.loads(proc.stdout))
+        return proc.returncode == 0
+
+    try:
+        wait_until(done, timeout=timeout, interval=0.5, what="the audit to reconcile")
+    except AssertionError:
+        raise AssertionError(json.dumps(result.get("verdict"), indent=1)) from None
+    return result

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from simulators._signals import Signals
-from tests.integration.support import Daemon, Publisher, query, scalar, wait_until
+from tests.integration.support import Daemon, Publisher, audit_reconciled, query, scalar, wait_until
 
 SEED = 11
 ROUTES = """
@@ -43,28 +43,6 @@ def _simulate(mqtt_url: str, *args: str) -> dict[str, Any]:
     report: dict[str, Any] = json.loads(sim.stdout)
     assert report["failed"] == 0
     return report
-
-
-def _reconciled(database_url: str, config: Path, report: dict[str, Any]) -> dict[str, Any]:
-    """``ingest audit`` of the report's devices (two fleets share the database) agrees."""
-    argv = ["audit", "--database-url", database_url, "--config", str(config), "--report", "-"]
-    argv += ["--device", *report["per_device"]]
-    result: dict[str, Any] = {}
-
-    def done() -> bool:
-        proc = subprocess.run(
-            [sys.executable, "-m", "ingest", *argv, "--json"],
-            input=json.dumps(report), capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
-        assert proc.returncode in (0, 1), proc.stderr
-        result.update(json.loads(proc.stdout))
-        return proc.returncode == 0
-
-    try:
-        wait_until(done, timeout=90, interval=0.5, what="the audit to reconcile")
-    except AssertionError:
-        raise AssertionError(json.dumps(result.get("verdict"), indent=1)) from None
-    return result
 
 
 def _expected_rows(database_url: str, device_id: str, index: int) -> list[tuple[Any, ...]]:
@@ -109,8 +87,12 @@ def test_senml_fleets_json_and_cbor(database_url: str, mqtt_url: str, tmp_path: 
             mqtt_url, "--senml-cbor", "--topic", f"{p}/cbor/{{device_id}}", "--first-device",
             "101", "--devices", "2", "--count", "15",
         )  # fmt: skip
-        audit_json = _reconciled(database_url, config, by_topic)
-        audit_cbor = _reconciled(database_url, config, by_pack)
+        audit_json = audit_reconciled(
+            database_url, config, by_topic, devices=list(by_topic["per_device"]), timeout=90
+        )
+        audit_cbor = audit_reconciled(
+            database_url, config, by_pack, devices=list(by_pack["per_device"]), timeout=90
+        )
         assert daemon.stop() == 0
 
     assert by_topic["samples"] == 60 and by_pack["samples"] == 30

@@ -10,7 +10,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from tests.integration.support import Daemon, query, scalar, wait_until
+from tests.integration.support import Daemon, audit_reconciled, query, scalar
 
 ROUTES = """
 [[routes]]
@@ -34,26 +34,6 @@ def _simulate(mqtt_url: str, *args: str) -> dict[str, Any]:
     return report
 
 
-def _reconciled(database_url: str, config: Path, report: dict[str, Any]) -> dict[str, Any]:
-    argv = ["audit", "--database-url", database_url, "--config", str(config), "--report", "-"]
-    result: dict[str, Any] = {}
-
-    def done() -> bool:
-        proc = subprocess.run(
-            [sys.executable, "-m", "ingest", *argv, "--json"],
-            input=json.dumps(report), capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
-        assert proc.returncode in (0, 1), proc.stderr
-        result.update(json.loads(proc.stdout))
-        return proc.returncode == 0
-
-    try:
-        wait_until(done, timeout=60, interval=0.5, what="the audit to reconcile")
-    except AssertionError:
-        raise AssertionError(json.dumps(result.get("verdict"), indent=1)) from None
-    return result
-
-
 def _daemon(database_url: str, mqtt_url: str, config: Path) -> Daemon:
     return Daemon(
         database_url=database_url,
@@ -73,7 +53,7 @@ def test_value_fleet_reconciles(database_url: str, mqtt_url: str, tmp_path: Path
             mqtt_url, "--format", "value", "--topic", f"{p}/v/{{device_id}}/{{metric}}",
             "--devices", "3", "--count", "20", "--duplicate-ratio", "0.1", "--late-ratio", "0.1",
         )  # fmt: skip
-        result = _reconciled(database_url, config, report)
+        result = audit_reconciled(database_url, config, report)
         assert daemon.stop() == 0
     assert report["samples"] == 60
     # Six topics per sample (seq, four numbers, the firmware text), each published.
@@ -97,7 +77,7 @@ def test_tagged_fleet_spreads_over_the_combinations(
             mqtt_url, "--topic", f"{p}/f/{{site}}/{{line}}/{{device_id}}/telemetry",
             "--tags", "site=north,south", "line=1,2", "--devices", "4", "--count", "10",
         )  # fmt: skip
-        result = _reconciled(database_url, config, report)
+        result = audit_reconciled(database_url, config, report)
         assert daemon.stop() == 0
     assert result["totals"]["samples"] == 40
     assert result["totals"]["rows"] == 40 * 5
