@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import threading
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -108,15 +110,18 @@ def test_drain_gives_each_format_its_route_and_wants_naive_skipped() -> None:
         assert drain._parser().parse_args(["--format", fmt]).format == fmt
 
 
-def test_raw_publisher_delivers_binary_payloads_whole_and_in_order(mqtt_url: str) -> None:
-    topic = f"bench-test/{uuid.uuid4().hex}"
-    payloads = [bytes([i % 256, 10, 13, 0, 10]) + i.to_bytes(4, "big") for i in range(2500)]
+@contextmanager
+def _received(
+    mqtt_url: str, topic_filter: str, count: int, timeout: float
+) -> Iterator[list[bytes]]:
+    """A QoS 1 subscriber to ``topic_filter``: the payloads it got, in order; on leaving the
+    block it waits (``timeout`` seconds at most) until ``count`` have come."""
     got: list[bytes] = []
     done, subscribed = threading.Event(), threading.Event()
 
     def on_message(_c: Any, _u: Any, message: paho.MQTTMessage) -> None:
         got.append(bytes(message.payload))
-        if len(got) == len(payloads):
+        if len(got) == count:
             done.set()
 
     client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2)
@@ -126,14 +131,21 @@ def test_raw_publisher_delivers_binary_payloads_whole_and_in_order(mqtt_url: str
     client.connect(broker.host, broker.port)
     client.loop_start()
     try:
-        client.subscribe(topic, qos=1)
+        client.subscribe(topic_filter, qos=1)
         assert subscribed.wait(30)
-        # A window smaller than the payloads: the publisher must wait for PUBACKs on the way.
-        publish_raw(broker, topic, payloads, inflight=100)
-        assert done.wait(120), f"{len(got)} of {len(payloads)} received"
+        yield got
+        assert done.wait(timeout), f"{len(got)} of {count} received: {got[-3:]}"
     finally:
         client.disconnect()
         client.loop_stop()
+
+
+def test_raw_publisher_delivers_binary_payloads_whole_and_in_order(mqtt_url: str) -> None:
+    topic = f"bench-test/{uuid.uuid4().hex}"
+    payloads = [bytes([i % 256, 10, 13, 0, 10]) + i.to_bytes(4, "big") for i in range(2500)]
+    with _received(mqtt_url, topic, len(payloads), timeout=120) as got:
+        # A window smaller than the payloads: the publisher must wait for PUBACKs on the way.
+        publish_raw(broker_address(mqtt_url), topic, payloads, inflight=100)
     assert got == payloads
 
 
@@ -147,26 +159,6 @@ def test_publish_sends_the_preamble_before_the_data(mqtt_url: str) -> None:
         preamble=({f"{base}/first": [b"f"]}, {f"{base}/second": [b"s"]}),
         binary=True,
     )
-    got: list[bytes] = []
-    done, subscribed = threading.Event(), threading.Event()
-
-    def on_message(_c: Any, _u: Any, message: paho.MQTTMessage) -> None:
-        got.append(bytes(message.payload))
-        if len(got) == 4:
-            done.set()
-
-    client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2)
-    client.on_message = on_message
-    client.on_subscribe = lambda *_args: subscribed.set()
-    broker = broker_address(mqtt_url)
-    client.connect(broker.host, broker.port)
-    client.loop_start()
-    try:
-        client.subscribe(f"{base}/#", qos=1)
-        assert subscribed.wait(30)
+    with _received(mqtt_url, f"{base}/#", 4, timeout=60) as got:
         publish(mqtt_url, backlog)
-        assert done.wait(60), got
-    finally:
-        client.disconnect()
-        client.loop_stop()
     assert got == [b"f", b"s", b"d\n1", b"d\n2"]
