@@ -17,6 +17,7 @@ from ingest.devservers import free_port
 from ingest.formats.sparkplug_schema import DataType, Payload
 from tests.integration.observability.test_observability import metric, metrics_env, scrape
 from tests.integration.support import Daemon, Publisher, query, wait_until
+from tests.sparkplug_payloads import sparkplug_payload
 
 T0 = 1_700_000_000_000  # ms, 2023-11-14T22:13:20Z
 
@@ -26,15 +27,7 @@ def at(offset_ms: int) -> datetime:
 
 
 def message(offset_ms: int, *metrics: dict[str, Any]) -> bytes:
-    p = Payload(timestamp=T0 + offset_ms, seq=0)
-    for m in metrics:
-        fields = dict(m)
-        unit = fields.pop("unit", None)
-        metric = p.metrics.add(**fields)
-        if unit is not None:
-            metric.properties.keys.append("engUnit")
-            metric.properties.values.add(type=DataType.String, string_value=unit)
-    return bytes(p.SerializeToString())
+    return sparkplug_payload(T0 + offset_ms, *metrics)
 
 
 class Subscriber:

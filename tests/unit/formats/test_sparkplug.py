@@ -20,6 +20,7 @@ from ingest.formats.sparkplug import REBIRTH_METRIC, SparkplugState, birth_topic
 from ingest.formats.sparkplug_schema import DataType, Payload
 from ingest.model import Decoded, DeviceUpdate, Reading, TextReading
 from ingest.settings import Settings
+from tests.sparkplug_payloads import sparkplug_payload
 
 RECEIVED = datetime(2026, 11, 30, 12, 0, 0, tzinfo=UTC)
 T0 = int(RECEIVED.timestamp() * 1000) - 60_000  # the node's clock, a minute before arrival
@@ -46,17 +47,7 @@ def state_of(routes: RouteTable) -> SparkplugState:
 
 
 def payload(ts: int | None = T0, *metrics: dict[str, Any], seq: int = 0) -> bytes:
-    p = Payload(seq=seq)
-    if ts is not None:
-        p.timestamp = ts
-    for m in metrics:
-        fields = dict(m)
-        unit = fields.pop("unit", None)
-        metric = p.metrics.add(**fields)
-        if unit is not None:
-            metric.properties.keys.append("engUnit")
-            metric.properties.values.add(type=DataType.String, string_value=unit)
-    return bytes(p.SerializeToString())
+    return sparkplug_payload(ts, *metrics, seq=seq)
 
 
 def nbirth(bdseq: int = 0, ts: int | None = T0) -> bytes:
