@@ -34,6 +34,7 @@ from ingest.flow.pipeline import Pipeline
 from ingest.flow.writer import Writer
 from ingest.formats.decode import load_routes
 from ingest.observability.service import Observability
+from ingest.runtime.collector import tune_collector
 from ingest.runtime.surplus import retire_surplus
 from ingest.settings import Settings, redact_url, worker_environ
 
@@ -294,4 +295,5 @@ def run_daemon(settings: Settings) -> int:
     if os.environ.get("INGEST_UVLOOP") == "1":
         options["use_uvloop"] = True
     daemon = Daemon(settings)
+    tune_collector()
     return anyio.run(daemon.run, backend="asyncio", backend_options=options)
