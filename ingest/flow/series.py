@@ -161,6 +161,7 @@ _CREATE_SERIES_SQL = """
     SELECT k->>0, k->>1 FROM json_array_elements($1::json) k
     ORDER BY 1, 2
     ON CONFLICT (device_id, metric) DO NOTHING
+    RETURNING id, device_id, metric
 """
 
 
@@ -182,18 +183,25 @@ async def resolve(
         if n % _ROWS_BETWEEN_TURNS == 0:
             await asyncio.sleep(0)
     found: dict[tuple[str, str], int] = {}
-    created = 0
-    for attempt in range(2):
+
+    def _found(rows: Iterable[Any]) -> int:
+        for row in rows:
+            found[row["device_id"], row["metric"]] = row["id"]
+        return len(found)
+
+    def _pairs() -> str:
         # The pairs as one JSON text: asyncpg encodes a text[] argument element by element in
         # the loop, ~10 us a name, where orjson takes well under one.
-        pairs = orjson.dumps(list(missing.difference(found))).decode()
-        if attempt:
-            status = await conn.execute(_CREATE_SERIES_SQL, pairs)
-            created = int(status.rsplit(" ", 1)[-1])
-        for row in await conn.fetch(_SELECT_SERIES_SQL, pairs):
-            found[row["device_id"], row["metric"]] = row["id"]
-        if len(found) == len(missing):
-            break
+        return orjson.dumps(list(missing.difference(found))).decode()
+
+    created = 0
+    if _found(await conn.fetch(_SELECT_SERIES_SQL, _pairs())) < len(missing):
+        # The insert returns the series it created: only those another worker created
+        # meanwhile (its conflicts) are read back, not every new one.
+        inserted = await conn.fetch(_CREATE_SERIES_SQL, _pairs())
+        created = len(inserted)
+        if _found(inserted) < len(missing):
+            _found(await conn.fetch(_SELECT_SERIES_SQL, _pairs()))
     if len(found) < len(missing):  # a series deleted by hand between the insert and the select
         raise LookupError(f"series of {sorted(missing.difference(found))[:3]} vanished")
     # The batch's own strings go into the cache: the readings of a message share one device
