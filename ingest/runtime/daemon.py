@@ -285,7 +285,8 @@ class Daemon:
 
 
 def run_daemon(settings: Settings) -> int:
-    """Run the daemon to completion on asyncio; returns the exit code.
+    """Run the daemon to completion on asyncio; returns the exit code. The garbage collector is
+    set for a stream of messages first (ingest.runtime.collector).
 
     uvloop is opt-in (``INGEST_UVLOOP=1``): with aiomqtt 2.5 under uvloop, a socket the broker
     closed is sometimes not noticed (``add_writer`` on a closed handle) and the connection is
