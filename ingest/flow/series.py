@@ -38,11 +38,26 @@ import orjson
 from ingest.flow.births import Birth, newest_births, store_births
 from ingest.model import DeviceUpdate
 
-__all__ = ["DeviceMemory", "DevicePlan", "SeriesCache", "apply_plan", "resolve"]
+__all__ = [
+    "ROWS_BETWEEN_TURNS",
+    "DeviceMemory",
+    "DevicePlan",
+    "SeriesCache",
+    "apply_plan",
+    "chunks",
+    "resolve",
+]
 
-#: Rows looked up, checked or cached between two turns of the other tasks: a batch holding a
-#: message of thousands of new series must not keep the event loop for long.
-_ROWS_BETWEEN_TURNS = 2048
+#: Rows looked up, checked, cached or encoded (by the writer) between two turns of the other
+#: tasks: a batch holding a message of thousands of readings must not keep the event loop long.
+ROWS_BETWEEN_TURNS = 2048
+
+
+def chunks(rows: int) -> Iterable[tuple[int, int]]:
+    """``(start, end)`` of each run of :data:`ROWS_BETWEEN_TURNS` rows out of ``rows``."""
+    step = ROWS_BETWEEN_TURNS
+    return ((start, min(start + step, rows)) for start in range(0, rows, step))
+
 
 # A device of one series is cached as (series id << _CODE_BITS) | the code of its metric name;
 # past _CODE_BITS distinct names such devices get a dict, as the others.
@@ -180,7 +195,7 @@ async def resolve(
         # encoder raises it: the message becomes a dead letter that says so.
         device_id.encode()
         metric.encode()
-        if n % _ROWS_BETWEEN_TURNS == 0:
+        if n % ROWS_BETWEEN_TURNS == 0:
             await asyncio.sleep(0)
     found: dict[tuple[str, str], int] = {}
 
@@ -208,7 +223,7 @@ async def resolve(
     # string, and so do its series there.
     for n, key in enumerate(missing, 1):
         cache.add(key[0], key[1], found[key])
-        if n % _ROWS_BETWEEN_TURNS == 0:
+        if n % ROWS_BETWEEN_TURNS == 0:
             await asyncio.sleep(0)
     for i in holes:
         ids[i] = found[keys[i][0], keys[i][1]]
@@ -218,14 +233,14 @@ async def resolve(
 async def _lookup(cache: SeriesCache, keys: Sequence[Sequence[Any]]) -> tuple[list[int], list[int]]:
     """:meth:`SeriesCache.lookup` of ``keys``, giving the other tasks a turn between slices of
     a large batch (one message may hold thousands of readings)."""
-    if len(keys) <= _ROWS_BETWEEN_TURNS:
+    if len(keys) <= ROWS_BETWEEN_TURNS:
         return cache.lookup(keys)
     ids: list[int] = []
     holes: list[int] = []
-    for start in range(0, len(keys), _ROWS_BETWEEN_TURNS):
+    for start, end in chunks(len(keys)):
         if start:
             await asyncio.sleep(0)
-        part, gaps = cache.lookup(keys[start : start + _ROWS_BETWEEN_TURNS])
+        part, gaps = cache.lookup(keys[start:end])
         holes.extend([start + i for i in gaps])
         ids.extend(part)
     return ids, holes

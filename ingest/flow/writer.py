@@ -87,6 +87,7 @@ from ingest.flow.series import (
     DevicePlan,
     SeriesCache,
     apply_plan,
+    chunks,
     resolve,
     unit_keys,
 )
@@ -139,11 +140,6 @@ _INSERT_FROM_STAGING = """
 """
 
 _TS = itemgetter(2)
-# Encoding a batch for COPY is CPU work in proportion to its rows (~0.5 us a row): it runs on
-# the loop this many rows at a time, letting the other tasks turn between (a message of
-# thousands of readings, a batch of a large INGEST_BATCH_MAX_ROWS). A worker thread instead
-# cost more than the encoding (measured: about 6% of the drain benchmark's rate).
-_ROWS_PER_TURN = 2048
 _TLS_FILE_PARAMETERS = ("sslrootcert", "sslcert", "sslkey", "sslcrl")
 # Allowed on a process of one's own role; false when it is gone already.
 _TERMINATE = "SELECT pg_terminate_backend($1)"
@@ -797,22 +793,20 @@ async def _encode(
     batch: Batch, ids: list[int], number: int
 ) -> tuple[tuple[bytes, Rollups], tuple[bytes, TextRollups]]:
     """The COPY data of ``batch``'s points and texts, with their dashboard aggregates, encoded
-    :data:`_ROWS_PER_TURN` rows at a time."""
+    ingest.flow.series.ROWS_BETWEEN_TURNS rows at a time (~0.5 us a row), letting the other tasks
+    turn between. A worker thread instead cost more than the encoding (measured: about 6% of
+    the drain benchmark's rate)."""
     points, texts = PointsCopy(number), TextsCopy(number)
     texts_at = len(batch.rows)
-    for start, end in _chunks(len(batch.rows)):
+    for start, end in chunks(len(batch.rows)):
         if start:
             await asyncio.sleep(0)
         points.add(batch.rows[start:end], ids[start:end])
-    for start, end in _chunks(len(batch.texts)):
+    for start, end in chunks(len(batch.texts)):
         if start or texts_at:
             await asyncio.sleep(0)
         texts.add(batch.texts[start:end], ids[texts_at + start : texts_at + end])
     return (points.data(), points.rollups), (texts.data(), texts.rollups)
-
-
-def _chunks(rows: int) -> Iterable[tuple[int, int]]:
-    return ((start, min(start + _ROWS_PER_TURN, rows)) for start in range(0, rows, _ROWS_PER_TURN))
 
 
 def _unreadable_tls_file(dsn: str | None) -> str | None:
